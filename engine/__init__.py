@@ -1,0 +1,1 @@
+"""The RL machinery: config, data, rollouts, rewards, advantages, the GRPO trainer, checkpoints and metrics."""

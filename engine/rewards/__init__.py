@@ -1,0 +1,21 @@
+"""Rule-based rewards as in DeepSeek-R1-Zero (accuracy, format, language consistency) and the composer
+that adds them up, weighted, in a pool of worker processes with a per-sample timeout."""
+from engine.rewards.accuracy import accuracy_reward, answers_equivalent, extract_final_answers, normalize_answer
+from engine.rewards.compose import REWARDS, RewardComposer, RewardOutput, RewardSpec, build_reward_composer
+from engine.rewards.format import format_reward
+from engine.rewards.language import count_words_by_language, language_consistency_reward
+
+__all__ = [
+    "REWARDS",
+    "RewardComposer",
+    "RewardOutput",
+    "RewardSpec",
+    "accuracy_reward",
+    "answers_equivalent",
+    "build_reward_composer",
+    "count_words_by_language",
+    "extract_final_answers",
+    "format_reward",
+    "language_consistency_reward",
+    "normalize_answer",
+]

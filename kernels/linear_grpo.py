@@ -1,0 +1,148 @@
+"""lm_head fused with the policy loss, chunked over tokens: the [N, V] logits never exist at once.
+
+For each chunk of C tokens: logits_c = hidden_c @ W^T (the input dtype, e.g. bf16, [C, V(/tp)]),
+the statistics pass, the loss on the chunk's [C] vectors, the gradient pass written in place over
+logits_c, then dhidden_c = dlogits_c @ W and dW += dlogits_c^T @ hidden_c. So peak extra memory is
+O(C x V) and the matmul work is the bare lm_head's forward + backward (three GEMMs of N x V x H).
+That one-sweep order needs dL/dlogp_t from token t alone, which holds for token-separable losses
+(GRPO, CISPO, the rollout corrections) once the aggregation weights are fixed from the mask. GSPO
+couples a sequence's tokens through its ratio, so it takes two sweeps: statistics for every chunk,
+the loss on all vectors, then the logits are recomputed chunk by chunk for the gradient pass.
+
+Gradients are computed inside forward (the loss is the final scalar); backward only scales the
+[N, H] and [V, H] results by grad_output. Under vocab-parallel TP the weight is a vocab shard, the
+chunk statistics are all-gathered across the group, dW stays local, and dhidden (a partial sum over
+the shard's vocabulary) is all-reduced once at the end, as Megatron's column-parallel backward does.
+dW is accumulated with addmm in the weight's dtype (fp32 accumulate inside each GEMM).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .logprobs import _grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats, validate_targets
+from .policy_loss import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
+
+# target elements of one chunk's logits (bf16: 512 MB); small enough to stay << N x V, large enough for fast GEMMs
+_CHUNK_ELEMENTS = 1 << 28
+
+
+def default_chunk_size(n_tokens: int, vocab: int) -> int:
+    chunks = max(1, math.ceil(n_tokens * vocab / _CHUNK_ELEMENTS))
+    return max(1, math.ceil(n_tokens / chunks))
+
+
+def _chunk_loss(logp, entropy, inp, cfg, w, acc: MetricSums):
+    """Loss of one chunk, with (dL/dlogp, dL/dH) from autograd on its [C] vectors."""
+    logp = logp.detach().requires_grad_(True)
+    entropy = entropy.detach().requires_grad_(cfg.needs_entropy_grad)
+    with torch.enable_grad():
+        loss_t, stats = token_losses(logp, entropy, inp, cfg)
+        loss = (loss_t * w).sum()
+        wrt = [logp, entropy] if cfg.needs_entropy_grad else [logp]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    acc.add(stats, inp.mask)
+    g = grads[0] if grads[0] is not None else torch.zeros_like(logp)
+    h = grads[1] if cfg.needs_entropy_grad else None
+    return loss.detach(), g.detach().contiguous(), None if h is None else h.detach().contiguous()
+
+
+class LinearPolicyLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden2d, weight, targets, inputs, config, temperature, num_sequences, num_tokens,
+                tp_group, vocab_start, chunk_size, metrics_out: dict):
+        n, v_local = hidden2d.shape[0], weight.shape[0]
+        inv_temp = 1.0 / float(temperature)
+        triton_ok = _use_triton(hidden2d)
+        stats_fn = _stats_triton if triton_ok else _stats_torch
+        grad_fn = _grad_triton if triton_ok else _grad_torch
+        chunk = chunk_size or default_chunk_size(n, v_local)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden2d) if need_grad else None
+        grad_weight = torch.zeros_like(weight) if need_grad else None
+        w = aggregation_weights(inputs, config, num_sequences=num_sequences, num_tokens=num_tokens)
+        acc = MetricSums()
+        loss = hidden2d.new_zeros((), dtype=torch.float32)
+
+        def logits_of(sl):
+            return hidden2d[sl] @ weight.t()
+
+        def backprop_chunk(sl, logits_c, lse, ent, g, h):
+            grad_fn(logits_c, logits_c, targets[sl], lse, ent, g, h, vocab_start, inv_temp)  # in place
+            torch.mm(logits_c, weight, out=grad_hidden[sl])
+            grad_weight.addmm_(logits_c.t(), hidden2d[sl])
+
+        slices = [slice(a, min(n, a + chunk)) for a in range(0, n, chunk)]
+        if config.token_separable:
+            for sl in slices:
+                logits_c = logits_of(sl)
+                logp, ent, lse = combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp), tp_group)
+                loss_c, g, h = _chunk_loss(logp, ent, inputs.chunk(sl), config, w[sl], acc)
+                loss += loss_c
+                if need_grad:
+                    backprop_chunk(sl, logits_c, lse, ent, g, h)
+                del logits_c
+        else:
+            parts = []
+            for sl in slices:  # sweep 1: statistics only
+                stats = stats_fn(logits_of(sl), targets[sl], vocab_start, inv_temp)
+                parts.append(combine_stats(stats, tp_group))
+            logp, ent, lse = (torch.cat(p) for p in zip(*parts))
+            loss, g, h = _chunk_loss(logp, ent, inputs, config, w, acc)
+            if need_grad:
+                for sl in slices:  # sweep 2: recompute the logits for the gradient pass
+                    backprop_chunk(sl, logits_of(sl), lse[sl], ent[sl], g[sl], None if h is None else h[sl])
+        if need_grad and tp_group is not None and dist.get_world_size(tp_group) > 1:
+            dist.all_reduce(grad_hidden, group=tp_group)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        metrics_out.update(acc.means())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        gw = grad_weight * grad_output.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
+
+
+def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_logp,
+                       advantages, mask, config: PolicyLossConfig, temperature: float = 1.0, rollout_logp=None,
+                       seq_ids=None, num_sequences=None, num_tokens=None, tp_group=None, vocab_start=None,
+                       chunk_size: int | None = None):
+    """The policy loss of `hidden @ weight.T` without materialising the logits. hidden [..., H], weight [V(/tp), H].
+
+    Returns (loss, metrics) like `policy_loss`; gradients flow to hidden and weight."""
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match: "
+                         f"expected hidden [..., H] and weight [V, H]")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) "
+                         f"must share dtype and device")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    shape = hidden.shape[:-1]
+    targets1d, vocab_start = validate_targets(targets, shape, weight.shape[0], hidden.device, tp_group, vocab_start)
+    inputs = prepare_inputs(shape, hidden.device, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
+                            mask=mask, seq_ids=seq_ids, rollout_logp=rollout_logp)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    metrics: dict = {}
+    loss = LinearPolicyLossFunction.apply(hidden2d, weight, targets1d, inputs, config, float(temperature),
+                                          num_sequences, num_tokens, tp_group, vocab_start, chunk_size, metrics)
+    return loss, metrics
+
+
+def linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2,
+                     dual_clip_c=None, beta=0.0, kl="k3", temperature=1.0, entropy_coef=0.0, rollout_logp=None,
+                     tis_cap=None, aggregation="seq-mean-token-mean", max_len=None, seq_ids=None, num_sequences=None,
+                     num_tokens=None, tp_group=None, vocab_start=None, chunk_size=None):
+    """`grpo_loss` of `hidden @ weight.T`, chunked over tokens (see the module docstring)."""
+    config = PolicyLossConfig(name="grpo", eps_low=eps_low, eps_high=eps_high, dual_clip_c=dual_clip_c, beta=beta,
+                              kl=kl, entropy_coef=entropy_coef, aggregation=aggregation, max_len=max_len,
+                              tis_cap=tis_cap)
+    return linear_policy_loss(hidden, weight, targets, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
+                              mask=mask, config=config, temperature=temperature, rollout_logp=rollout_logp,
+                              seq_ids=seq_ids, num_sequences=num_sequences, num_tokens=num_tokens, tp_group=tp_group,
+                              vocab_start=vocab_start, chunk_size=chunk_size)

@@ -1,0 +1,279 @@
+"""Token log-probabilities and entropy from logits: the statistics pass and the gradient pass.
+
+    logp_t = z_t[y_t]/T - logsumexp(z_t/T)          H_t = logsumexp(z_t/T) - sum_j p_j z_j/T
+
+Statistics pass (forward): one read of each row of logits, an online logsumexp in fp32 that also
+carries sum_j e^{u_j - m} u_j (for the entropy) and picks the target logit. It writes four fp32
+numbers per token, never an [N, V] fp32 tensor. Under vocab-parallel TP each rank reduces its shard
+to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per token) and combine.
+
+Gradient pass (backward): one more read and one write per row,
+    dL/dz_j = [ g_t (onehot(y_t)_j - p_j) + h_t p_j (E_t - u_j) ] / T,    u = z/T, E_t = sum p u
+with logp_j = u_j - lse (so -H - logp_j = E_t - u_j), g_t = dL/dlogp_t and h_t = dL/dH_t from whatever loss consumed the vectors (policy_loss.py).
+The grad_output scale is already folded into g_t and h_t by autograd, so backward needs no extra
+scaling pass and no host sync. Rows with g_t = h_t = 0 (prompt, padding) write zeros without reading.
+It stays local to each vocab shard. With `inplace_backward=True` the gradient overwrites the logits'
+storage (as Liger's cross entropy does), so the logits' memory never doubles; only use it when
+nothing else needs the logits after the loss.
+
+Backends: Triton for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how CI
+tests the kernels); a row-chunked torch implementation of the same two passes otherwise.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a core dependency on Linux
+    HAS_TRITON = False
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# rows of the torch backend processed at once: bounds its fp32 temporaries to CHUNK x V
+_TORCH_ROW_CHUNK = 1024
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _stats_kernel(logits_ptr, targets_ptr, stats_ptr, stride_row, n_rows, n_cols, vocab_start, inv_temp,
+                      BLOCK_V: tl.constexpr):
+        # one program per token row; int64 offsets because N * V passes 2^31 at realistic sizes
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        cols = tl.arange(0, BLOCK_V)
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        su = tl.zeros((), tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            u = tl.load(base + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
+            m_new = tl.maximum(m, tl.max(u, axis=0))
+            # guard -inf - -inf: a chunk (or a shard) of -inf logits contributes nothing
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            scale = tl.exp(m - m_safe)
+            e = tl.exp(u - m_safe)
+            # su = sum e^{u-m} (u - m), kept relative to the running max: no cancellation at |z| ~ 1e4
+            eu = e * tl.where(e > 0.0, u - m_safe, 0.0)
+            su = tl.where(s > 0.0, (su + (m - m_safe) * s) * scale, 0.0) + tl.sum(eu, axis=0)
+            s = s * scale + tl.sum(e, axis=0)
+            m = m_new
+        target = tl.load(targets_ptr + row) - vocab_start
+        owned = (target >= 0) & (target < n_cols)
+        zt = tl.load(base + tl.where(owned, target, 0)).to(tl.float32) * inv_temp
+        zt = tl.where(owned, zt, 0.0)
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + n_rows + row, s)
+        tl.store(stats_ptr + 2 * n_rows + row, zt)
+        tl.store(stats_ptr + 3 * n_rows + row, su)
+
+    @triton.jit
+    def _grad_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr, stride_row,
+                     stride_grad_row, n_cols, vocab_start, inv_temp, HAS_H: tl.constexpr, BLOCK_V: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = logits_ptr + row * stride_row
+        gbase = grad_ptr + row * stride_grad_row
+        cols = tl.arange(0, BLOCK_V)
+        g = tl.load(g_ptr + row)
+        if HAS_H:
+            h = tl.load(h_ptr + row)
+        else:
+            h = 0.0
+        if (g == 0.0) & (h == 0.0):
+            # prompt/padding tokens: no gradient, and no need to read their logits
+            for start in range(0, n_cols, BLOCK_V):
+                offs = start + cols
+                tl.store(gbase + offs, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty),
+                         mask=offs < n_cols)
+        else:
+            lse = tl.load(lse_ptr + row)
+            entropy = tl.load(entropy_ptr + row)
+            target = tl.load(targets_ptr + row) - vocab_start
+            for start in range(0, n_cols, BLOCK_V):
+                offs = start + cols
+                valid = offs < n_cols
+                u = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+                logp = u - lse
+                p = tl.exp(logp)
+                d = -g * p
+                d = tl.where(offs == target, d + g, d)
+                if HAS_H:
+                    # dH/du_j = p_j (sum_k p_k u_k - u_j) = p_j (-H - logp_j)
+                    d += h * p * tl.where(p > 0.0, -entropy - logp, 0.0)
+                tl.store(gbase + offs, (d * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _block_v(n_cols: int) -> int:
+    # 8K fp32 lanes per iteration on GPU keeps enough bytes in flight; the interpreter prefers big blocks too
+    return min(8192, triton.next_power_of_2(max(n_cols, 16)))
+
+
+def _stats_triton(logits2d, targets, vocab_start, inv_temp):
+    n, v = logits2d.shape
+    stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
+    if n:
+        _stats_kernel[(n,)](logits2d, targets, stats, logits2d.stride(0), n, v, vocab_start, inv_temp,
+                            BLOCK_V=_block_v(v), num_warps=8)
+    return stats
+
+
+def _stats_torch(logits2d, targets, vocab_start, inv_temp):
+    n, v = logits2d.shape
+    stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < v)
+    for a in range(0, n, _TORCH_ROW_CHUNK):
+        b = min(n, a + _TORCH_ROW_CHUNK)
+        u = logits2d[a:b].float() * inv_temp
+        m = u.max(dim=-1).values
+        m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        e = torch.exp(u - m_safe[:, None])
+        stats[0, a:b] = m
+        stats[1, a:b] = e.sum(-1)
+        stats[3, a:b] = (e * torch.where(e > 0, u - m_safe[:, None], torch.zeros_like(u))).sum(-1)
+        zt = u.gather(1, local[a:b].clamp(0, v - 1)[:, None]).squeeze(1)
+        stats[2, a:b] = torch.where(owned[a:b], zt, torch.zeros_like(zt))
+    return stats
+
+
+def _grad_triton(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):
+    n, v = logits2d.shape
+    if n:
+        _grad_kernel[(n,)](logits2d, grad2d, targets, lse, entropy, g, h if h is not None else g,
+                           logits2d.stride(0), grad2d.stride(0), v, vocab_start, inv_temp,
+                           HAS_H=h is not None, BLOCK_V=_block_v(v), num_warps=8)
+
+
+def _grad_torch(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):
+    n, v = logits2d.shape
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < v)
+    for a in range(0, n, _TORCH_ROW_CHUNK):
+        b = min(n, a + _TORCH_ROW_CHUNK)
+        u = logits2d[a:b].float() * inv_temp
+        logp = u - lse[a:b, None]
+        p = torch.exp(logp)
+        d = -g[a:b, None] * p
+        rows = torch.nonzero(owned[a:b]).squeeze(1)
+        d[rows, local[a:b][rows]] += g[a:b][rows]
+        if h is not None:
+            d += h[a:b, None] * p * torch.where(p > 0, -entropy[a:b, None] - logp, torch.zeros_like(u))
+        grad2d[a:b] = (d * inv_temp).to(grad2d.dtype)
+
+
+def combine_stats(stats: torch.Tensor, tp_group=None):
+    """[4, N] per-shard (max m, sum e^{u-m}, target u, sum e^{u-m}(u-m)) -> (logp, entropy, lse).
+
+    Under TP the shards' statistics are all-gathered ([tp, 4, N]: 16 bytes a token a rank) and merged
+    with the usual max-rescaling; every rank ends with the same vectors."""
+    if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
+        dist.all_gather(parts, stats.contiguous(), group=tp_group)
+        allstats = torch.stack(parts)  # [tp, 4, N]
+        m_r, s_r = allstats[:, 0], allstats[:, 1]
+        m = m_r.max(dim=0).values
+        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        scale = torch.exp(m_r - m)
+        s = (s_r * scale).sum(0)
+        su = torch.where(s_r > 0, (allstats[:, 3] + (m_r - m) * s_r) * scale, torch.zeros_like(s_r)).sum(0)
+        zt = allstats[:, 2].sum(0)
+    else:
+        m, s, zt, su = stats
+        m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+    lse = m + torch.log(s)
+    entropy = torch.log(s) - su / s
+    return zt - lse, entropy, lse
+
+
+def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, tp_group=None, vocab_start=None):
+    """Targets must be int token ids of the token shape, on the same device, inside the (global) vocabulary.
+
+    Returns (targets1d int64, vocab_start). The range check reads two numbers back to the host; it is
+    what turns an out-of-range id into a ValueError instead of a silent wrong loss."""
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"targets must be a tensor, got {type(targets).__name__}")
+    if tuple(targets.shape) != tuple(token_shape):
+        raise ValueError(f"targets shape {tuple(targets.shape)} does not match the token shape {tuple(token_shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets must be int64 or int32 token ids, got {targets.dtype}")
+    if targets.device != device:
+        raise ValueError(f"targets are on {targets.device} but the logits/hidden on {device}")
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    if vocab_start is None:
+        vocab_start = dist.get_rank(tp_group) * v_local if tp > 1 else 0
+    v_total = v_local * tp if tp > 1 else vocab_start + v_local
+    if targets.numel():
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= v_total:
+            raise ValueError(f"targets out of range: found ids in [{lo}, {hi}] but the vocabulary has {v_total} entries")
+    return targets.reshape(-1).long().contiguous(), int(vocab_start)
+
+
+def validate_logits_targets(logits: torch.Tensor, targets: torch.Tensor, tp_group=None, vocab_start=None):
+    """Shape/dtype/device/range checks with messages that say what is wrong. Returns (logits2d, targets1d, vocab_start)."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits dtype {logits.dtype} is not supported; use float32, bfloat16 or float16")
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    v_local = logits.shape[-1]
+    targets1d, vocab_start = validate_targets(targets, logits.shape[:-1], v_local, logits.device, tp_group, vocab_start)
+    logits2d = logits.reshape(-1, v_local)
+    if logits2d.stride(-1) != 1 or (logits2d.shape[0] > 1 and logits2d.stride(0) < v_local):
+        logits2d = logits2d.contiguous()
+    return logits2d, targets1d, vocab_start
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    """(logits [N, V_local], targets [N]) -> (logp [N], entropy [N]), fp32, differentiable in the logits."""
+
+    @staticmethod
+    def forward(ctx, logits2d, targets, temperature, vocab_start, tp_group, inplace_backward):
+        inv_temp = 1.0 / float(temperature)
+        stats_fn = _stats_triton if _use_triton(logits2d) else _stats_torch
+        stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
+        logp, entropy, lse = combine_stats(stats, tp_group)
+        ctx.save_for_backward(logits2d, targets, lse, entropy)
+        ctx.inv_temp, ctx.vocab_start, ctx.inplace = inv_temp, vocab_start, inplace_backward
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        logits2d, targets, lse, entropy = ctx.saved_tensors
+        g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
+        h = grad_entropy.float().contiguous() if grad_entropy is not None else None
+        grad = logits2d if ctx.inplace else torch.empty_like(logits2d)
+        grad_fn = _grad_triton if _use_triton(logits2d) else _grad_torch
+        grad_fn(logits2d, grad, targets, lse, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *,
+                   return_entropy: bool = False, tp_group=None, vocab_start: int | None = None,
+                   inplace_backward: bool = False):
+    """Per-token log-probabilities (and entropy) of `targets` under softmax(logits / temperature).
+
+    logits: [..., V] (or a vocab shard [..., V/tp] under `tp_group`, covering global ids
+    [vocab_start, vocab_start + V/tp); vocab_start defaults to tp_rank * V/tp, Megatron's layout).
+    targets: [...] global token ids. Returns fp32 [...] identical on every TP rank.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits2d, targets1d, vocab_start = validate_logits_targets(logits, targets, tp_group, vocab_start)
+    logp, entropy = TokenLogprobsFunction.apply(logits2d, targets1d, float(temperature), vocab_start, tp_group,
+                                                inplace_backward)
+    shape = logits.shape[:-1]
+    if return_entropy:
+        return logp.view(shape), entropy.view(shape)
+    return logp.view(shape)

@@ -1,0 +1,261 @@
+"""The policy-loss family on per-token vectors (step 2 of GRPO_SPEC.md's kernel split).
+
+Every loss here is a function of length-N vectors (logp, entropy, old/ref/rollout log-probs,
+advantages, mask, sequence ids); only logp and the entropy come from the [N, V] logits, through the
+statistics pass in `logprobs.py`. Autograd over these vectors gives dL/dlogp_t and dL/dH_t, which
+the gradient pass turns into dL/dz. So a new variant is a few lines of torch here, never a kernel.
+
+A loss is *token-separable* when dL/dlogp_t depends on token t alone (GRPO, CISPO, the rollout
+corrections): then `linear_grpo.py` can finish each chunk of tokens in one sweep. GSPO couples the
+tokens of a sequence through its sequence ratio, so it needs all of a sequence's logp first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+LOSSES = ("grpo", "gspo", "gspo-token", "cispo")
+AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+# exp() of a log-ratio beyond this is numerical garbage (inf * 0 = nan); the clip makes it moot.
+_MAX_LOG_RATIO = 20.0
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """Hyper-parameters of the policy loss. Defaults are DeepSeek-R1's GRPO."""
+
+    name: str = "grpo"  # grpo | gspo | gspo-token | cispo
+    eps_low: float = 0.2
+    eps_high: float = 0.2  # clip-higher (DAPO): 0.28
+    dual_clip_c: float | None = None  # dual clip for A < 0, e.g. 3.0
+    beta: float = 0.0  # KL coefficient to the reference policy
+    kl: str = "k3"
+    entropy_coef: float = 0.0
+    aggregation: str = "seq-mean-token-mean"
+    max_len: int | None = None  # L_max of seq-mean-token-sum-norm (the generation budget)
+    cispo_eps_max: float = 5.0
+    # rollout/trainer mismatch corrections (ratio = exp(old_logp - rollout_logp))
+    tis_cap: float | None = None  # truncated importance sampling: loss_t *= min(ratio, cap)
+    token_mask_range: tuple[float, float] | None = None  # drop tokens whose ratio leaves [lo, hi]
+    seq_mask_range: tuple[float, float] | None = None  # drop sequences whose geometric-mean ratio leaves [lo, hi]
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise ValueError(f"PolicyLossConfig.name: unknown loss {self.name!r}; choose one of {LOSSES}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"PolicyLossConfig.aggregation: unknown {self.aggregation!r}; choose one of {AGGREGATIONS}")
+        if self.kl not in KL_ESTIMATORS:
+            raise ValueError(f"PolicyLossConfig.kl: unknown estimator {self.kl!r}; choose one of {KL_ESTIMATORS}")
+        if self.eps_low < 0 or self.eps_high < 0:
+            raise ValueError("PolicyLossConfig.eps_low/eps_high must be >= 0")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
+            raise ValueError(f"PolicyLossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
+
+    @property
+    def token_separable(self) -> bool:
+        return self.name in ("grpo", "cispo")
+
+    @property
+    def needs_entropy_grad(self) -> bool:
+        return self.entropy_coef != 0.0
+
+
+@dataclass
+class LossInputs:
+    """The per-token vectors a policy loss reads, flattened to [N] (fp32)."""
+
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    seq_index: torch.Tensor  # compact sequence index in [0, num_local_sequences), 0 on masked tokens
+    rollout_logp: torch.Tensor | None = None
+
+    def chunk(self, sl: slice) -> "LossInputs":
+        pick = lambda t: None if t is None else t[sl]  # noqa: E731
+        return LossInputs(pick(self.old_logp), pick(self.ref_logp), self.advantages[sl], self.mask[sl],
+                          self.seq_index[sl], pick(self.rollout_logp))
+
+
+def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages, mask, seq_ids=None,
+                   rollout_logp=None) -> LossInputs:
+    """Check the per-token vectors against the token shape and flatten them to fp32 [N]."""
+
+    def vec(name, t, required=True):
+        if t is None:
+            if required:
+                raise ValueError(f"{name} is required")
+            return None
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected the token shape {tuple(shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, the logits on {device}")
+        return t.reshape(-1).float()
+
+    mask_f = vec("mask", mask)
+    if seq_ids is None:
+        # a 2-D [B, S] layout: each row is one sequence; otherwise everything is one sequence
+        n = int(torch.Size(shape).numel())
+        if len(shape) >= 2:
+            seq_ids = torch.arange(shape[0], device=device).repeat_interleave(n // max(shape[0], 1))
+        else:
+            seq_ids = torch.zeros(n, dtype=torch.long, device=device)
+    else:
+        if seq_ids.shape != shape:
+            raise ValueError(f"seq_ids has shape {tuple(seq_ids.shape)}, expected {tuple(shape)}")
+        seq_ids = seq_ids.reshape(-1).to(device=device, dtype=torch.long)
+    # compact ids over masked tokens only; padding (-1) never reaches a denominator
+    on = mask_f != 0
+    seq_index = torch.zeros_like(seq_ids)
+    if on.any():
+        _, inverse = torch.unique(seq_ids[on], return_inverse=True)
+        seq_index[on] = inverse
+    return LossInputs(vec("old_logp", old_logp, False), vec("ref_logp", ref_logp, False),
+                      vec("advantages", advantages), mask_f, seq_index, vec("rollout_logp", rollout_logp, False))
+
+
+def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None, num_tokens=None) -> torch.Tensor:
+    """w_t such that loss = sum_t w_t * loss_t. Global counts make the loss split-invariant."""
+    m = inp.mask
+    if cfg.aggregation == "token-mean":
+        n_tok = num_tokens if num_tokens is not None else m.sum().clamp(min=1.0)
+        return m / n_tok
+    seq_len = torch.zeros(int(inp.seq_index.max()) + 1 if m.numel() else 1, device=m.device).index_add_(0, inp.seq_index, m)
+    n_seq = num_sequences if num_sequences is not None else (seq_len > 0).sum().clamp(min=1)
+    if cfg.aggregation == "seq-mean-token-mean":
+        return m / seq_len[inp.seq_index].clamp(min=1.0) / n_seq
+    lmax = cfg.max_len if cfg.max_len is not None else seq_len.max().clamp(min=1.0)
+    return m / (n_seq * lmax)
+
+
+def _kl(logp, ref_logp, kind):
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def _sequence_mean(values, inp: LossInputs):
+    """Per-token value of mean over its sequence's masked tokens."""
+    n = int(inp.seq_index.max()) + 1 if inp.mask.numel() else 1
+    tot = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, inp.seq_index, values * inp.mask)
+    cnt = torch.zeros(n, device=values.device).index_add_(0, inp.seq_index, inp.mask).clamp(min=1.0)
+    return (tot / cnt)[inp.seq_index]
+
+
+def _correction_weight(old, inp: LossInputs, cfg: PolicyLossConfig):
+    """Off-policy correction from rollout_logp: TIS weight times token/sequence masks (no gradient)."""
+    if inp.rollout_logp is None:
+        if cfg.tis_cap is not None or cfg.token_mask_range is not None or cfg.seq_mask_range is not None:
+            raise ValueError("rollout_logp is required for tis_cap / token_mask_range / seq_mask_range")
+        return None
+    log_w = (old - inp.rollout_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    w = torch.ones_like(log_w)
+    if cfg.tis_cap is not None:
+        w = w * torch.exp(log_w).clamp(max=cfg.tis_cap)
+    if cfg.token_mask_range is not None:
+        lo, hi = cfg.token_mask_range
+        r = torch.exp(log_w)
+        w = w * ((r >= lo) & (r <= hi)).float()
+    if cfg.seq_mask_range is not None:
+        lo, hi = cfg.seq_mask_range
+        r = torch.exp(_sequence_mean(log_w, inp))
+        w = w * ((r >= lo) & (r <= hi)).float()
+    return w
+
+
+def token_losses(logp: torch.Tensor, entropy: torch.Tensor | None, inp: LossInputs, cfg: PolicyLossConfig):
+    """loss_t for every token (before aggregation), and detached per-token metric vectors."""
+    old = logp.detach() if inp.old_logp is None else inp.old_logp
+    adv = inp.advantages
+    log_ratio = (logp - old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    stats = {"ratio": ratio.detach()}
+
+    if cfg.name == "cispo":
+        loss_t = -ratio.detach().clamp(max=cfg.cispo_eps_max) * adv * logp
+        stats["clip_high"] = (ratio.detach() > cfg.cispo_eps_max).float()
+    else:
+        if cfg.name in ("gspo", "gspo-token"):
+            seq_log_ratio = _sequence_mean(logp - old, inp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+            s = torch.exp(seq_log_ratio)
+            if cfg.name == "gspo-token":  # same value, each token carries its own gradient
+                s = s.detach() * torch.exp(logp - logp.detach())
+            ratio = s
+            adv = _sequence_mean(adv, inp) if cfg.name == "gspo" else adv
+            stats["seq_ratio"] = s.detach()
+        surr1 = ratio * adv
+        surr2 = ratio.clamp(lo, hi) * adv
+        surr = torch.minimum(surr1, surr2)
+        r = ratio.detach()
+        stats["clip_low"] = ((adv < 0) & (r < lo)).float()
+        stats["clip_high"] = ((adv > 0) & (r > hi)).float()
+        if cfg.dual_clip_c is not None:
+            floor = cfg.dual_clip_c * adv
+            stats["clip_dual"] = ((adv < 0) & (surr.detach() < floor)).float()
+            surr = torch.where(adv < 0, torch.maximum(surr, floor), surr)
+        loss_t = -surr
+
+    if cfg.beta != 0.0:
+        if inp.ref_logp is None:
+            raise ValueError("ref_logp is required when beta != 0")
+        kl_t = _kl(logp, inp.ref_logp, cfg.kl)
+        loss_t = loss_t + cfg.beta * kl_t
+        stats["kl"] = kl_t.detach()
+    elif inp.ref_logp is not None:
+        stats["kl"] = _kl(logp.detach(), inp.ref_logp, cfg.kl)
+    if entropy is not None:
+        if cfg.entropy_coef != 0.0:
+            loss_t = loss_t - cfg.entropy_coef * entropy
+        stats["entropy"] = entropy.detach()
+
+    correction = _correction_weight(old, inp, cfg)
+    if correction is not None:
+        loss_t = loss_t * correction
+        mismatch = torch.exp((old - inp.rollout_logp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)).detach()
+        stats["mismatch_abs"] = (mismatch - 1).abs()
+        stats["mismatch_out"] = ((mismatch < 0.5) | (mismatch > 2.0)).float()
+        stats["correction_weight"] = correction.detach()
+    return loss_t, stats
+
+
+class MetricSums:
+    """Masked sums of per-token metric vectors, accumulated over chunks; means at the end."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = None
+
+    def add(self, stats: dict[str, torch.Tensor], mask: torch.Tensor):
+        for k, v in stats.items():
+            s = (v * mask).sum()
+            self.sums[k] = self.sums[k] + s if k in self.sums else s
+        c = mask.sum()
+        self.count = c if self.count is None else self.count + c
+
+    def means(self) -> dict[str, torch.Tensor]:
+        denom = self.count.clamp(min=1.0)
+        out = {k: (v / denom).detach() for k, v in self.sums.items()}
+        out["num_tokens"] = self.count.detach()
+        return out
+
+
+def compute_policy_loss(logp, entropy, inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None,
+                        num_tokens=None, return_token_stats=False):
+    """Aggregate loss from per-token vectors. Returns (loss, metrics); differentiable in logp/entropy."""
+    loss_t, stats = token_losses(logp, entropy, inp, cfg)
+    w = aggregation_weights(inp, cfg, num_sequences=num_sequences, num_tokens=num_tokens)
+    loss = (loss_t * w).sum()
+    acc = MetricSums()
+    acc.add(stats, inp.mask)
+    metrics = acc.means()
+    if return_token_stats:
+        metrics.update({f"per_token/{k}": v for k, v in stats.items()})
+    return loss, metrics

@@ -1,0 +1,57 @@
+"""Shared test helpers for the kernel tests: fresh random inputs and tolerance checks."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from kernels.reference import token_logprobs_ref
+
+# METHOD.md tolerances: fp32 far under 1e-4 relative; bf16/fp16 <= 1e-2 (relative to the tensor's scale)
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str = ""):
+    """max |a - e| <= rel * max(1, max |e|), and no NaN/inf anywhere in `actual`."""
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values in the result"
+    a, e = actual.double(), expected.double()
+    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    assert err <= rel * scale, f"{what}: max abs error {err:.3e} > {rel:.1e} x scale {scale:.3g}"
+
+
+def random_logits(n: int, v: int, dtype, scale: float = 3.0, generator=None):
+    return (torch.randn(n, v, generator=generator) * scale).to(dtype)
+
+
+def perturbed_vectors(logits, targets, temperature, noise=0.3, generator=None):
+    """old/ref/rollout log-probs near the current ones so ratios fall on both sides of the clip."""
+    with torch.no_grad():
+        lp, _ = token_logprobs_ref(logits.double(), targets, temperature)
+    lp = lp.float()
+    shape = lp.shape
+
+    def near():
+        return lp + noise * torch.randn(shape, generator=generator)
+
+    return near(), near(), near()
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Make torch.empty / empty_like return NaN-filled tensors, so an unwritten output element shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int64, torch.int32):
+            t.fill_(-(2 ** 30))
+        return t
+
+    torch.empty = lambda *a, **k: poison(real_empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison(real_empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = real_empty, real_empty_like
