@@ -61,7 +61,7 @@ if HAS_TRITON:
             e = tl.exp(u - m_safe)
             # su = sum e^{u-m} (u - m), kept relative to the running max: no cancellation at |z| ~ 1e4
             eu = e * tl.where(e > 0.0, u - m_safe, 0.0)
-            su = tl.where(s > 0.0, (su + (m - m_safe) * s) * scale, 0.0) + tl.sum(eu, axis=0)
+            su = (su + tl.where(s > 0.0, m - m_safe, 0.0) * s) * scale + tl.sum(eu, axis=0)
             s = s * scale + tl.sum(e, axis=0)
             m = m_new
         target = tl.load(targets_ptr + row) - vocab_start

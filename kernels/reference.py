@@ -36,9 +36,10 @@ def kl_ref(logp, ref_logp, kind: str):
 
 def _sequences(mask, seq_ids):
     """List of (sequence id, [positions]) for sequences with at least one masked token."""
+    if seq_ids is None:  # a [B, S] layout: one sequence a row; a flat vector: one sequence
+        rows = mask.shape[0] if mask.dim() >= 2 else 1
+        seq_ids = torch.arange(rows).repeat_interleave(mask.numel() // rows)
     mask = mask.reshape(-1)
-    if seq_ids is None:
-        seq_ids = torch.zeros_like(mask, dtype=torch.long)
     seq_ids = seq_ids.reshape(-1)
     out = {}
     for pos in range(mask.numel()):
@@ -49,8 +50,8 @@ def _sequences(mask, seq_ids):
 
 def aggregate_ref(loss_t, mask, seq_ids, aggregation, num_sequences=None, num_tokens=None, max_len=None):
     """The three aggregations of GRPO_SPEC.md, summed the long way over sequences."""
-    loss_t, mask = loss_t.reshape(-1), mask.reshape(-1).to(loss_t.dtype)
     seqs = _sequences(mask, seq_ids)
+    loss_t, mask = loss_t.reshape(-1), mask.reshape(-1).to(loss_t.dtype)
     n_seq = num_sequences if num_sequences is not None else len(seqs)
     if aggregation == "token-mean":
         n_tok = num_tokens if num_tokens is not None else mask.sum()
@@ -92,8 +93,8 @@ def gspo_loss_ref(logits, targets, old_logp, advantages, mask, *, eps_low=3e-4, 
 
     token_level=True is GSPO-token: s_it = sg(s_i) * exp(logp_t - sg(logp_t)) per token."""
     logp, _ = token_logprobs_ref(logits, targets, temperature)
+    seqs = _sequences(mask, seq_ids)
     logp, old, adv, m = logp.reshape(-1), old_logp.reshape(-1), advantages.reshape(-1), mask.reshape(-1)
-    seqs = _sequences(m, seq_ids)
     total = logp.new_zeros(())
     for _, pos in seqs:
         idx = torch.tensor(pos)

@@ -1,0 +1,303 @@
+"""Rollouts with a plain transformers causal LM: the reference engine, and the default on CPU.
+
+Our own sampling loop over model(...) with a KV cache (not model.generate), because we need the
+untruncated log-prob of every sampled token and exact control of stopping:
+
+1. prefill each distinct prompt once (left-padded, attention mask, position ids counted from the
+   first real token, so padding does not change a row's numbers), then repeat its cache n times;
+2. per step: logp = log_softmax(logits / T) for rollout_logp, sample from logits / T after top-k and
+   top-p, stop a row at an EOS token or when its text contains a stop string;
+3. rows that finished are dropped from the batch (and the cache) so long tails do not pay for short
+   completions.
+
+Stopping conventions (the same as vLLM with include_stop_str_in_output=True): an EOS token is kept in
+completion_ids (the policy must learn to emit it) and left out of completion_text (decoded with
+skip_special_tokens); a stop string ends the completion at the token that completes it, and the text
+is cut right after the stop string (kept: the format reward needs the closing </answer>). The last
+token may carry a few characters past the stop string; the ids keep that token, the text does not.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, check_prompts
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _build_model(model_dir_or_config: Any, attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(model_dir_or_config, torch.nn.Module):
+        return model_dir_or_config
+    if isinstance(model_dir_or_config, PretrainedConfig):
+        return AutoModelForCausalLM.from_config(model_dir_or_config, attn_implementation=attn_implementation)
+    model_dir = Path(model_dir_or_config)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    has_weights = any(any(model_dir.glob(pattern)) for pattern in _WEIGHT_FILES)
+    if has_weights:
+        return AutoModelForCausalLM.from_pretrained(
+            str(model_dir), local_files_only=True, attn_implementation=attn_implementation)
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def _as_id_set(value: Any) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
+    """One token per row from fp32 logits [B, V] with temperature, top-k and top-p (nucleus)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / params.temperature
+    vocab = scores.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth_best = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth_best, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        sorted_probs = sorted_scores.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        sorted_scores = sorted_scores.masked_fill(mass_before >= params.top_p, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class HFRolloutEngine(RolloutEngine):
+    """Rollout engine over a transformers AutoModelForCausalLM.
+
+    model_dir_or_config: a model directory (config.json; weights loaded when *.safetensors/*.bin are
+    present, else random init), a transformers config, or an already built model (used in place: it is
+    moved to device/dtype and frozen).
+    tokenizer: decodes completions and checks stop strings; may be None when only ids are needed
+    (completion_text is then empty and stop strings are refused).
+    eos_token_id: the ids that end a completion; by default the tokenizer's EOS plus the model's
+    generation/config EOS.
+    num_threads: torch intra-op threads while generating (restored afterwards). Tiny models on a small,
+    busy CPU run many times faster with 1 (thread synchronisation dominates their microsecond ops);
+    None leaves torch's setting alone.
+    """
+
+    def __init__(
+        self, model_dir_or_config: Any, tokenizer: Any = None, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32, eos_token_id: int | Iterable[int] | None = None,
+        attn_implementation: str = "sdpa", num_threads: int | None = None,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.model = _build_model(model_dir_or_config, attn_implementation).to(device=self.device, dtype=dtype)
+        self.model.eval()
+        self.model.requires_grad_(False)
+        config = self.model.config
+        self.vocab_size = int(config.vocab_size)
+
+        if eos_token_id is not None:
+            self.eos_token_ids = _as_id_set(eos_token_id)
+        else:
+            generation_config = getattr(self.model, "generation_config", None)
+            self.eos_token_ids = (_as_id_set(getattr(tokenizer, "eos_token_id", None))
+                                  | _as_id_set(getattr(generation_config, "eos_token_id", None))
+                                  | _as_id_set(getattr(config, "eos_token_id", None)))
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) else (min(self.eos_token_ids) if self.eos_token_ids else 0)
+
+        # transformers renamed past_key_values -> cache and num_logits_to_keep -> logits_to_keep over versions.
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._keep_arg = next((a for a in ("logits_to_keep", "num_logits_to_keep") if a in forward_args), None)
+        self._asleep = False
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
+        self.num_threads = num_threads
+
+    # ------------------------------------------------------------------------------------------------
+    # Generation
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.model.config)
+        except TypeError:  # older transformers: no config argument
+            return DynamicCache()
+
+    def _forward_last_logits(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache) -> Tensor:
+        kwargs = {self._cache_arg: cache}
+        if self._keep_arg is not None:
+            kwargs[self._keep_arg] = 1
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **kwargs)
+        return out.logits[:, -1].float()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
+        if self.num_threads is None:
+            return self._generate(prompt_ids, n, params)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            return self._generate(prompt_ids, n, params)
+        finally:
+            torch.set_num_threads(previous)
+
+    @torch.inference_mode()
+    def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
+        check_prompts(prompt_ids, n, self.vocab_size)
+        if self._asleep:
+            raise RuntimeError("HFRolloutEngine.generate called while asleep; call wake() first")
+        stop_strings = tuple(params.stop_strings)
+        if stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer; HFRolloutEngine was built with tokenizer=None")
+        device, num_prompts = self.device, len(prompt_ids)
+        batch = num_prompts * n
+        max_new = params.max_new_tokens
+        max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(len(ids) for ids in prompt_ids)
+        if max_positions is not None and longest + max_new > max_positions:
+            raise ValueError(f"generate: longest prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the "
+                             f"model's max_position_embeddings ({max_positions})")
+        temperature = params.logp_temperature
+
+        # Prefill the distinct prompts, left-padded.
+        prompt_len = longest
+        input_ids = torch.full((num_prompts, prompt_len), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((num_prompts, prompt_len), dtype=torch.long)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, prompt_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, prompt_len - len(ids):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        logits = self._forward_last_logits(input_ids, attention_mask, position_ids, cache)
+
+        # Fan out to n samples per prompt (prompt-major).
+        cache.batch_repeat_interleave(n)
+        logits = logits.repeat_interleave(n, dim=0)
+        attention_mask = attention_mask.repeat_interleave(n, dim=0)
+        next_position = position_ids[:, -1:].repeat_interleave(n, dim=0) + 1
+
+        generator = torch.Generator(device=device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        eos_ids = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
+        stop_window = 4 * max((len(s) for s in stop_strings), default=0) + 4  # tokens; >= 1 byte per token
+
+        tokens = torch.zeros((batch, max_new), dtype=torch.long)
+        token_logp = torch.zeros((batch, max_new), dtype=torch.float32)
+        lengths = [0] * batch
+        finish_reason = ["length"] * batch
+        rows = torch.arange(batch)  # completion index of each row of the running batch
+        alive = torch.ones(batch, dtype=torch.bool)  # rows still generating (finished rows ride along until compaction)
+
+        for step in range(max_new):
+            logp = torch.log_softmax(logits / temperature, dim=-1)
+            next_token = sample_next_token(logits, params, generator)
+            chosen_logp = logp.gather(-1, next_token[:, None]).squeeze(-1)
+            next_cpu = next_token.cpu()
+            tokens[rows[alive], step] = next_cpu[alive]
+            token_logp[rows[alive], step] = chosen_logp.cpu()[alive]
+
+            done = torch.isin(next_cpu, eos_ids) & alive if eos_ids.numel() else torch.zeros_like(alive)
+            for live in alive.nonzero().flatten().tolist():
+                completion = int(rows[live])
+                lengths[completion] = step + 1
+                if done[live]:
+                    finish_reason[completion] = "stop"
+                elif stop_strings:
+                    tail = self._decode(tokens[completion, max(0, step + 1 - stop_window):step + 1].tolist())
+                    if any(s in tail for s in stop_strings):
+                        done[live] = True
+                        finish_reason[completion] = "stop"
+            alive &= ~done
+            if step == max_new - 1 or not bool(alive.any()):
+                break
+
+            # Drop finished rows from the batch and the KV cache once they are a quarter of it: fewer
+            # rows to run, without copying the whole cache every time a single row finishes.
+            if int((~alive).sum()) * 4 >= len(rows):
+                keep = alive.nonzero().flatten()
+                rows, alive = rows[keep], alive[keep]
+                keep = keep.to(device)
+                cache.batch_select_indices(keep)
+                next_token, attention_mask, next_position = next_token[keep], attention_mask[keep], next_position[keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
+            logits = self._forward_last_logits(next_token[:, None], attention_mask, next_position, cache)
+            next_position = next_position + 1
+
+        completion_ids = [tokens[i, :lengths[i]].tolist() for i in range(batch)]
+        rollout_logp = [token_logp[i, :lengths[i]].clone() for i in range(batch)]
+        completion_text = []
+        for i, ids in enumerate(completion_ids):
+            text = self._decode(ids) if self.tokenizer is not None else ""
+            if finish_reason[i] == "stop" and stop_strings:
+                ends = [text.find(s) + len(s) for s in stop_strings if s in text]
+                if ends:
+                    text = text[:min(ends)]
+            completion_text.append(text)
+        return RolloutBatch(
+            prompt_ids=[list(prompt_ids[i // n]) for i in range(batch)], completion_ids=completion_ids,
+            completion_text=completion_text, rollout_logp=rollout_logp, finish_reason=finish_reason, group_size=n)
+
+    # ------------------------------------------------------------------------------------------------
+    # Weights and memory
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]], check_all_updated: bool = False) -> list[str]:
+        """Copy streamed (HF name, full tensor) pairs into the model's parameters.
+
+        Strict: an unknown name or a wrong shape is a ValueError naming it. Tied parameters (lm_head.weight
+        and model.embed_tokens.weight) share storage, so either name updates both; if both arrive they
+        must agree. Returns the names never updated by this stream; with check_all_updated=True a
+        non-empty list is a ValueError instead.
+        """
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        written_by: dict[int, str] = {}  # id(parameter) -> the streamed name that wrote it
+        for name, tensor in named_tensors:
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"update_weights: unknown parameter {name!r} (not in the rollout model)")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"update_weights: parameter {name!r} has shape {tuple(param.shape)} but the "
+                                 f"streamed tensor has shape {tuple(tensor.shape)}")
+            value = tensor.detach().to(device=param.device, dtype=param.dtype)
+            if id(param) in written_by:
+                if not torch.equal(param, value):
+                    raise ValueError(f"update_weights: {name!r} is tied to {written_by[id(param)]!r} in the "
+                                     f"rollout model but the streamed tensors differ")
+                continue
+            param.copy_(value)
+            written_by[id(param)] = name
+        never_updated = [name for name, param in params.items() if id(param) not in written_by]
+        if check_all_updated and never_updated:
+            raise ValueError(f"update_weights: parameters never updated: {never_updated}")
+        return never_updated
+
+    def sleep(self) -> None:
+        """On CUDA, move the weights to host memory so the trainer gets the GPU; a no-op on CPU."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+        self._asleep = False

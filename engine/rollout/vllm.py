@@ -1,0 +1,167 @@
+"""Rollouts with a colocated vLLM engine (same process and GPU as the trainer), the fast path on GPUs.
+
+UNVERIFIED: written against vLLM's source (V1 engine, 2025-2026: `LLM(logprobs_mode=...)`,
+`LLM.sleep(level)`, `LLM.wake_up(tags)`, `LLM.collective_rpc`, `RequestOutput.outputs[*].token_ids /
+.logprobs / .finish_reason`, child seeds `seed + index` for n > 1) but never run: the machine this was
+written on has no GPU and no vLLM. Its unit test only checks the import guard. Run it once on a GPU
+against HFRolloutEngine (same prompts, temperature, top_p=1: rollout_logp should agree to bf16
+precision) before trusting it.
+
+How it maps our contract onto vLLM:
+- rollout_logp: vLLM's `logprobs_mode="processed_logprobs"` returns log_softmax of the logits after
+  temperature AND top-k/top-p. With top_p=1 and top_k=-1 (the RL setting) that is exactly our
+  definition, log_softmax(logits / T). With truncation on, the values are the renormalised
+  (truncated) log-probs; a warning says so. ("raw_logprobs", vLLM's default, ignores temperature.)
+- stop strings: include_stop_str_in_output=True, the same convention as HFRolloutEngine.
+- weights: streamed (HF name, full tensor) pairs go one at a time into the vLLM model's own
+  `load_weights`, which knows how to fuse q/k/v and gate/up; then the prefix cache is reset, since
+  its KV entries were computed with the old weights.
+- memory: with enable_sleep_mode, sleep() frees the KV cache and offloads the weights (level 1);
+  update_weights() wakes only the weights, and wake() then restores the KV cache, so the peak
+  memory never holds both the trainer's activations and vLLM's cache.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, check_prompts
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError(
+            "VLLMRolloutEngine needs vLLM, which is not installed. On a CUDA machine install the gpu extra "
+            "(pip install -e '.[gpu]'), or use HFRolloutEngine (engine.rollout.hf) instead.") from err
+    return vllm
+
+
+def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
+    """Runs inside a vLLM worker (collective_rpc passes the worker first)."""
+    worker.model_runner.model.load_weights(weights=weights)
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    """A colocated vllm.LLM. UNVERIFIED (see the module docstring).
+
+    model_dir: a Hugging Face model directory (config, weights, tokenizer). Extra keyword arguments go
+    to vllm.LLM unchanged (tensor_parallel_size, enable_prefix_caching, ...).
+    """
+
+    def __init__(
+        self, model_dir: str | Path, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
+        enable_sleep_mode: bool = True, sleep_level: int = 1, max_model_len: int | None = None,
+        enforce_eager: bool = False, seed: int = 0, **llm_kwargs: Any,
+    ):
+        vllm = _import_vllm()
+        self._vllm = vllm
+        # Keep the engine core and its worker in this process, so weights pass by reference (no
+        # serialisation) and the model object is reachable; TRL's colocate mode does the same.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.llm = vllm.LLM(
+            model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len, enforce_eager=enforce_eager,
+            seed=seed, logprobs_mode="processed_logprobs", **llm_kwargs)
+        self.enable_sleep_mode = enable_sleep_mode
+        self.sleep_level = sleep_level
+        self._asleep = False
+        self._weights_awake = True
+        self._kv_cache_awake = True
+        self._warned_truncation = False
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _vllm_params(self, params: SamplingParams, n: int, seed: int | None):
+        return self._vllm.SamplingParams(
+            n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+            max_tokens=params.max_new_tokens, stop=list(params.stop_strings) or None,
+            include_stop_str_in_output=True, logprobs=0, seed=seed)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
+        check_prompts(prompt_ids, n)
+        if self._asleep:
+            raise RuntimeError("VLLMRolloutEngine.generate called while asleep; call wake() first")
+        truncated_sampling = params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
+        if truncated_sampling and not self._warned_truncation:
+            warnings.warn("VLLMRolloutEngine: with top_p < 1 or top_k > 0, vLLM's processed log-probs are those "
+                          "of the truncated distribution, not log_softmax(logits / T); rollout_logp-based "
+                          "corrections (TIS, mismatch metrics) are then biased", stacklevel=2)
+            self._warned_truncation = True
+        # One request per prompt; vLLM seeds child j of a request with seed + j, so prompt i uses
+        # seeds [seed + i*n, seed + (i+1)*n): distinct streams even for duplicated prompts.
+        request_params = [self._vllm_params(params, n, None if params.seed is None else params.seed + i * n)
+                          for i in range(len(prompt_ids))]
+        prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(prompts, request_params, use_tqdm=False)
+        if len(outputs) != len(prompt_ids):
+            raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompt_ids)} prompts")
+
+        batch_prompts, completion_ids, texts, logps, reasons = [], [], [], [], []
+        for i, request in enumerate(outputs):
+            completions = sorted(request.outputs, key=lambda c: c.index)
+            if len(completions) != n:
+                raise RuntimeError(f"vLLM returned {len(completions)} completions for prompt {i}, expected {n}")
+            for completion in completions:
+                ids = [int(t) for t in completion.token_ids]
+                if completion.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished prompt {i} with reason {completion.finish_reason!r}")
+                if completion.logprobs is None or len(completion.logprobs) != len(ids):
+                    raise RuntimeError(f"vLLM returned no per-token logprobs for prompt {i}")
+                logp = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
+                batch_prompts.append(list(prompt_ids[i]))
+                completion_ids.append(ids)
+                texts.append(completion.text)
+                logps.append(torch.tensor(logp, dtype=torch.float32))
+                reasons.append(completion.finish_reason)
+        return RolloutBatch(prompt_ids=batch_prompts, completion_ids=completion_ids, completion_text=texts,
+                            rollout_logp=logps, finish_reason=reasons, group_size=n)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _local_model(self) -> Any | None:
+        """The vLLM nn.Module when the worker lives in this process (V1 without multiprocessing)."""
+        try:
+            return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        except AttributeError:
+            return None
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        if not self._weights_awake:
+            self._wake_up(["weights"])
+        model = self._local_model()
+        for name, tensor in named_tensors:
+            if model is not None:
+                model.load_weights(weights=[(name, tensor)])
+            else:
+                self.llm.collective_rpc(_load_weights_on_worker, args=([(name, tensor)],))
+        self.llm.reset_prefix_cache()
+
+    def _wake_up(self, tags: list[str]) -> None:
+        try:
+            self.llm.wake_up(tags=tags)
+        except TypeError:  # vLLM without staged wake-up: everything comes back at once
+            self.llm.wake_up()
+            self._weights_awake = self._kv_cache_awake = True
+            return
+        self._weights_awake |= "weights" in tags
+        self._kv_cache_awake |= "kv_cache" in tags
+
+    def sleep(self) -> None:
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self._weights_awake = self._kv_cache_awake = False
+        self._asleep = True
+
+    def wake(self) -> None:
+        missing = [tag for tag, awake in (("weights", self._weights_awake), ("kv_cache", self._kv_cache_awake))
+                   if not awake]
+        if missing:
+            self._wake_up(missing)
+        self._asleep = False
