@@ -94,7 +94,8 @@ def read_metrics(path: str | Path) -> list[dict[str, float]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {line_number}: invalid JSON ({err.msg})") from None
-            by_step[int(record["step"])] = record  # a repeated step (after a resume) replaces the old one
+            # a repeated step merges: eval metrics logged beside the train metrics, or a resume re-logging a step
+            by_step.setdefault(int(record["step"]), {}).update(record)
     return [by_step[step] for step in sorted(by_step)]
 
 

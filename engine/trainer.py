@@ -1,0 +1,269 @@
+"""The GRPO loop: rollouts -> rewards -> group advantages -> log-probs -> updates -> weight sync.
+
+    trainer = GRPOTrainer(config, model_dir, train_examples, eval_examples)
+    trainer.fit()
+
+One step, as data flows (GRPO_SPEC.md):
+  1. prompts_per_step prompts (each DP replica takes its share), G completions each from the
+     rollout engine, with the per-token rollout log-probs;
+  2. rule rewards in a worker pool, group-normalised advantages;
+  3. a packed TrainBatch; reference log-probs (if beta > 0) and old log-probs (only when the
+     updates go off-policy: several epochs or mini-batches), both through the fused kernels;
+  4. epochs x mini-batches optimizer steps of the fused policy loss over Megatron's schedule;
+  5. the new weights streamed into the rollout engine, tensor by tensor (parallel.convert).
+The first rank of each model-parallel group (tp 0, pp 0) owns the rollout engine and the reward
+pool; it broadcasts the rollout to the other ranks of its group.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from engine.advantages import group_advantages
+from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from engine.config import GRPOConfig, to_dict
+from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
+from engine.metrics import MetricsLogger, PhaseTimer
+from engine.rewards import build_reward_composer
+from engine.rollout.base import RolloutBatch, SamplingParams
+from parallel import convert, models, state as pstate
+from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
+from parallel.step import TrainBatch, logprobs, train_step
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _build_rollout_engine(cfg: GRPOConfig, model_dir: Path, tokenizer, device):
+    if cfg.rollout.backend == "vllm":
+        from engine.rollout.vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                                 dtype=cfg.model.dtype, seed=cfg.train.seed)
+    from engine.rollout.hf import HFRolloutEngine
+
+    return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[cfg.model.dtype],
+                           num_threads=cfg.rollout.num_threads)
+
+
+class GRPOTrainer:
+    def __init__(self, config: GRPOConfig, model_dir: str | Path, train_examples: Sequence, eval_examples: Sequence = ()):
+        self.cfg = cfg = config
+        self.model_dir = Path(model_dir)
+        self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
+        self.device = self.ps.device
+        self.is_leader = dist.get_rank(self.ps.model_parallel_group) == 0  # tp 0 / pp 0 of this replica
+        self.tokenizer = load_tokenizer(self.model_dir)
+        info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel)
+        check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
+        dtype = _DTYPES[cfg.model.dtype]
+
+        policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8)
+        convert.load_hf_checkpoint(policy, self.model_dir)
+        self.policy = wrap_for_training(policy)
+        self.optimizer = build_optimizer(self.policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                         betas=tuple(cfg.optim.betas), grad_clip=cfg.optim.grad_clip)
+        self.reference = None
+        if cfg.loss.beta != 0.0:
+            self.reference = models.freeze(models.build_gpt_model(self.model_dir / "config.json", dtype=dtype))
+            convert.load_hf_checkpoint(self.reference, self.model_dir)
+            if cfg.model.offload_reference:
+                models.offload_to_cpu(self.reference)
+
+        self.rollout_engine = self.rewards = None
+        if self.is_leader:
+            self.rollout_engine = _build_rollout_engine(cfg, self.model_dir, self.tokenizer, self.device)
+            # accuracy and format are always scored (weight 0 if not trained on) for the metrics
+            weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
+            self.rewards = build_reward_composer(weights, language=cfg.reward.language,
+                                                 num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+        self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
+        self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
+                         if len(eval_examples) else None)
+        # every rank draws the same global batch; DP replicas take interleaved shares of it
+        self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
+        self.step = 0
+        self.out = Path(cfg.train.out)
+        self.logger = MetricsLogger(self.out) if self.ps.is_main else None
+        self.timer = PhaseTimer(sync_cuda=torch.cuda.is_available())
+        self.stop_strings = tuple(cfg.rollout.stop_strings)
+        if cfg.train.resume and (ckpt := latest_checkpoint(self.out)) is not None:
+            self._resume(ckpt)
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def _mp_broadcast(self, payload):
+        """Leader -> the other ranks of its model-parallel group (pickled: a few MB at most)."""
+        group = self.ps.model_parallel_group
+        if dist.get_world_size(group) == 1:
+            return payload
+        box = [payload]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+        return box[0]
+
+    def sampling_params(self, *, seed: int, eval_mode: bool = False) -> SamplingParams:
+        r, t = self.cfg.rollout, self.cfg.train
+        return SamplingParams(temperature=t.eval_temperature if eval_mode else r.temperature,
+                              top_p=t.eval_top_p if eval_mode else r.top_p, top_k=-1 if eval_mode else r.top_k,
+                              max_new_tokens=r.max_new_tokens, stop_strings=self.stop_strings, seed=seed)
+
+    def generate_and_score(self, items, n: int, params: SamplingParams):
+        """(RolloutBatch, RewardOutput) for `items` (TokenizedPrompt), identical on the model-parallel group."""
+        payload = None
+        if self.is_leader:
+            rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
+            refs = [it.example.answer for it in items for _ in range(n)]
+            payload = (rollout, self.rewards.score(rollout.completion_text, refs))
+        return self._mp_broadcast(payload)
+
+    # ------------------------------------------------------------------------------------------ one step
+    def train_one_step(self) -> dict[str, float]:
+        cfg, ps, timer = self.cfg, self.ps, self.timer
+        timer.reset()
+        t0 = time.perf_counter()
+        G, T = cfg.rollout.group_size, cfg.rollout.temperature
+        prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
+        with timer("rollout"):
+            seed = cfg.train.seed * 1_000_003 + self.step * ps.dp_size + ps.dp_rank  # exact on resume
+            rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
+        rewards = torch.tensor(scores.total, dtype=torch.float64)
+        adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator)
+
+        with timer("logprobs"):
+            batch = TrainBatch.from_sequences(
+                rollout.prompt_ids, rollout.completion_ids, advantages=adv.float().tolist(),
+                rollout_logp=[lp.tolist() for lp in rollout.rollout_logp], pack=True,
+                max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
+            if self.reference is not None:
+                if cfg.model.offload_reference:
+                    models.onload(self.reference, self.device)
+                batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T))
+                if cfg.model.offload_reference:
+                    models.offload_to_cpu(self.reference)
+            off_policy = cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1
+            if off_policy:
+                batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T))
+
+        lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
+        set_learning_rate(self.optimizer, lr)
+        updates = []
+        with timer("train"):
+            for _ in range(cfg.algo.epochs_per_batch):
+                for mini in batch.split(cfg.algo.mini_batches) if cfg.algo.mini_batches > 1 else [batch]:
+                    updates.append(train_step(self.policy, self.optimizer, mini, cfg.loss, temperature=T,
+                                              num_microbatches=cfg.algo.num_microbatches))
+        with timer("weight_sync"):
+            self.sync_weights()
+        self.step += 1
+        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
+
+    def sync_weights(self) -> None:
+        """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
+        stream = convert.export_hf_state(self.policy.module)
+        if self.is_leader:
+            self.rollout_engine.update_weights((name, t.detach().clone()) for name, t in stream)
+        else:
+            for _ in stream:
+                pass
+
+    def _step_metrics(self, rollout: RolloutBatch, scores, rewards, updates, lr, seconds) -> dict[str, float]:
+        lengths = rollout.lengths.double()
+        m: dict[str, float] = {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/truncated_frac": rollout.truncated.double().mean().item(),
+            "reward/errors": float(scores.num_errors),
+            "reward/timeouts": float(scores.num_timeouts),
+            "optim/lr": lr,
+        }
+        for name, values in scores.components.items():
+            m[f"reward/{name}"] = sum(values) / len(values)
+        m["accuracy"] = m["reward/accuracy"]
+        m["format_rate"] = m["reward/format"]
+        for key in updates[0]:
+            m[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
+        m.update(self.timer.metrics(prefix="time/"))
+        m["time/step"] = seconds
+        tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids))
+        m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
+        m["throughput/rollout_tokens_per_s"] = lengths.sum().item() / max(m.get("time/rollout", 1e-9), 1e-9)
+        if self.ps.dp_size > 1:  # average over data-parallel replicas
+            keys = sorted(m)
+            t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, group=self.ps.dp_group)
+            m = dict(zip(keys, (t / self.ps.dp_size).tolist()))
+        return m
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, limit: int | None = None) -> dict[str, float]:
+        """Held-out pass@1 (mean accuracy over k samples a question) and format rate."""
+        if self.eval_set is None:
+            return {}
+        items = [self.eval_set[i] for i in range(len(self.eval_set))][: limit or self.cfg.train.eval_size]
+        k = self.cfg.train.eval_samples
+        mine = items[self.ps.dp_rank::self.ps.dp_size]
+        _, scores = self.generate_and_score(mine, k, self.sampling_params(seed=self.cfg.train.seed + 7,
+                                                                          eval_mode=True))
+        sums = torch.tensor([sum(scores.components["accuracy"]), sum(scores.components["format"]),
+                             float(len(scores.total))], dtype=torch.float64)
+        if self.ps.dp_size > 1:
+            dist.all_reduce(sums, group=self.ps.dp_group)
+        return {"eval/pass@1": (sums[0] / sums[2]).item(), "eval/format_rate": (sums[1] / sums[2]).item()}
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self, on_step=None) -> list[dict[str, float]]:
+        cfg = self.cfg
+        history = []
+        progress = None
+        if self.ps.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=cfg.train.steps, initial=self.step, desc="GRPO", dynamic_ncols=True)
+        while self.step < cfg.train.steps:
+            metrics = self.train_one_step()
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                metrics.update(self.evaluate())
+            history.append(metrics)
+            if self.logger is not None:
+                self.logger.log(self.step, metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(acc=f"{metrics['accuracy']:.2f}", fmt=f"{metrics['format_rate']:.2f}",
+                                     kl=f"{metrics.get('train/kl', 0.0):.3f}")
+            if on_step is not None:
+                on_step(self, metrics)
+            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                self.save()
+        if progress is not None:
+            progress.close()
+        return history
+
+    def save(self) -> Path:
+        return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
+                               trainer_state={"step": self.step, "sampler": self.sampler.state_dict(),
+                                              "config": to_dict(self.cfg)})
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.sync_weights()
+
+    def export_hf(self, out_dir: str | Path | None = None) -> Path:
+        out_dir = Path(out_dir) if out_dir is not None else self.out / "hf"
+        convert.save_hf_checkpoint(self.policy.module, out_dir, self.model_dir / "config.json",
+                                   tokenizer_dir=self.model_dir)
+        return out_dir
+
+    def close(self) -> None:
+        if self.rewards is not None:
+            self.rewards.close()
+        if self.logger is not None:
+            self.logger.plot()
+            self.logger.close()

@@ -1,0 +1,423 @@
+"""torch.distributed + Megatron-core parallel state, from torchrun's environment; the CPU shim.
+
+`init_parallel(tensor_parallel, pipeline_parallel, seed)` is the one entry point:
+
+* under `torchrun` it reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+  under plain `python script.py` it starts a one-process group on a free local port;
+* backend NCCL when CUDA is available, gloo otherwise;
+* then Megatron's `initialize_model_parallel(tp, pp)` (data parallel = world / (tp * pp)) and
+  Megatron's model-parallel RNG seeding (`model_parallel_cuda_manual_seed`).
+
+Without CUDA, `_install_cpu_shim()` runs first so that real Megatron-core modules (GPTModel with
+TP and PP, the pipeline schedules, p2p communication) run on CPU over gloo. Everything the shim
+changes is listed in its docstring; nothing of it is applied when CUDA is present.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "ParallelState",
+    "init_parallel",
+    "destroy_parallel",
+    "get_parallel_state",
+    "nvtx_range",
+    "cpu_shim_installed",
+]
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Where this process sits in the (tp, pp, dp) grid. Megatron's order is tp-cp-ep-dp-pp:
+    tensor-parallel ranks are adjacent global ranks, pipeline stages the slowest axis."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    pp_size: int
+    pp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+    seed: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the process that logs and writes files."""
+        return self.rank == 0
+
+    # Process groups are looked up in Megatron's registry each time (they are not picklable and
+    # Megatron owns their lifetime).
+    @property
+    def tp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state as mpu
+
+        return mpu.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state as mpu
+
+        return mpu.get_pipeline_model_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state as mpu
+
+        return mpu.get_data_parallel_group()
+
+    @property
+    def model_parallel_group(self) -> dist.ProcessGroup:
+        """tp x pp ranks that together hold one copy of the model."""
+        from megatron.core import parallel_state as mpu
+
+        return mpu.get_model_parallel_group()
+
+    @property
+    def embedding_group(self) -> dist.ProcessGroup | None:
+        """First and last pipeline stage (tied embeddings' gradients are summed over it)."""
+        from megatron.core import parallel_state as mpu
+
+        return mpu.get_embedding_group(check_initialized=False)
+
+    def pp_global_rank(self, stage: int) -> int:
+        """Global rank of pipeline stage `stage` with this rank's tp and dp coordinates."""
+        return dist.get_global_rank(self.pp_group, stage)
+
+
+_STATE: ParallelState | None = None
+_WE_STARTED_DIST = False
+_OUR_PORT: str | None = None  # MASTER_PORT we chose ourselves (no torchrun)
+
+
+def get_parallel_state() -> ParallelState:
+    """The state set by `init_parallel`; RuntimeError if it was not called."""
+    if _STATE is None:
+        raise RuntimeError("parallel state is not initialised: call parallel.init_parallel() first")
+    return _STATE
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def init_parallel(
+    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234
+) -> ParallelState:
+    """Initialise torch.distributed and Megatron's model-parallel groups and RNG.
+
+    Safe to call twice: with the same sizes it returns the existing state; with other sizes it
+    rebuilds Megatron's groups on the existing process group (tests do this).
+    """
+    global _STATE, _WE_STARTED_DIST
+    if tensor_parallel < 1 or pipeline_parallel < 1:
+        raise ValueError(
+            f"tensor_parallel={tensor_parallel} and pipeline_parallel={pipeline_parallel} must be >= 1"
+        )
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        _install_cpu_shim()
+
+    if dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world_size = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    model_parallel = tensor_parallel * pipeline_parallel
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world_size={world_size} is not divisible by tensor_parallel * pipeline_parallel = "
+            f"{tensor_parallel} * {pipeline_parallel} = {model_parallel}"
+        )
+
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel as mtp
+
+    if _STATE is not None and mpu.model_parallel_is_initialized():
+        if (_STATE.tp_size, _STATE.pp_size, _STATE.seed) == (tensor_parallel, pipeline_parallel, seed):
+            return _STATE
+        mpu.destroy_model_parallel()
+
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+
+    if not dist.is_initialized():
+        global _OUR_PORT
+        if "MASTER_PORT" not in os.environ or os.environ["MASTER_PORT"] == _OUR_PORT:
+            if world_size != 1:
+                raise ValueError(
+                    f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun"
+                )
+            # Plain `python script.py`: a one-process group on a fresh local port.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            _OUR_PORT = os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            world_size=world_size,
+            rank=rank,
+            timeout=datetime.timedelta(minutes=30),
+        )
+        _WE_STARTED_DIST = True
+    else:
+        backend = dist.get_backend()
+
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        # Megatron's optimizer setup asks for the gloo data-parallel groups, also on CPU.
+        create_gloo_process_groups=True,
+    )
+    tp_rank = mpu.get_tensor_model_parallel_rank()
+    pp_rank = mpu.get_pipeline_model_parallel_rank()
+    dp_rank = mpu.get_data_parallel_rank()
+
+    # Megatron's recipe (megatron/training/initialize.py:_set_random_seed): a different default
+    # stream per pipeline stage, the model-parallel tracker keyed on the tp rank. On CPU the
+    # shim's tracker forks CPU generator states instead of CUDA ones.
+    stage_seed = seed + 100 * pp_rank
+    random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    mtp.model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+    _STATE = ParallelState(
+        world_size=world_size,
+        rank=rank,
+        local_rank=local_rank,
+        tp_size=tensor_parallel,
+        tp_rank=tp_rank,
+        pp_size=pipeline_parallel,
+        pp_rank=pp_rank,
+        dp_size=world_size // model_parallel,
+        dp_rank=dp_rank,
+        device=device,
+        backend=backend,
+        seed=seed,
+    )
+    return _STATE
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and, if `init_parallel` created it, the process group."""
+    global _STATE, _WE_STARTED_DIST
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if _WE_STARTED_DIST and dist.is_initialized():
+        dist.destroy_process_group()
+    _WE_STARTED_DIST = False
+    _STATE = None
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str) -> Iterator[None]:
+    """Mark a phase (rollout, logprobs, train) for Nsight Systems; a no-op without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU shim
+# ---------------------------------------------------------------------------------------------
+
+_SHIM_INSTALLED = False
+_CPU = torch.device("cpu")
+
+
+def cpu_shim_installed() -> bool:
+    return _SHIM_INSTALLED
+
+
+def _is_cuda_device(value: object) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites every torch call that names a CUDA device so it runs on CPU.
+
+    Covers `device="cuda"`, `device=torch.device("cuda", i)`, an integer device index (Megatron
+    passes `torch.cuda.current_device()`, an int on real CUDA), `tensor.cuda()`, `tensor.to("cuda")`
+    and `pin_memory=True` (pinning needs CUDA)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron asserts `grad.type() == 'torch.cuda.FloatTensor'` (optimizer/clip_grads.py):
+            # report CPU tensors under their CUDA names, as they stand in for CUDA ones here.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") and ".cuda." not in name else name
+        device = kwargs.get("device")
+        if device is not None and (_is_cuda_device(device) or isinstance(device, int)):
+            kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stand-in for torch.cuda.Stream / Event on CPU: every operation is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NoStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, *args) -> float:
+        return 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _install_cpu_shim() -> None:
+    """Let Megatron-core's CUDA-only code paths run on a CPU-only torch (tests, laptops).
+
+    Applied once per process, and only when CUDA is absent. Each patch and why:
+
+    1. `torch.cuda.current_device()` returns the CPU device: Megatron allocates communication
+       buffers, RoPE frequencies and p2p receive tensors with `device=torch.cuda.current_device()`
+       (tensor_parallel/mappings.py, layers.py, pipeline_parallel/p2p_communication.py).
+    2. The model-parallel RNG tracker forks CPU generator states: `get_cuda_rng_tracker().fork()`
+       wraps every dropout and weight initialisation of a TP-split layer. `CudaRNGStatesTracker` is
+       replaced in `megatron.core.tensor_parallel.random` by a subclass whose add/fork use
+       `torch.get_rng_state`/`set_rng_state`; `_get_cuda_rng_state`/`_set_cuda_rng_state` (used by
+       activation recomputation's `_fork_rng`) read and write the CPU generator.
+    3. `torch.cuda.synchronize()` is a no-op (p2p_communication.py calls it after every batched
+       isend/irecv); `torch.cuda.empty_cache()` too.
+    4. `torch.cuda.Stream`, `Event`, `current_stream`, `stream(...)` are inert stand-ins (pipeline
+       overlap helpers, timers); CPU work is synchronous.
+    5. A global `TorchFunctionMode` maps `device="cuda"` (and int device indices), `.cuda()`,
+       `.to("cuda")` and `pin_memory=True` to CPU: schedules.py builds
+       `torch.zeros([], device="cuda")` for the token count. It also makes `tensor.type()` name
+       CPU tensors as CUDA ones ('torch.cuda.FloatTensor'), which Megatron's gradient clipping
+       asserts.
+    Pipeline p2p needs nothing more: gloo supports isend/irecv and `batch_isend_irecv`.
+    """
+    global _SHIM_INSTALLED
+    if _SHIM_INSTALLED or torch.cuda.is_available():
+        return
+
+    torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    torch.cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    torch.cuda.Stream = _NoStream  # type: ignore[assignment,misc]
+    torch.cuda.Event = _NoStream  # type: ignore[assignment,misc]
+    torch.cuda.current_stream = lambda device=None: _NoStream()  # type: ignore[assignment]
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """Megatron's named RNG streams, held as CPU generator states."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer = self.states_[outer_name]
+                torch.set_rng_state(outer)
+                self._current_state_name = outer_name
+
+    mrandom.CudaRNGStatesTracker = CpuRNGStatesTracker  # type: ignore[misc]
+    mrandom._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    mrandom.initialize_rng_tracker(force_reset=True)
+
+    _CudaToCpuMode().__enter__()  # entered for the life of the process
+    _SHIM_INSTALLED = True

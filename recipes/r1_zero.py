@@ -1,0 +1,89 @@
+"""DeepSeek-R1-Zero: pure RL from a base model, with accuracy and format rewards only.
+
+    torchrun --nproc_per_node=8 recipes/r1_zero.py --model HF_DIR --data prompts.jsonl --out runs/r1z \
+        --model.tensor-parallel 2 --loss.beta 0.001 --rollout.backend vllm
+    python recipes/r1_zero.py                      # the embedded default: a tiny world on a CPU laptop
+
+With no model given, the run uses the embedded default: a ~1M-parameter Qwen2 pretrained by
+recipes/tiny on two-digit additions whose reasoning often forgets the carry and whose tags are
+sometimes missing. GRPO with the rule rewards must fix both; the run prints held-out pass@1 and
+format rate before and after, and writes metrics.jsonl, TensorBoard logs and curves.png to --out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch.distributed as dist
+
+from engine.config import GRPOConfig, load_config
+from engine.data import load_prompts
+from engine.trainer import GRPOTrainer
+from kernels import PolicyLossConfig
+from parallel.state import init_parallel
+
+# The embedded default's settings (measured on 2 CPU cores): 16 prompts x 8 samples a step.
+TINY_DEFAULT = dataclasses.replace(
+    GRPOConfig(),
+    rollout=dataclasses.replace(GRPOConfig().rollout, prompts_per_step=16, group_size=8, max_new_tokens=40),
+    loss=PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.001),
+    optim=dataclasses.replace(GRPOConfig().optim, lr=1e-3, warmup_steps=3),
+    train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2,
+                              eval_temperature=0.6, eval_top_p=0.95, resume=False),
+)
+# `--model DIR --data FILE --out DIR`: the short forms of --model.path, --data.path, --train.out
+ALIASES = {"--model": "--model.path", "--data": "--data.path", "--out": "--train.out", "--eval-data": "--data.eval-path"}
+
+
+def main(argv: list[str] | None = None):
+    args = [ALIASES.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    embedded = "--model.path" not in args
+    cfg = load_config(GRPOConfig, args, default=TINY_DEFAULT if embedded else GRPOConfig())
+    ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
+
+    if cfg.model.path is None:
+        from recipes.tiny.corpus import DATA_DIR
+        from recipes.tiny.pretrain import ensure_base_model
+
+        if ps.is_main:
+            ensure_base_model()  # the committed checkpoint, or pretrain it (~7 minutes on 2 cores)
+        dist.barrier()
+        model_dir = ensure_base_model()
+        train_path = cfg.data.path or DATA_DIR / "train.jsonl"
+        eval_path = cfg.data.eval_path or DATA_DIR / "eval.jsonl"
+    else:
+        model_dir, train_path, eval_path = cfg.model.path, cfg.data.path, cfg.data.eval_path
+        if train_path is None:
+            raise ValueError("--data FILE.jsonl|.parquet is required with --model")
+    train = load_prompts(train_path, cfg.data.prompt_key, cfg.data.answer_key)
+    held_out = load_prompts(eval_path, cfg.data.prompt_key, cfg.data.answer_key) if eval_path else []
+
+    trainer = GRPOTrainer(cfg, model_dir, train, held_out)
+    before = trainer.evaluate()
+    if ps.is_main and before:
+        trainer.logger.log(trainer.step, before)
+    trainer.fit()
+    after = trainer.evaluate()
+    if ps.is_main:
+        trainer.logger.log(trainer.step, after)
+        if before:
+            print(f"held-out pass@1 {before['eval/pass@1']:.3f} -> {after['eval/pass@1']:.3f}   "
+                  f"format rate {before['eval/format_rate']:.3f} -> {after['eval/format_rate']:.3f}")
+    if cfg.train.save_every == 0 or trainer.step % cfg.train.save_every:
+        trainer.save()
+    if cfg.train.export_hf:
+        path = trainer.export_hf()
+        if ps.is_main:
+            print(f"HF checkpoint: {path}")
+    trainer.close()
+    if ps.is_main:
+        print(f"metrics: {trainer.out / 'metrics.jsonl'}   curves: {trainer.out / 'curves.png'}")
+    return before, after
+
+
+if __name__ == "__main__":
+    main()
