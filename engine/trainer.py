@@ -122,9 +122,18 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ one step
     def train_one_step(self) -> dict[str, float]:
-        cfg, ps, timer = self.cfg, self.ps, self.timer
-        timer.reset()
+        self.timer.reset()
         t0 = time.perf_counter()
+        rollout, scores, rewards, batch = self.collect()
+        updates, lr = self.update(batch)
+        with self.timer("weight_sync"):
+            self.sync_weights()
+        self.step += 1
+        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
+
+    def collect(self):
+        """Rollouts, rewards, advantages and the packed TrainBatch (with ref/old log-probs) for this step."""
+        cfg, ps, timer = self.cfg, self.ps, self.timer
         G, T = cfg.rollout.group_size, cfg.rollout.temperature
         prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
         with timer("rollout"):
@@ -132,7 +141,6 @@ class GRPOTrainer:
             rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator)
-
         with timer("logprobs"):
             batch = TrainBatch.from_sequences(
                 rollout.prompt_ids, rollout.completion_ids, advantages=adv.float().tolist(),
@@ -144,22 +152,24 @@ class GRPOTrainer:
                 batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T))
                 if cfg.model.offload_reference:
                     models.offload_to_cpu(self.reference)
-            off_policy = cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1
-            if off_policy:
+            if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1:  # off-policy updates need old log-probs
                 batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T))
+        return rollout, scores, rewards, batch
 
+    def update(self, batch: TrainBatch):
+        """epochs x mini-batches optimizer steps of the policy loss on `batch`; returns (their metrics, lr)."""
+        cfg = self.cfg
         lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
         set_learning_rate(self.optimizer, lr)
+        minis = batch.split(cfg.algo.mini_batches) if cfg.algo.mini_batches > 1 else [batch]
         updates = []
-        with timer("train"):
+        with self.timer("train"):
             for _ in range(cfg.algo.epochs_per_batch):
-                for mini in batch.split(cfg.algo.mini_batches) if cfg.algo.mini_batches > 1 else [batch]:
-                    updates.append(train_step(self.policy, self.optimizer, mini, cfg.loss, temperature=T,
+                for mini in minis:
+                    updates.append(train_step(self.policy, self.optimizer, mini, cfg.loss,
+                                              temperature=cfg.rollout.temperature,
                                               num_microbatches=cfg.algo.num_microbatches))
-        with timer("weight_sync"):
-            self.sync_weights()
-        self.step += 1
-        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
+        return updates, lr
 
     def sync_weights(self) -> None:
         """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
@@ -265,5 +275,6 @@ class GRPOTrainer:
         if self.rewards is not None:
             self.rewards.close()
         if self.logger is not None:
-            self.logger.plot()
+            if self.logger.read():
+                self.logger.plot()
             self.logger.close()

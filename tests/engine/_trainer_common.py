@@ -1,0 +1,55 @@
+"""A tiny random Qwen2 with the tiny world's tokenizer, and small trainer configs, for trainer tests."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from engine.config import GRPOConfig
+from kernels import PolicyLossConfig
+
+DATA = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "data"
+
+
+def write_tiny_model(out: Path, seed: int = 0) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from recipes.tiny.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(out)
+    torch.manual_seed(seed)
+    vocab = (len(tok) + 63) // 64 * 64
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    Qwen2ForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def tiny_config(out: Path, **train) -> GRPOConfig:
+    base = GRPOConfig()
+    return dataclasses.replace(
+        base,
+        rollout=dataclasses.replace(base.rollout, prompts_per_step=4, group_size=4, max_new_tokens=12),
+        reward=dataclasses.replace(base.reward, num_workers=0),
+        # a random model earns no reward: the entropy bonus keeps gradients (and the KL) non-zero
+        loss=PolicyLossConfig(beta=0.01, eps_high=0.28, entropy_coef=0.01),
+        optim=dataclasses.replace(base.optim, lr=3e-3),
+        algo=dataclasses.replace(base.algo, epochs_per_batch=2),
+        train=dataclasses.replace(base.train, out=str(out), progress=False, eval_size=4, **train),
+    )
+
+
+def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, resume: bool = False):
+    """Train `steps` steps (resuming from `out` if asked); returns the per-step metrics without timings."""
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(Path(out), steps=steps, resume=resume)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tensor_parallel))
+    trainer = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))
+    history = trainer.fit()
+    trainer.save()
+    trainer.close()
+    return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in history]
