@@ -198,8 +198,9 @@ def combine_stats(stats: torch.Tensor, tp_group=None):
 def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, tp_group=None, vocab_start=None):
     """Targets must be int token ids of the token shape, on the same device, inside the (global) vocabulary.
 
-    Returns (targets1d int64, vocab_start). The range check reads two numbers back to the host; it is
-    what turns an out-of-range id into a ValueError instead of a silent wrong loss."""
+    Returns (targets1d int64, vocab_start). On CPU the range check raises a ValueError; on CUDA it is a
+    device-side assert with the same message (no host sync per call). Either way an out-of-range id
+    never becomes a silent wrong loss."""
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"targets must be a tensor, got {type(targets).__name__}")
     if tuple(targets.shape) != tuple(token_shape):
@@ -213,9 +214,15 @@ def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, t
         vocab_start = dist.get_rank(tp_group) * v_local if tp > 1 else 0
     v_total = v_local * tp if tp > 1 else vocab_start + v_local
     if targets.numel():
-        lo, hi = int(targets.min()), int(targets.max())
-        if lo < 0 or hi >= v_total:
-            raise ValueError(f"targets out of range: found ids in [{lo}, {hi}] but the vocabulary has {v_total} entries")
+        if targets.is_cuda:
+            # no host sync on the hot path: a device-side assert carrying the same message
+            torch._assert_async(((targets >= 0) & (targets < v_total)).all(),
+                                f"targets out of range: the vocabulary has {v_total} entries")
+        else:
+            lo, hi = int(targets.min()), int(targets.max())
+            if lo < 0 or hi >= v_total:
+                raise ValueError(f"targets out of range: found ids in [{lo}, {hi}] but the vocabulary has "
+                                 f"{v_total} entries")
     return targets.reshape(-1).long().contiguous(), int(vocab_start)
 
 
