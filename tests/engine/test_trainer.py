@@ -78,3 +78,32 @@ def test_tensor_parallel_2_matches_1(model_dir, tmp_path):
             for k in ("reward/mean", "response_length/mean", "train/loss", "train/grad_norm", "train/kl",
                       "train/entropy", "train/ratio"):
                 assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
+
+
+def test_bad_model_dirs_name_the_problem(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    prompts = load_prompts(DATA / "eval.jsonl")
+    no_config = tmp_path / "no_config"
+    shutil.copytree(model_dir, no_config)
+    (no_config / "config.json").unlink()
+    with pytest.raises(ValueError, match="config.json"):
+        GRPOTrainer(cfg, no_config, prompts)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, no_tokenizer)
+    for f in no_tokenizer.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match="tokenizer"):
+        GRPOTrainer(cfg, no_tokenizer, prompts)
+    small_vocab = tmp_path / "small_vocab"
+    shutil.copytree(model_dir, small_vocab)
+    config = json.loads((small_vocab / "config.json").read_text())
+    config["vocab_size"] = 64
+    (small_vocab / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="vocab"):
+        GRPOTrainer(cfg, small_vocab, prompts)
