@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Everything the GPU machine should do, in one device-tool call (repo root there; files under $OUT come back):
+#
+#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
+#
+# 1. installs the wheels carried in benchmarks/wheels/ (no network there), then this repo (no deps);
+# 2. runs benchmarks/gpu_suite.py (roofline, correctness, benchmarks, targets) -> $OUT/<device>-<date>.json/.md;
+# 3. runs the kernel tests (slow ones too, multiproc ones not) with CUDA as the default device, so the Triton
+#    kernels run on the GPU.
+# Time: install ~15 s + suite <= ~400 s (budget 330 s, hard limit 400 s) + tests <= 150 s: inside the 600 s call.
+set -u
+OUT="${OUT:-/tmp/r1_gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+
+{
+  echo "== machine"
+  nvidia-smi -L 2>&1 || true
+  $PY -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "cuda", torch.cuda.is_available())'
+
+  echo "== carried wheels"
+  if compgen -G "benchmarks/wheels/*.whl" >/dev/null; then
+    ls benchmarks/wheels/
+    # no network there: --no-index; --no-deps since the image already has torch/triton/numpy
+    $PY -m pip install -q --no-index --no-deps --no-cache-dir benchmarks/wheels/*.whl \
+      || { echo "pip install into the image failed; trying --target /tmp/site";
+           $PY -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site benchmarks/wheels/*.whl \
+             && export PYTHONPATH="$PYTHONPATH:/tmp/site"; }
+  else
+    echo "none (benchmarks/wheels/*.whl): Liger-Kernel is compared only if the image has it"
+  fi
+
+  echo "== this repo"
+  # --no-build-isolation: the build backend (setuptools) must come from the image, not the network
+  $PY -m pip install -q --no-deps --no-build-isolation -e . \
+    || echo "editable install failed; continuing with PYTHONPATH=$PWD"
+  $PY -c 'import importlib.metadata as m
+for name in ("liger-kernel", "megatron-core"):
+    try: print(name, m.version(name))
+    except m.PackageNotFoundError: print(name, "not installed")'
+} 2>&1 | tee "$OUT/setup.log"
+
+echo "== gpu_suite"
+timeout 400 $PY benchmarks/gpu_suite.py --out "$OUT" --budget-s 330 2>&1 | tee "$OUT/suite.log"
+echo "gpu_suite exit code: ${PIPESTATUS[0]}"
+
+echo "== kernel tests on CUDA"
+# slow tests included; the multiproc (gloo, CPU) vocab-parallel tests are left to CI: with CUDA as the default
+# device their inputs would be CUDA tensors handed to gloo workers
+timeout 150 $PY -m pytest tests/kernels -q -m "(not slow or slow) and not multiproc" -p no:cacheprovider \
+  -p benchmarks.cuda_default_device --timeout=120 -rfE 2>&1 | tee "$OUT/pytest-kernels.log" | tail -40
+echo "pytest exit code: ${PIPESTATUS[0]}"
+
+echo "== targets"
+for md in "$OUT"/*.md; do
+  [ -f "$md" ] && sed -n '/^## Targets/,/^## Timings/p' "$md"
+done
+ls -la "$OUT"
