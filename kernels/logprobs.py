@@ -260,7 +260,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits2d, targets, lse, entropy = ctx.saved_tensors
         g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
         h = grad_entropy.float().contiguous() if grad_entropy is not None else None
-        grad = logits2d if ctx.inplace else torch.empty_like(logits2d)
+        grad = logits2d.detach() if ctx.inplace else torch.empty_like(logits2d)
         grad_fn = _grad_triton if _use_triton(logits2d) else _grad_torch
         grad_fn(logits2d, grad, targets, lse, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
         return grad, None, None, None, None, None
