@@ -323,7 +323,7 @@ def test_two_process_layouts_match_one_process(world1, world2, problem, layout):
     _assert_matches_hf(world2[layout], problem, aggregation)
 
 
-@pytest.mark.slow  # four processes on the 2-core test machine: ~25 s alone, ~55 s under load
+# four processes on the 2-core test machine: ~25 s alone, ~55 s under load; worth it in CI
 @pytest.mark.multiproc
 def test_tp2_pp2_matches_one_process(world1, world4, problem):
     _assert_same_run(world4[WORLD4[0]], world1[REFERENCE])
