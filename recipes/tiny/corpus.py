@@ -28,16 +28,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-# The R1-Zero template of GRPO_SPEC.md. engine/data.py will own it; this copy must stay identical
-# (the tiny tokenizer folds its fixed prefix into one token, so one changed character would hand the
-# base model a prompt it never saw).
-R1_ZERO_TEMPLATE = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think> </think> and "
-    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
-    "<answer> answer here </answer>. User: {prompt}. Assistant:"
-)
+# The engine owns the template; the tiny tokenizer folds its fixed prefix into one token, so a change to
+# its wording means pretraining the base again (tests/recipes/test_tiny.py checks the prompt tokens).
+from engine.data import R1_ZERO_TEMPLATE
 
 EOS_TOKEN = "<|endoftext|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")

@@ -106,11 +106,19 @@ def test_auto_tokenizer_beside_a_qwen2_config_tokenizes_like_tokenizer_json(toke
     assert tokenizer(texts, add_special_tokens=False)["input_ids"] == expected
 
 
-def test_template_matches_the_engine():
-    from engine.data import R1_ZERO_TEMPLATE
+def test_engine_template_starts_with_the_tokenizers_prefix_token():
+    """The tokenizer folds the template's fixed prefix into one token: a drifted engine template would hand
+    the committed base model prompts it never saw."""
+    from transformers import AutoTokenizer
 
-    # The tokenizer folds this exact prefix into one token; a drifted copy would break the base model.
-    assert corpus.R1_ZERO_TEMPLATE == R1_ZERO_TEMPLATE
+    from engine.data import apply_template
+    from recipes.tiny.pretrain import BASE_DIR
+    from recipes.tiny.tokenizer import TEMPLATE_PREFIX
+
+    tok = AutoTokenizer.from_pretrained(BASE_DIR)
+    ids = tok(apply_template("What is 47 + 38?", "r1-zero"), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tok.convert_tokens_to_ids(TEMPLATE_PREFIX)
+    assert tok.decode(ids[1:]) == " What is 47 + 38?. Assistant:"
 
 
 # --------------------------------------------------------------------------- corpus
