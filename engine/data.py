@@ -62,6 +62,21 @@ class PromptExample:
     source: str
 
 
+def _reference_problem(answer: str) -> str | None:
+    """Why a reference answer cannot be checked against, or None. An empty or brace-broken reference would
+    score every completion 0, silently: that is a data bug to report, not a reward."""
+    if not answer.strip():
+        return "it is empty"
+    depth = 0
+    for ch in answer:
+        depth += (ch == "{") - (ch == "}")
+        if depth < 0:
+            break
+    if depth != 0:
+        return "its braces are unbalanced"
+    return None
+
+
 def _row_to_example(
     record: Any, *, path: Path, row: int, row_word: str, index: int, prompt_key: str, answer_key: str,
     require_answer: bool,
@@ -88,6 +103,10 @@ def _row_to_example(
         raise ValueError(f"{where}: field {answer_key!r} must be a string or a number, got {type(answer).__name__}")
     else:
         answer = str(answer)  # integer answers are common in math sets (GSM8K-style); keep their text form
+        problem = _reference_problem(answer)
+        if problem:
+            raise ValueError(f"{where}: field {answer_key!r} cannot be used as a reference answer: {problem} "
+                             f"(got {answer[:80]!r})")
     return PromptExample(prompt=prompt, answer=answer, index=index, source=f"{path}:{row}")
 
 

@@ -31,7 +31,7 @@ TINY_DEFAULT = dataclasses.replace(
     GRPOConfig(),
     rollout=dataclasses.replace(GRPOConfig().rollout, prompts_per_step=16, group_size=8, max_new_tokens=40),
     loss=PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.001),
-    optim=dataclasses.replace(GRPOConfig().optim, lr=1e-3, warmup_steps=3),
+    optim=dataclasses.replace(GRPOConfig().optim, lr=1e-4, warmup_steps=3),
     train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2,
                               eval_temperature=0.6, eval_top_p=0.95, resume=False),
 )

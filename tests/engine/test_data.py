@@ -99,6 +99,9 @@ BAD_ROWS = [
     (json.dumps({"prompt": "q", "answer": True}), "field 'answer' must be a string or a number"),
     ('{"prompt": "q", "answer": ', "invalid JSON"),
     (json.dumps(["q", "a"]), "expected a JSON object"),
+    (json.dumps({"prompt": "q", "answer": "  "}), "field 'answer' cannot be used as a reference answer: it is empty"),
+    (json.dumps({"prompt": "q", "answer": "\\frac{1}{2"}), "its braces are unbalanced"),
+    (json.dumps({"prompt": "q", "answer": "x}{"}), "its braces are unbalanced"),
     (b'{"prompt": "caf\xe9", "answer": "1"}', "not valid UTF-8"),
 ]
 
