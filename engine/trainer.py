@@ -37,6 +37,10 @@ from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
 from parallel.step import TrainBatch, logprobs, train_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# the curves a person looks at first (curves.png); everything else is in metrics.jsonl and TensorBoard
+CURVES = ("accuracy", "format_rate", "eval/pass@1", "eval/format_rate", "reward/mean", "response_length/mean",
+          "train/kl", "train/entropy", "train/grad_norm", "train/clip_low", "train/clip_high", "train/mismatch_abs",
+          "time/step", "throughput/tokens_per_s")
 
 
 def _build_rollout_engine(cfg: GRPOConfig, model_dir: Path, tokenizer, device):
@@ -275,6 +279,7 @@ class GRPOTrainer:
         if self.rewards is not None:
             self.rewards.close()
         if self.logger is not None:
-            if self.logger.read():
-                self.logger.plot()
+            logged = {k for record in self.logger.read() for k in record}
+            if logged:
+                self.logger.plot(keys=[k for k in CURVES if k in logged] or None)
             self.logger.close()

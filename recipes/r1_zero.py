@@ -12,6 +12,7 @@ format rate before and after, and writes metrics.jsonl, TensorBoard logs and cur
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ TINY_DEFAULT = dataclasses.replace(
     rollout=dataclasses.replace(GRPOConfig().rollout, prompts_per_step=16, group_size=8, max_new_tokens=40),
     loss=PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.001),
     optim=dataclasses.replace(GRPOConfig().optim, lr=1e-4, warmup_steps=3),
-    train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2,
+    train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2, eval_every=20,
                               eval_temperature=0.6, eval_top_p=0.95, resume=False),
 )
 # `--model DIR --data FILE --out DIR`: the short forms of --model.path, --data.path, --train.out
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None):
     args = [ALIASES.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
     embedded = "--model.path" not in args
     cfg = load_config(GRPOConfig, args, default=TINY_DEFAULT if embedded else GRPOConfig())
+    if embedded and "--model.tensor-parallel" not in args:
+        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
+        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
     ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
 
     if cfg.model.path is None:
