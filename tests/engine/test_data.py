@@ -274,3 +274,17 @@ def test_load_tokenizer(tmp_path):
         load_tokenizer(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_tokenizer(tmp_path / "nowhere")
+
+
+def test_real_parquet_round_trip_and_row_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["What is 1 + 2?", "What is 3 + 4?"], "answer": ["3", "7"]}), good)
+    examples = load_prompts(good)
+    assert [(e.prompt, e.answer) for e in examples] == [("What is 1 + 2?", "3"), ("What is 3 + 4?", "7")]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": ["ok", ""], "answer": ["1", "2"]}), bad)
+    with pytest.raises(ValueError, match=r"bad\.parquet.*2.*'prompt' is empty"):
+        load_prompts(bad)
