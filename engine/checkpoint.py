@@ -7,8 +7,11 @@ Every rank writes into `step_000012.tmp/`; after a barrier rank 0 renames it to 
 then replaces `latest` (a one-line file) with os.replace. A crash mid-save leaves a `.tmp` dir that
 is never read, so the previous checkpoint stays the latest one.
 
-Unverified: Megatron's DistributedOptimizer (GPU only) keeps its state sharded across DP ranks;
-`optimizer.state_dict()` is saved per rank, which is exact for the CPU/torch path tested here.
+Megatron's DistributedOptimizer (the GPU default) keeps the Adam moments and fp32 master weights sharded
+over DP ranks, outside `state_dict()`: they go to `optimizer_params.pt` through its
+`save_parameter_state` / `load_parameter_state` (collective). After loading, `reload_model_params()`
+copies the restored model weights into any fp32 master copy. The CPU path (FP32Optimizer) is tested
+here; the DistributedOptimizer path is UNVERIFIED (no GPU yet).
 """
 from __future__ import annotations
 
@@ -39,6 +42,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _is_distributed_optimizer(optimizer: Any) -> bool:
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(type(p).__name__ == "DistributedOptimizer" for p in parts)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -64,6 +72,8 @@ def save_checkpoint(out: str | Path, step: int, *, model: torch.nn.Module, optim
     _barrier()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state()},
                tmp / f"rank{rank:05d}.pt")
+    if _is_distributed_optimizer(optimizer):
+        optimizer.save_parameter_state(str(tmp / "optimizer_params.pt"))
     if rank == 0:
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
     _barrier()
@@ -97,6 +107,9 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: Any)
                          f"than this run's {world}")
     blob = torch.load(rank_file, map_location="cpu", weights_only=False)
     model.load_state_dict(blob["model"])
+    optimizer.reload_model_params()  # fp32 master weights follow the restored model
     optimizer.load_state_dict(blob["optimizer"])
+    if _is_distributed_optimizer(optimizer):
+        optimizer.load_parameter_state(str(path / "optimizer_params.pt"))
     _set_rng_state(blob["rng"])
     return json.loads((path / "trainer.json").read_text())

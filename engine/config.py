@@ -80,7 +80,8 @@ class OptimConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage_scale: Literal["group", "none", "batch"] = "group"
+    advantage_scale: Literal["group", "none", "batch"] | None = None
+    """None: "group" (std of the group) for GRPO, "none" for RLOO."""
     estimator: Literal["grpo", "rloo"] = "grpo"
     epochs_per_batch: int = 1
     """PPO epochs over each rollout batch; > 1 (or mini_batches > 1) makes the updates off-policy."""

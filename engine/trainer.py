@@ -67,6 +67,11 @@ class GRPOTrainer:
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
         dtype = _DTYPES[cfg.model.dtype]
 
+        self._check_layout(cfg)
+        if cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.max_len is None:
+            # Dr. GRPO's L_max is the generation budget: a constant, so the loss is split-invariant
+            self.cfg = cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=cfg.rollout.max_new_tokens))
+
         policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8)
         convert.load_hf_checkpoint(policy, self.model_dir)
         self.policy = wrap_for_training(policy)
@@ -99,6 +104,22 @@ class GRPOTrainer:
         if cfg.train.resume and (ckpt := latest_checkpoint(self.out)) is not None:
             self._resume(ckpt)
 
+    def _check_layout(self, cfg: GRPOConfig) -> None:
+        """Settings that would otherwise fail on one rank while the others wait in a collective."""
+        dp, r, a = self.ps.dp_size, cfg.rollout, cfg.algo
+        if r.prompts_per_step % dp:
+            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
+                             f"data-parallel size {dp}")
+        if a.epochs_per_batch < 1 or a.mini_batches < 1 or a.num_microbatches < 1:
+            raise ValueError("algo.epochs_per_batch, algo.mini_batches and algo.num_microbatches must be >= 1")
+        if r.prompts_per_step // dp * r.group_size < a.mini_batches:
+            raise ValueError(f"algo.mini_batches={a.mini_batches} exceeds the {r.prompts_per_step // dp * r.group_size} "
+                             f"completions each data-parallel rank gets per step")
+        if a.max_tokens_per_row is not None and cfg.data.max_prompt_tokens + r.max_new_tokens > a.max_tokens_per_row:
+            raise ValueError(f"algo.max_tokens_per_row={a.max_tokens_per_row} is shorter than the longest sequence: "
+                             f"data.max_prompt_tokens + rollout.max_new_tokens = "
+                             f"{cfg.data.max_prompt_tokens + r.max_new_tokens}")
+
     # ------------------------------------------------------------------------------------------ rollouts
     def _mp_broadcast(self, payload):
         """Leader -> the other ranks of its model-parallel group (pickled: a few MB at most)."""
@@ -128,44 +149,55 @@ class GRPOTrainer:
     def train_one_step(self) -> dict[str, float]:
         self.timer.reset()
         t0 = time.perf_counter()
-        rollout, scores, rewards, batch = self.collect()
-        updates, lr = self.update(batch)
+        rollout, scores, rewards, minis = self.collect()
+        updates, lr = self.update(minis)
         with self.timer("weight_sync"):
             self.sync_weights()
         self.step += 1
         return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
 
     def collect(self):
-        """Rollouts, rewards, advantages and the packed TrainBatch (with ref/old log-probs) for this step."""
+        """Rollouts, rewards, advantages and the packed mini-batches (with ref/old log-probs) for this step."""
         cfg, ps, timer = self.cfg, self.ps, self.timer
         G, T = cfg.rollout.group_size, cfg.rollout.temperature
         prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
         with timer("rollout"):
-            seed = cfg.train.seed * 1_000_003 + self.step * ps.dp_size + ps.dp_rank  # exact on resume
+            # exact on resume; strided so vLLM's per-sample seeds (seed + i*n + j) never overlap across steps/ranks
+            seed = cfg.train.seed * 1_000_003 + (self.step * ps.dp_size + ps.dp_rank) * len(prompts) * G
             rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
         rewards = torch.tensor(scores.total, dtype=torch.float64)
-        adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator)
+        adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
         with timer("logprobs"):
-            batch = TrainBatch.from_sequences(
-                rollout.prompt_ids, rollout.completion_ids, advantages=adv.float().tolist(),
-                rollout_logp=[lp.tolist() for lp in rollout.rollout_logp], pack=True,
-                max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
-            if self.reference is not None:
-                if cfg.model.offload_reference:
-                    models.onload(self.reference, self.device)
-                batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T))
-                if cfg.model.offload_reference:
-                    models.offload_to_cpu(self.reference)
-            if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1:  # off-policy updates need old log-probs
-                batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T))
-        return rollout, scores, rewards, batch
+            # mini-batches are cut from the sequences before packing (round-robin, so each mixes lengths and
+            # groups); every DP rank then runs the same number of optimizer steps
+            minis = []
+            for k in range(cfg.algo.mini_batches):
+                idx = list(range(k, rollout.num_completions, cfg.algo.mini_batches))
+                batch = TrainBatch.from_sequences(
+                    [rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
+                    advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx], pack=True,
+                    max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
+                minis.append(self._with_logprobs(batch))
+        return rollout, scores, rewards, minis
 
-    def update(self, batch: TrainBatch):
-        """epochs x mini-batches optimizer steps of the policy loss on `batch`; returns (their metrics, lr)."""
+    def _with_logprobs(self, batch: TrainBatch) -> TrainBatch:
+        """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
+        cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
+        if self.reference is not None:
+            if cfg.model.offload_reference:
+                models.onload(self.reference, self.device)
+            batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
+            if cfg.model.offload_reference:
+                models.offload_to_cpu(self.reference)
+        if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1:
+            batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
+        return batch
+
+    def update(self, minis: list[TrainBatch]):
+        """epochs x mini-batches optimizer steps of the policy loss; returns (their metrics, lr)."""
         cfg = self.cfg
         lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
         set_learning_rate(self.optimizer, lr)
-        minis = batch.split(cfg.algo.mini_batches) if cfg.algo.mini_batches > 1 else [batch]
         updates = []
         with self.timer("train"):
             for _ in range(cfg.algo.epochs_per_batch):
@@ -179,7 +211,7 @@ class GRPOTrainer:
         """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
         stream = convert.export_hf_state(self.policy.module)
         if self.is_leader:
-            self.rollout_engine.update_weights((name, t.detach().clone()) for name, t in stream)
+            self.rollout_engine.update_weights((name, t.detach()) for name, t in stream)
         else:
             for _ in stream:
                 pass
@@ -221,6 +253,9 @@ class GRPOTrainer:
             return {}
         items = [self.eval_set[i] for i in range(len(self.eval_set))][: limit or self.cfg.train.eval_size]
         k = self.cfg.train.eval_samples
+        if len(items) < self.ps.dp_size:
+            raise ValueError(f"held-out set has {len(items)} questions, fewer than the {self.ps.dp_size} "
+                             f"data-parallel ranks")
         mine = items[self.ps.dp_rank::self.ps.dp_size]
         _, scores = self.generate_and_score(mine, k, self.sampling_params(seed=self.cfg.train.seed + 7,
                                                                           eval_mode=True))

@@ -253,6 +253,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logp, entropy, lse = combine_stats(stats, tp_group)
         ctx.save_for_backward(logits2d, targets, lse, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.inplace = inv_temp, vocab_start, inplace_backward
+        # an unused output (the entropy, mostly) must arrive as None, not zeros: then its term is skipped
+        ctx.set_materialize_grads(False)
         return logp, entropy
 
     @staticmethod

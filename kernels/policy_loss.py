@@ -24,7 +24,8 @@ _MAX_LOG_RATIO = 20.0
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Hyper-parameters of the policy loss. Defaults are DeepSeek-R1's GRPO."""
+    """Hyper-parameters of the policy loss. Defaults are DeepSeek-R1's GRPO. The papers' settings for the
+    others: GSPO eps_low=3e-4, eps_high=4e-4 (seq-mean-token-mean); CISPO aggregation="token-mean"."""
 
     name: str = "grpo"  # grpo | gspo | gspo-token | cispo
     eps_low: float = 0.2
@@ -52,6 +53,14 @@ class PolicyLossConfig:
             raise ValueError("PolicyLossConfig.eps_low/eps_high must be >= 0")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"PolicyLossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"PolicyLossConfig.tis_cap must be > 0, got {self.tis_cap}")
+        if self.max_len is not None and self.max_len < 1:
+            raise ValueError(f"PolicyLossConfig.max_len must be >= 1, got {self.max_len}")
+        for name in ("token_mask_range", "seq_mask_range"):
+            rng = getattr(self, name)
+            if rng is not None and not (len(rng) == 2 and 0 <= rng[0] <= rng[1]):
+                raise ValueError(f"PolicyLossConfig.{name} must be (lo, hi) with 0 <= lo <= hi, got {rng}")
 
     @property
     def token_separable(self) -> bool:

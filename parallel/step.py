@@ -708,6 +708,9 @@ def train_step(
             rollout_logp=mb.rollout_logp, seq_ids=mb.seq_ids,
             num_sequences=max(total_sequences, 1), num_tokens=max(total_tokens, 1),
             tp_group=tp_group, vocab_start=vocab_start,
+            # the logits are the output layer's fresh output, needed by nothing after the loss: the
+            # gradient pass overwrites them instead of allocating a second [b, S, V/tp] buffer
+            inplace_backward=True,
         )
         report = {k: (v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=output.device))
                   for k, v in metrics.items()}

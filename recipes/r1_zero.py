@@ -42,12 +42,14 @@ ALIASES = {"--model": "--model.path", "--data": "--data.path", "--out": "--train
 
 def main(argv: list[str] | None = None):
     args = [ALIASES.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
-    embedded = "--model.path" not in args
-    cfg = load_config(GRPOConfig, args, default=TINY_DEFAULT if embedded else GRPOConfig())
-    if embedded and "--model.tensor-parallel" not in args:
-        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
-        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    cfg = load_config(GRPOConfig, args)
+    embedded = cfg.model.path is None and "--config" not in args
+    if embedded:  # no model anywhere (command line or YAML): the tiny world's settings are the defaults
+        cfg = load_config(GRPOConfig, args, default=TINY_DEFAULT)
+        if not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
+            # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
+            tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
     ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
 
     if cfg.model.path is None:

@@ -28,13 +28,13 @@ def trainer(model_dir, tmp_path_factory):
 def test_one_update_moves_the_surrogate_the_right_way(trainer):
     from parallel.step import logprobs
 
-    _, _, rewards, batch = trainer.collect()
+    _, _, rewards, (batch,) = trainer.collect()
     assert rewards.std() >= 0
     # make the advantages informative even if the random model earns no reward: +1 / -1 per sequence
     sign = torch.where(batch.seq_ids % 2 == 0, 1.0, -1.0) * batch.loss_mask
     batch = batch.__class__(**{**batch.__dict__, "advantages": sign})
     before = logprobs(trainer.policy, batch, temperature=trainer.cfg.rollout.temperature)
-    trainer.update(batch)
+    trainer.update([batch])
     after = logprobs(trainer.policy, batch, temperature=trainer.cfg.rollout.temperature)
     m = batch.loss_mask
     # the surrogate sum A * ratio over tokens must rise from its on-policy value sum A
@@ -107,3 +107,41 @@ def test_bad_model_dirs_name_the_problem(model_dir, tmp_path):
     (small_vocab / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="vocab"):
         GRPOTrainer(cfg, small_vocab, prompts)
+
+
+def test_mini_batches_and_epochs_go_off_policy(model_dir, tmp_path):
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mini_batches=3, epochs_per_batch=2))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    try:
+        _, _, _, minis = t.collect()
+        assert len(minis) == 3  # 16 completions cut round-robin before packing: 6 + 5 + 5
+        assert sorted(int(m.num_sequences) for m in minis) == [5, 5, 6]
+        assert all(m.old_logp is not None and m.ref_logp is not None for m in minis)
+        updates, _ = t.update(minis)
+        assert len(updates) == 6
+        # the first update of each epoch-1 mini-batch is on-policy; later ones see moved weights
+        assert updates[0]["ratio"] == pytest.approx(1.0, abs=1e-6)
+        assert any(abs(u["ratio"] - 1.0) > 1e-6 for u in updates[3:])
+    finally:
+        t.close()
+
+
+def test_layout_errors_are_raised_before_any_collective(model_dir, tmp_path):
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    too_many = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mini_batches=17))
+    with pytest.raises(ValueError, match="mini_batches=17"):
+        GRPOTrainer(too_many, model_dir, load_prompts(DATA / "eval.jsonl"))
+    short_rows = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, max_tokens_per_row=64))
+    with pytest.raises(ValueError, match="max_tokens_per_row=64"):
+        GRPOTrainer(short_rows, model_dir, load_prompts(DATA / "eval.jsonl"))

@@ -198,6 +198,8 @@ def test_rollout_token_and_sequence_masking():
         (dict(dual_clip_c=0.5), "dual_clip_c"),
         (dict(tis_cap=2.0), "rollout_logp"),
         (dict(beta=0.1, ref=None), "ref_logp"),
+        (dict(tis_cap=0.0), "tis_cap"),
+        (dict(max_len=0), "max_len"),
     ],
 )
 def test_bad_config_raises(kwargs, match):
