@@ -166,7 +166,15 @@ class GRPOTrainer:
             seed = cfg.train.seed * 1_000_003 + (self.step * ps.dp_size + ps.dp_rank) * len(prompts) * G
             rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
         rewards = torch.tensor(scores.total, dtype=torch.float64)
-        adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
+        if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
+            # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
+            parts = [torch.empty_like(rewards) for _ in range(ps.dp_size)]
+            dist.all_gather(parts, rewards, group=ps.dp_group)
+            n = rewards.numel()
+            adv = group_advantages(torch.cat(parts), G, scale="batch", estimator=cfg.algo.estimator)
+            adv = adv[ps.dp_rank * n:(ps.dp_rank + 1) * n].float()
+        else:
+            adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
         with timer("logprobs"):
             # mini-batches are cut from the sequences before packing (round-robin, so each mixes lengths and
             # groups); every DP rank then runs the same number of optimizer steps
@@ -300,6 +308,12 @@ class GRPOTrainer:
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)
+        saved = state.get("config", {})
+        for section, key in (("rollout", "prompts_per_step"), ("rollout", "group_size"), ("train", "seed")):
+            then, now = saved.get(section, {}).get(key), getattr(getattr(self.cfg, section), key)
+            if then is not None and then != now:
+                raise ValueError(f"{path}: checkpoint was written with {section}.{key}={then}, this run has {now}; "
+                                 f"resuming would not continue the same run (use a new --train.out)")
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.sync_weights()
