@@ -89,6 +89,8 @@ class AlgoConfig:
     """Optimizer steps per epoch."""
     num_microbatches: int = 1
     """Gradient-accumulation micro-batches per optimizer step."""
+    fused_lm_head: bool = True
+    """Run the lm_head matmul fused with the loss (chunked over tokens): the logits never exist in training."""
     max_tokens_per_row: int | None = None
     """Sequence-packing row length (None: the longest sequence)."""
 

@@ -212,7 +212,8 @@ class GRPOTrainer:
                 for mini in minis:
                     updates.append(train_step(self.policy, self.optimizer, mini, cfg.loss,
                                               temperature=cfg.rollout.temperature,
-                                              num_microbatches=cfg.algo.num_microbatches))
+                                              num_microbatches=cfg.algo.num_microbatches,
+                                              fused_lm_head=cfg.algo.fused_lm_head))
         return updates, lr
 
     def sync_weights(self) -> None:

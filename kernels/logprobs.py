@@ -212,7 +212,13 @@ def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, t
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     if vocab_start is None:
         vocab_start = dist.get_rank(tp_group) * v_local if tp > 1 else 0
-    v_total = v_local * tp if tp > 1 else vocab_start + v_local
+        v_total = v_local * tp
+    elif tp > 1:  # shards of unequal size (e.g. padding rows left out): the group knows the end
+        end = torch.tensor([vocab_start + v_local], dtype=torch.int64, device=targets.device)
+        dist.all_reduce(end, op=dist.ReduceOp.MAX, group=tp_group)
+        v_total = int(end)
+    else:
+        v_total = vocab_start + v_local
     if targets.numel():
         if targets.is_cuda:
             # no host sync on the hot path: a device-side assert carrying the same message

@@ -35,6 +35,7 @@ passes the same batch; different DP replicas pass their own shard (`TrainBatch.s
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -663,8 +664,13 @@ def train_step(
     temperature: float = 1.0,
     num_microbatches: int = 1,
     grad_clip: float | None = None,
+    fused_lm_head: bool = False,
 ) -> dict[str, float]:
     """One optimizer step of the policy loss on this DP rank's `batch`.
+
+    fused_lm_head: the last stage's output layer is bypassed and `kernels.linear_policy_loss` runs the
+    lm_head matmul fused with the loss, chunked over tokens, so the [b, S, V/tp] logits never exist
+    (padded vocabulary rows of the weight are left out instead of masked).
 
     `model` is the Megatron-DDP-wrapped stage (parallel.optim.wrap_for_training) and `optimizer`
     the one from parallel.optim.build_optimizer. The gradient is the full-batch gradient of the
@@ -699,7 +705,20 @@ def train_step(
     # our losses are already divided by global counts, so undo both.
     undo_megatron_scaling = float(num_mb * dp_size)
 
+    bypass = _LMHeadBypass(model) if fused_lm_head else contextlib.nullcontext()
+
     def loss_func(mb: TrainBatch, output: torch.Tensor):
+        if fused_lm_head:  # output: hidden states [b, S, h]
+            weight, tp_group, vocab_start = bypass.vocab_weight()
+            loss, metrics = kernels.linear_policy_loss(
+                output, weight, mb.targets,
+                old_logp=mb.old_logp, ref_logp=mb.ref_logp, advantages=mb.advantages,
+                mask=mb.loss_mask, config=loss_config, temperature=temperature,
+                rollout_logp=mb.rollout_logp, seq_ids=mb.seq_ids,
+                num_sequences=max(total_sequences, 1), num_tokens=max(total_tokens, 1),
+                tp_group=tp_group, vocab_start=vocab_start,
+            )
+            return _loss_report(mb, loss, metrics, output.device, undo_megatron_scaling)
         tp_group, vocab_start = _tp_group_and_vocab_start(output.shape[-1])
         loss, metrics = kernels.policy_loss(
             output, mb.targets,
@@ -712,11 +731,7 @@ def train_step(
             # gradient pass overwrites them instead of allocating a second [b, S, V/tp] buffer
             inplace_backward=True,
         )
-        report = {k: (v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=output.device))
-                  for k, v in metrics.items()}
-        report["loss"] = loss.detach().float()
-        report["num_tokens"] = mb.loss_mask.sum().float()
-        return loss * undo_megatron_scaling, report
+        return _loss_report(mb, loss, metrics, output.device, undo_megatron_scaling)
 
     def forward_step(data_iterator: Iterator[TrainBatch], model_chunk: torch.nn.Module):
         mb = next(data_iterator)
@@ -725,7 +740,7 @@ def train_step(
     model.zero_grad_buffer()
     optimizer.zero_grad()
     seq_length, mbs = _schedule_shape(micro[0], use_thd)
-    with nvtx_range("forward_backward"):
+    with nvtx_range("forward_backward"), bypass:
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
             num_microbatches=num_mb, seq_length=seq_length, micro_batch_size=mbs,
@@ -740,6 +755,59 @@ def train_step(
     result["update_successful"] = float(bool(update_successful))
     result["num_sequences"] = float(total_sequences)
     return result
+
+
+def _loss_report(mb: TrainBatch, loss, metrics, device, scale: float):
+    report = {k: (v.detach().float() if torch.is_tensor(v) else torch.tensor(float(v), device=device))
+              for k, v in metrics.items()}
+    report["loss"] = loss.detach().float()
+    report["num_tokens"] = mb.loss_mask.sum().float()
+    return loss * scale, report
+
+
+class _LMHeadBypass:
+    """While active, the last stage's output layer returns its input (the final hidden states) and
+    records the weight it would have multiplied them by (its own, or the tied embedding), so the loss
+    can run lm_head + loss fused. Its forward hooks (the vocab-padding mask) are set aside meanwhile."""
+
+    def __init__(self, model: torch.nn.Module):
+        core = _unwrap(model)
+        self.layer = core.output_layer if getattr(core, "post_process", False) else None
+        self.info = getattr(core, "model_info", None)
+        self.weight = None
+
+    def __enter__(self):
+        if self.layer is not None:
+            self._hooks = dict(self.layer._forward_hooks)
+            self.layer._forward_hooks.clear()
+
+            def forward(input_, weight=None, runtime_gather_output=None, **_):
+                self.weight = self.layer.weight if weight is None else weight
+                return input_, None
+
+            self.layer.forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        if self.layer is not None:
+            del self.layer.forward  # the class's forward again
+            self.layer._forward_hooks.update(self._hooks)
+        return False
+
+    def vocab_weight(self):
+        """(this rank's weight rows of real vocabulary entries, tp group, their first global id)."""
+        from megatron.core import parallel_state as mpu
+
+        tp = mpu.get_tensor_model_parallel_world_size()
+        rank = mpu.get_tensor_model_parallel_rank()
+        local = self.weight.shape[0]
+        start = rank * local
+        valid = min(local, self.info.vocab_size - start) if self.info is not None else local
+        if valid < 1:
+            raise ValueError(f"fused_lm_head: tensor-parallel rank {rank} holds only vocabulary padding "
+                             f"(vocab {self.info.vocab_size}, {local} rows a rank); use fewer TP ranks")
+        group = mpu.get_tensor_model_parallel_group() if tp > 1 else None
+        return self.weight[:valid], group, start
 
 
 def _reduce_step_metrics(outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:

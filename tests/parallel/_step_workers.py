@@ -35,7 +35,7 @@ def _hf_state(model, names) -> dict[str, torch.Tensor]:
 
 
 def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_microbatches: int,
-                aggregation: str) -> dict:
+                aggregation: str, fused_lm_head: bool = False) -> dict:
     import kernels
     from parallel import build_gpt_model, init_parallel
     from parallel.convert import load_hf_checkpoint
@@ -70,7 +70,7 @@ def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_micro
                                 grad_clip=spec["grad_clip"])
     config = kernels.PolicyLossConfig(**spec["loss"], aggregation=aggregation)
     out["metrics"] = train_step(ddp, optimizer, local, config, temperature=temperature,
-                                num_microbatches=num_microbatches)
+                                num_microbatches=num_microbatches, fused_lm_head=fused_lm_head)
     after = _hf_state(model, names)
     out["delta"] = {k: after[k] - before[k] for k in before}
     out["logp_after"] = _per_sequence(local, logprobs(ddp, local, temperature=temperature, num_microbatches=2),

@@ -138,7 +138,9 @@ MAX_TOKENS_PER_ROW = 16  # packs the 7 sequences into 4 rows, several starting m
 
 # (tp, pp, pack, num_microbatches, aggregation); run one spawn per world size
 REFERENCE = (1, 1, True, 1, SEQ_MEAN)
-WORLD1 = [REFERENCE, (1, 1, True, 3, SEQ_MEAN), (1, 1, False, 2, SEQ_MEAN), (1, 1, True, 2, TOKEN_MEAN)]
+# the lm_head fused with the loss (kernels.linear_policy_loss); at TP=2 the last shard has fewer real rows
+FUSED1, FUSED2 = (1, 1, True, 2, SEQ_MEAN, True), (2, 1, True, 2, SEQ_MEAN, True)
+WORLD1 = [REFERENCE, (1, 1, True, 3, SEQ_MEAN), (1, 1, False, 2, SEQ_MEAN), (1, 1, True, 2, TOKEN_MEAN), FUSED1]
 WORLD2 = [(2, 1, True, 2, SEQ_MEAN), (1, 2, True, 2, SEQ_MEAN), (1, 1, True, 2, SEQ_MEAN), (1, 1, True, 2, TOKEN_MEAN)]
 WORLD4 = [(2, 2, True, 2, SEQ_MEAN)]
 
@@ -234,7 +236,7 @@ def world1(tiny_qwen2_dir, problem):
 
 @pytest.fixture(scope="module")
 def world2(tiny_qwen2_dir, problem):
-    return _spawn(tiny_qwen2_dir, problem, 2, WORLD2)
+    return _spawn(tiny_qwen2_dir, problem, 2, WORLD2 + [FUSED2])
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +330,11 @@ def test_two_process_layouts_match_one_process(world1, world2, problem, layout):
 def test_tp2_pp2_matches_one_process(world1, world4, problem):
     _assert_same_run(world4[WORLD4[0]], world1[REFERENCE])
     _assert_matches_hf(world4[WORLD4[0]], problem, SEQ_MEAN)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("which", ["tp1", "tp2"])
+def test_fused_lm_head_matches_unfused(world1, world2, problem, which):
+    got = world1[FUSED1] if which == "tp1" else world2[FUSED2]
+    _assert_same_run(got, world1[REFERENCE])
+    _assert_matches_hf(got, problem, SEQ_MEAN)
