@@ -29,6 +29,8 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_lo
     `num_sequences` / `num_tokens` are global denominators (over data-parallel ranks and micro-batches):
     with them the loss is this shard's contribution, and summing over shards gives the full-batch loss.
     Returns (loss, metrics): metrics are token means over this call's masked tokens plus "num_tokens".
+    seq_ids: which sequence each token belongs to; a sequence's tokens must be contiguous (a row of a
+    [B, S] layout, or one packed segment of a row). None: each row of a 2-D layout is a sequence.
     """
     shape = logits.shape[:-1]
     inputs = prepare_inputs(shape, logits.device, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,

@@ -64,7 +64,8 @@ class PolicyLossConfig:
 
     @property
     def token_separable(self) -> bool:
-        return self.name in ("grpo", "cispo")
+        # sequence masking averages a sequence's rollout ratios: it needs all of the sequence at once
+        return self.name in ("grpo", "cispo") and self.seq_mask_range is None
 
     @property
     def needs_entropy_grad(self) -> bool:
@@ -79,13 +80,14 @@ class LossInputs:
     ref_logp: torch.Tensor | None
     advantages: torch.Tensor
     mask: torch.Tensor
-    seq_index: torch.Tensor  # compact sequence index in [0, num_local_sequences), 0 on masked tokens
+    seq_index: torch.Tensor  # segment index in [0, num_segments): one per run of equal sequence ids
     rollout_logp: torch.Tensor | None = None
+    num_segments: int = 1  # an upper bound (the token count): buffers sized by it need no host sync
 
     def chunk(self, sl: slice) -> "LossInputs":
         pick = lambda t: None if t is None else t[sl]  # noqa: E731
         return LossInputs(pick(self.old_logp), pick(self.ref_logp), self.advantages[sl], self.mask[sl],
-                          self.seq_index[sl], pick(self.rollout_logp))
+                          self.seq_index[sl], pick(self.rollout_logp), self.num_segments)
 
 
 def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages, mask, seq_ids=None,
@@ -117,14 +119,16 @@ def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages,
         if seq_ids.shape != shape:
             raise ValueError(f"seq_ids has shape {tuple(seq_ids.shape)}, expected {tuple(shape)}")
         seq_ids = seq_ids.reshape(-1).to(device=device, dtype=torch.long)
-    # compact ids over masked tokens only; padding (-1) never reaches a denominator
-    on = mask_f != 0
-    seq_index = torch.zeros_like(seq_ids)
-    if on.any():
-        _, inverse = torch.unique(seq_ids[on], return_inverse=True)
-        seq_index[on] = inverse
+    # a sequence's tokens are contiguous (a row of [B, S], or a packed segment): number the runs of equal
+    # ids with a cumsum, on device, instead of torch.unique (a host sync on every loss call)
+    n = seq_ids.numel()
+    starts = torch.ones(n, dtype=torch.long, device=device)
+    if n > 1:
+        starts[1:] = (seq_ids[1:] != seq_ids[:-1]).long()
+    seq_index = torch.cumsum(starts, 0) - 1
     return LossInputs(vec("old_logp", old_logp, False), vec("ref_logp", ref_logp, False),
-                      vec("advantages", advantages), mask_f, seq_index, vec("rollout_logp", rollout_logp, False))
+                      vec("advantages", advantages), mask_f, seq_index, vec("rollout_logp", rollout_logp, False),
+                      num_segments=max(n, 1))
 
 
 def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None, num_tokens=None) -> torch.Tensor:
@@ -133,7 +137,7 @@ def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences
     if cfg.aggregation == "token-mean":
         n_tok = num_tokens if num_tokens is not None else m.sum().clamp(min=1.0)
         return m / n_tok
-    seq_len = torch.zeros(int(inp.seq_index.max()) + 1 if m.numel() else 1, device=m.device).index_add_(0, inp.seq_index, m)
+    seq_len = torch.zeros(inp.num_segments, device=m.device).index_add_(0, inp.seq_index, m)
     n_seq = num_sequences if num_sequences is not None else (seq_len > 0).sum().clamp(min=1)
     if cfg.aggregation == "seq-mean-token-mean":
         return m / seq_len[inp.seq_index].clamp(min=1.0) / n_seq
@@ -152,7 +156,7 @@ def _kl(logp, ref_logp, kind):
 
 def _sequence_mean(values, inp: LossInputs):
     """Per-token value of mean over its sequence's masked tokens."""
-    n = int(inp.seq_index.max()) + 1 if inp.mask.numel() else 1
+    n = inp.num_segments
     tot = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, inp.seq_index, values * inp.mask)
     cnt = torch.zeros(n, device=values.device).index_add_(0, inp.seq_index, inp.mask).clamp(min=1.0)
     return (tot / cnt)[inp.seq_index]

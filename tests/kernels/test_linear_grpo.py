@@ -95,3 +95,20 @@ def test_bad_shapes_raise():
         linear_grpo_loss(hidden.double(), weight, targets, old, ref, adv, mask)
     with pytest.raises(ValueError, match="out of range"):
         linear_grpo_loss(hidden, weight, targets + V, old, ref, adv, mask)
+
+
+def test_sequence_masking_spans_chunks():
+    """Sequence masking averages over a whole sequence: a chunk boundary inside a sequence must not matter."""
+    from kernels import policy_loss
+
+    hidden, weight, targets, old, _, rollout, adv, mask, seq_ids = make()
+    rollout[7:14] = old[7:14] - 1.2  # sequence 1 drifts: its geometric-mean ratio leaves [0.5, 2]
+    cfg = PolicyLossConfig(seq_mask_range=(0.5, 2.0))
+    assert not cfg.token_separable
+    kw = dict(old_logp=old, ref_logp=None, advantages=adv, mask=mask, config=cfg, rollout_logp=rollout,
+              seq_ids=seq_ids)
+    fused, gh, gw = grads_of(lambda h, w: linear_policy_loss(h, w, targets, chunk_size=5, **kw), hidden, weight)
+    plain, gh_ref, gw_ref = grads_of(lambda h, w: policy_loss(h @ w.T, targets, **kw), hidden, weight)
+    assert_close(fused, plain, TOL[torch.float32], "loss")
+    assert_close(gh, gh_ref, TOL[torch.float32], "dhidden")
+    assert_close(gw, gw_ref, TOL[torch.float32], "dweight")
