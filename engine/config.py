@@ -65,6 +65,8 @@ class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
     """Component -> weight; components: accuracy, format, language."""
     language: str = "en"
+    overlong_buffer: int | None = None
+    """DAPO soft overlong punishment: the last L_c tokens of rollout.max_new_tokens ramp the reward to -1."""
     num_workers: int = 2
     timeout_s: float = 10.0
 

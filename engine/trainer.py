@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from engine.advantages import group_advantages
+from engine.advantages import group_advantages, overlong_penalty
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import GRPOConfig, to_dict
 from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
@@ -140,10 +140,17 @@ class GRPOTrainer:
         """(RolloutBatch, RewardOutput) for `items` (TokenizedPrompt), identical on the model-parallel group."""
         payload = None
         if self.is_leader:
-            rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
-            refs = [it.example.answer for it in items for _ in range(n)]
-            payload = (rollout, self.rewards.score(rollout.completion_text, refs))
-        return self._mp_broadcast(payload)
+            try:
+                rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
+                refs = [it.example.answer for it in items for _ in range(n)]
+                payload = (rollout, self.rewards.score(rollout.completion_text, refs))
+            except Exception as err:  # tell the other ranks, or they would wait in the broadcast forever
+                payload = err
+        payload = self._mp_broadcast(payload)
+        if isinstance(payload, Exception):
+            raise RuntimeError(f"rollout/reward failed on the model-parallel group's first rank: {payload!r}") \
+                from (payload if self.is_leader else None)
+        return payload
 
     # ------------------------------------------------------------------------------------------ one step
     def train_one_step(self) -> dict[str, float]:
@@ -166,6 +173,8 @@ class GRPOTrainer:
             seed = cfg.train.seed * 1_000_003 + (self.step * ps.dp_size + ps.dp_rank) * len(prompts) * G
             rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
         rewards = torch.tensor(scores.total, dtype=torch.float64)
+        if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule rewards
+            rewards += overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer).double()
         if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
             # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
             parts = [torch.empty_like(rewards) for _ in range(ps.dp_size)]

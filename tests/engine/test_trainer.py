@@ -145,3 +145,30 @@ def test_layout_errors_are_raised_before_any_collective(model_dir, tmp_path):
     short_rows = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, max_tokens_per_row=64))
     with pytest.raises(ValueError, match="max_tokens_per_row=64"):
         GRPOTrainer(short_rows, model_dir, load_prompts(DATA / "eval.jsonl"))
+
+
+def test_overlong_shaping_and_leader_errors_reach_every_rank(model_dir, tmp_path):
+    import dataclasses
+
+    from engine.advantages import overlong_penalty
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, overlong_buffer=4))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    try:
+        rollout, scores, rewards, _ = t.collect()
+        # the random model runs to the 12-token budget: every completion is inside the 4-token ramp or at -1
+        shaped = torch.tensor(scores.total, dtype=torch.float64) + overlong_penalty(rollout.lengths, 12, 4).double()
+        torch.testing.assert_close(rewards, shaped)
+        assert (rewards < torch.tensor(scores.total, dtype=torch.float64)).any()
+
+        def broken(*args, **kwargs):
+            raise OSError("disk full")
+
+        t.rollout_engine.generate = broken
+        with pytest.raises(RuntimeError, match="disk full"):
+            t.collect()
+    finally:
+        t.close()
