@@ -323,7 +323,7 @@ class Suite:
     # ------------------------------------------------------------------------------------ one bench
 
     def bench(self, op, impl, backward, case, ref, rows):
-        h, torch = self.h, self.torch
+        h = self.h
         mode = "fwd+bwd" if backward else "fwd"
         rec = {"op": op, "mode": mode, "impl": impl, "status": None}
         dtype = case.hidden.dtype if op == "linear_grpo_loss" else case.logits.dtype

@@ -17,10 +17,9 @@ pool; it broadcasts the rollout to the other ranks of its group.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -166,7 +165,7 @@ class GRPOTrainer:
     def collect(self):
         """Rollouts, rewards, advantages and the packed mini-batches (with ref/old log-probs) for this step."""
         cfg, ps, timer = self.cfg, self.ps, self.timer
-        G, T = cfg.rollout.group_size, cfg.rollout.temperature
+        G = cfg.rollout.group_size
         prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
         with timer("rollout"):
             # exact on resume; strided so vLLM's per-sample seeds (seed + i*n + j) never overlap across steps/ranks

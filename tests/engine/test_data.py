@@ -6,7 +6,6 @@ import sys
 import types
 
 import pytest
-import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

@@ -4,7 +4,6 @@ import math
 import pytest
 import torch
 
-from kernels.reference import token_logprobs_ref
 from tests.engine._trainer_common import DATA, run_trainer, tiny_config, write_tiny_model
 from tests.parallel.dist_utils import run_distributed
 
@@ -45,7 +44,6 @@ def test_one_update_moves_the_surrogate_the_right_way(trainer):
 
 
 def test_weight_sync_hf_logits_equal_megatron(trainer):
-    from parallel.step import logprobs
 
     trainer.sync_weights()
     ids = torch.tensor([trainer.train_set[0].prompt_ids + [5, 9, 11]])

@@ -1,5 +1,4 @@
 """Worker for test_vocab_parallel: each rank holds a vocab shard and must reproduce the unsharded result."""
-import torch
 import torch.distributed as dist
 
 from kernels import PolicyLossConfig, linear_policy_loss, policy_loss, token_logprobs
