@@ -187,6 +187,9 @@ class GRPOTrainer:
             # mini-batches are cut from the sequences before packing (round-robin, so each mixes lengths and
             # groups); every DP rank then runs the same number of optimizer steps
             minis = []
+            offload = self.reference is not None and cfg.model.offload_reference
+            if offload:  # once per step, not once per mini-batch
+                models.onload(self.reference, self.device)
             for k in range(cfg.algo.mini_batches):
                 idx = list(range(k, rollout.num_completions, cfg.algo.mini_batches))
                 batch = TrainBatch.from_sequences(
@@ -194,17 +197,15 @@ class GRPOTrainer:
                     advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx], pack=True,
                     max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
                 minis.append(self._with_logprobs(batch))
+            if offload:
+                models.offload_to_cpu(self.reference)
         return rollout, scores, rewards, minis
 
     def _with_logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
         cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         if self.reference is not None:
-            if cfg.model.offload_reference:
-                models.onload(self.reference, self.device)
             batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
-            if cfg.model.offload_reference:
-                models.offload_to_cpu(self.reference)
         if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1:
             batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
         return batch
