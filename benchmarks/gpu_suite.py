@@ -15,6 +15,8 @@ rewritten after every section, so a run cut short still leaves its numbers):
                 achieved bandwidth on counted bytes (harness.counted_bytes), % of the copy roofline,
                 pass-equivalents, peak extra memory, and agreement with the eager reference
   linear_grpo_loss   forward + backward at H=3,584: ours, eager, Liger, the bare lm_head matmul fwd + bwd
+  tune          (BLOCK_V, num_warps) sweep of the statistics and gradient passes alone, then grpo_loss fwd+bwd
+                again with the best pair of each (`ours-tuned`); prints the pairs as an R1_KERNEL_LAUNCH value
   compiled      torch.compile of the eager path (last: its compile time is the least predictable)
 The targets from the issue are evaluated at the end: grpo_loss fwd+bwd >= 85% of the copy roofline with 3
 passes counted, >= 1.2x Liger, >= 10x eager; linear_grpo_loss <= 1/8 of eager's peak extra memory and
@@ -47,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU (Triton interpreter), wall clock")
     p.add_argument("--budget-s", type=float, default=400.0,
                    help="stop starting new sub-benchmarks after this many seconds (default 400)")
-    p.add_argument("--sections", default="roofline,correctness,token_logprobs,grpo_loss,linear_grpo_loss,compiled",
+    p.add_argument("--sections",
+                   default="roofline,correctness,token_logprobs,grpo_loss,linear_grpo_loss,tune,compiled",
                    help="comma-separated subset of the sections to run")
     p.add_argument("--sizes", default=None, help="override B,L,V,H of the performance sections")
     p.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel even if importable")
@@ -78,6 +81,7 @@ class Suite:
             self.sizes = harness.Sizes(2, 8, 1000, 64) if self.dry else harness.GPU_SIZES
         self.settings = harness.LossSettings()
         self.records: list[dict] = []  # performance sub-benchmarks
+        self.tuning: dict | None = None  # the launch-configuration sweep (section `tune`)
         self.checks: list[dict] = []  # correctness checks
         self.errors: list[dict] = []  # whole-section failures
         self.meta = self._environment()
@@ -309,6 +313,72 @@ class Suite:
         for impl in impls:
             self.bench("linear_grpo_loss", impl, True, case, ref, None)
 
+    def tune(self):
+        """Sweep (BLOCK_V, num_warps) of the statistics and the gradient pass at the benchmark size, each pass
+        timed alone on the same bf16 logits, then rerun grpo_loss fwd+bwd with the best pair of each pass
+        (impl `ours-tuned`). The defaults in kernels/logprobs.py stay as committed: the best pairs are printed
+        as an R1_KERNEL_LAUNCH value and go into DEFAULT_LAUNCH in a later commit."""
+        torch, h = self.torch, self.h
+        from kernels import logprobs as lp
+
+        if not lp.HAS_TRITON:
+            raise RuntimeError("triton is not importable")
+        n, v = self.sizes.n_tokens, self.sizes.vocab
+        g = torch.Generator(device=self.device).manual_seed(30)
+        logits = torch.randn(n, v, generator=g, device=self.device, dtype=self.dtype).mul_(3.0)
+        targets = torch.randint(0, v, (n,), generator=g, device=self.device)
+        grad = torch.empty_like(logits)
+        logp, entropy, lse = lp.combine_stats(lp._stats_triton(logits, targets, 0, 1.0))
+        g_vec = torch.randn(n, generator=g, device=self.device)  # every row has a gradient: full work
+        passes = {"stats": (lambda: lp._stats_triton(logits, targets, 0, 1.0), 1),
+                  "grad": (lambda: lp._grad_triton(logits, grad, targets, lse, entropy, g_vec, None, 0, 1.0), 2)}
+        blocks, warps = ((256, 1024), (4,)) if self.dry else ((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32))
+        logits_bytes = n * v * (torch.finfo(self.dtype).bits // 8)
+        roof = self.meta.get("copy_roofline_gbps")
+        self.tuning = {"defaults": {k: list(x) for k, x in lp.DEFAULT_LAUNCH.items()}, "sweep": [], "best": {}}
+        for name, (call, n_passes) in passes.items():
+            for block in blocks:
+                for w in warps:
+                    per_thread = block // (32 * w)
+                    if not 1 <= per_thread <= 64:  # idle lanes, or register spills
+                        continue
+                    if self.left() <= 0:
+                        raise RuntimeError("time budget spent during the sweep")
+                    previous = lp.set_launch(name, block, w)
+                    try:
+                        t = h.measure(h.Runner(fn=call), self.device, warmup=1, min_reps=5, max_reps=20,
+                                      target_s=0.15)
+                    finally:
+                        lp.set_launch(name, *previous)
+                    gbps = n_passes * logits_bytes / (t.median_ms / 1e3) / 1e9
+                    row = {"pass": name, "block_v": block, "num_warps": w, "median_ms": t.median_ms,
+                           "gbps": gbps, "pct_roofline": 100 * gbps / roof if roof else None}
+                    self.tuning["sweep"].append(row)
+                    self.log(f"   {name:5s} BLOCK_V={block:6d} num_warps={w:2d} {t.median_ms:8.3f} ms "
+                             f"{gbps:8,.0f} GB/s")
+            rows = [r for r in self.tuning["sweep"] if r["pass"] == name]
+            best = min(rows, key=lambda r: r["median_ms"])
+            default = next((r for r in rows if [r["block_v"], r["num_warps"]] == self.tuning["defaults"][name]),
+                           None)
+            self.tuning["best"][name] = best | {
+                "speedup_vs_default": default["median_ms"] / best["median_ms"] if default else None}
+        env = ",".join(f"{k}={b['block_v']}x{b['num_warps']}" for k, b in self.tuning["best"].items())
+        self.tuning["env"] = env
+        self.log(f"   best: R1_KERNEL_LAUNCH={env}")
+        del logits, grad, targets, logp, entropy, lse, g_vec
+        h.free_memory(self.device)
+
+        saved = {k: lp.set_launch(k, b["block_v"], b["num_warps"]) for k, b in self.tuning["best"].items()}
+        try:
+            case = h.make_loss_case(self.sizes, self.dtype, self.device, seed=10)
+            rows = self._rows()
+            ref = h.reference_outputs("grpo_loss", case, True, self.settings, float64=self.dry, rows=rows)
+            for impl in ("ours", "ours-inplace"):
+                self.bench("grpo_loss", impl, True, case, ref, rows, label=impl.replace("ours", "ours-tuned"))
+        finally:
+            for k, pair in saved.items():
+                lp.set_launch(k, *pair)
+
     def compiled(self):
         if self.args.no_compile or (self.dry and not self.args.compile_on_cpu):
             self.errors.append({"section": "compiled", "error": "skipped: " + (
@@ -322,10 +392,10 @@ class Suite:
 
     # ------------------------------------------------------------------------------------ one bench
 
-    def bench(self, op, impl, backward, case, ref, rows):
+    def bench(self, op, impl, backward, case, ref, rows, label=None):
         h = self.h
         mode = "fwd+bwd" if backward else "fwd"
-        rec = {"op": op, "mode": mode, "impl": impl, "status": None}
+        rec = {"op": op, "mode": mode, "impl": label or impl, "status": None}
         dtype = case.hidden.dtype if op == "linear_grpo_loss" else case.logits.dtype
         if impl == "liger" and self.args.no_liger:
             rec.update(status="unavailable", reason="--no-liger")
@@ -367,10 +437,11 @@ class Suite:
                      else f"{rec.get('tflops', 0):.0f} TFLOP/s")
             agree = {True: "agrees", False: "DISAGREES", None: ""}[rec.get("agrees")]
             peak = rec["peak_extra_bytes"]
-            self.log(f"   {op:16s} {mode:7s} {impl:12s} {rec['median_ms']:9.3f} ms  {extra}  "
+            self.log(f"   {op:16s} {mode:7s} {rec['impl']:17s} {rec['median_ms']:9.3f} ms  {extra}  "
                      f"peak {'-' if peak is None else f'{peak / GiB:.2f} GiB'}  {agree}")
         else:
-            self.log(f"   {op:16s} {mode:7s} {impl:12s} {rec['status']}: {rec.get('reason') or rec.get('error')}")
+            self.log(f"   {op:16s} {mode:7s} {rec['impl']:17s} {rec['status']}: "
+                     f"{rec.get('reason') or rec.get('error')}")
 
     def _derive(self, rec, op, backward, dtype):
         seconds = rec["median_ms"] / 1e3
@@ -399,7 +470,7 @@ class Suite:
         out = []
         for op in ("token_logprobs", "grpo_loss"):
             for mode in ("fwd", "fwd+bwd"):
-                for ours in ("ours", "ours-inplace"):
+                for ours in ("ours", "ours-inplace", "ours-tuned", "ours-tuned-inplace"):
                     base = self._ok(op, mode, ours)
                     for other in ("eager", "compiled", "liger"):
                         r = self._ok(op, mode, other)
@@ -456,6 +527,7 @@ class Suite:
 
     def results(self) -> dict:
         return {"meta": self.meta | {"elapsed_s": round(self.elapsed(), 1)}, "targets": self.targets(),
+                "tuning": self.tuning,
                 "records": self.records, "speedups": self.speedups(), "checks": self.checks, "errors": self.errors}
 
     def write(self):
@@ -527,6 +599,19 @@ class Suite:
             lines += [f"| {x['op']} | {x['mode']} | {x['ours']} | {x['versus']} | {x['speedup']:.2f}x |"
                       for x in res["speedups"]]
 
+        tuning = res.get("tuning")
+        if tuning and tuning.get("best"):
+            lines += ["", "## Launch configuration sweep (section `tune`)", "",
+                      f"Committed defaults (kernels/logprobs.py DEFAULT_LAUNCH): {tuning['defaults']}. Best here: "
+                      f"`R1_KERNEL_LAUNCH={tuning['env']}`; grpo_loss rerun with it as `ours-tuned` above.", "",
+                      "| pass | BLOCK_V | num_warps | median ms | GB/s | % roofline |", "|---|---:|---:|---:|---:|---:|"]
+            for r in sorted(tuning["sweep"], key=lambda r: (r["pass"], r["median_ms"])):
+                best = tuning["best"][r["pass"]]
+                star = " (best)" if (r["block_v"], r["num_warps"]) == (best["block_v"], best["num_warps"]) else ""
+                lines.append(f"| {r['pass']}{star} | {r['block_v']} | {r['num_warps']} | {r['median_ms']:.3f} | "
+                             f"{r['gbps']:,.0f} | {_fmt(r['pct_roofline'], '.1f')} |")
+            lines += ["", "Stats pass: one read of the logits; grad pass: one read + one write (bytes counted so)."]
+
         lines += ["", "## Correctness on this device (float64 references)", "",
                   "| check | dtype | quantity | rel. error | tolerance | pass |", "|---|---|---|---:|---:|---|"]
         for c in res["checks"]:
@@ -565,6 +650,7 @@ class Suite:
         self.section("token_logprobs", lambda: self.logits_op("token_logprobs"))
         self.section("grpo_loss", lambda: self.logits_op("grpo_loss"))
         self.section("linear_grpo_loss", self.linear_op)
+        self.section("tune", self.tune)
         self.section("compiled", self.compiled)
         self.write()
         res = self.results()

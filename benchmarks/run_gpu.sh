@@ -4,7 +4,8 @@
 #   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
 #
 # 1. installs the wheels carried in benchmarks/wheels/ (no network there), then this repo (no deps);
-# 2. runs benchmarks/gpu_suite.py (roofline, correctness, benchmarks, targets) -> $OUT/<device>-<date>.json/.md;
+# 2. runs benchmarks/gpu_suite.py (roofline, correctness, benchmarks, launch-config sweep, targets)
+#    -> $OUT/<device>-<date>.json/.md;
 # 3. runs the kernel tests (slow ones too, multiproc ones not) with CUDA as the default device, so the Triton
 #    kernels run on the GPU.
 # Time: install ~15 s + suite <= ~400 s (budget 330 s, hard limit 400 s) + tests <= 150 s: inside the 600 s call.

@@ -113,17 +113,54 @@ def _use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _block_v(n_cols: int) -> int:
-    # 8K fp32 lanes per iteration on GPU keeps enough bytes in flight; the interpreter prefers big blocks too
-    return min(8192, triton.next_power_of_2(max(n_cols, 16)))
+# (BLOCK_V, num_warps) of each pass. 8K lanes x 8 warps = 32 fp32 values a thread keeps ~16 KB of bf16 logits
+# in flight per program, which should saturate HBM on Hopper; NOT yet tuned on hardware.
+# benchmarks/gpu_suite.py's `tune` section sweeps both passes on the device and prints the best pairs;
+# R1_KERNEL_LAUNCH="stats=8192x8,grad=4096x16" overrides them without a code change.
+DEFAULT_LAUNCH = {"stats": (8192, 8), "grad": (8192, 8)}
+
+
+def _parse_launch(spec: str) -> dict:
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        try:
+            name, value = item.split("=")
+            block, warps = (int(x) for x in value.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"R1_KERNEL_LAUNCH: cannot parse {item!r}; expected e.g. 'stats=8192x8,grad=4096x16'") \
+                from None
+        if name not in DEFAULT_LAUNCH:
+            raise ValueError(f"R1_KERNEL_LAUNCH: unknown pass {name!r}; the passes are {sorted(DEFAULT_LAUNCH)}")
+        if block < 16 or block & (block - 1) or warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"R1_KERNEL_LAUNCH: {item!r} needs a power-of-two BLOCK_V >= 16 and num_warps in "
+                             "1, 2, 4, 8, 16, 32")
+        out[name] = (block, warps)
+    return out
+
+
+LAUNCH = DEFAULT_LAUNCH | _parse_launch(os.environ.get("R1_KERNEL_LAUNCH", ""))
+
+
+def set_launch(pass_name: str, block_v: int, num_warps: int) -> tuple[int, int]:
+    """Set one pass's (BLOCK_V, num_warps) for later launches; returns the previous pair (for the tuner)."""
+    new = _parse_launch(f"{pass_name}={block_v}x{num_warps}")[pass_name]
+    previous, LAUNCH[pass_name] = LAUNCH[pass_name], new
+    return previous
+
+
+def _launch(pass_name: str, n_cols: int) -> tuple[int, int]:
+    block, warps = LAUNCH[pass_name]
+    # a small vocabulary (tests, shards of toy models) needs no block wider than itself
+    return min(block, triton.next_power_of_2(max(n_cols, 16))), warps
 
 
 def _stats_triton(logits2d, targets, vocab_start, inv_temp):
     n, v = logits2d.shape
     stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
     if n:
+        block, warps = _launch("stats", v)
         _stats_kernel[(n,)](logits2d, targets, stats, logits2d.stride(0), n, v, vocab_start, inv_temp,
-                            BLOCK_V=_block_v(v), num_warps=8)
+                            BLOCK_V=block, num_warps=warps)
     return stats
 
 
@@ -149,9 +186,10 @@ def _stats_torch(logits2d, targets, vocab_start, inv_temp):
 def _grad_triton(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):
     n, v = logits2d.shape
     if n:
+        block, warps = _launch("grad", v)
         _grad_kernel[(n,)](logits2d, grad2d, targets, lse, entropy, g, h if h is not None else g,
                            logits2d.stride(0), grad2d.stride(0), v, vocab_start, inv_temp,
-                           HAS_H=h is not None, BLOCK_V=_block_v(v), num_warps=8)
+                           HAS_H=h is not None, BLOCK_V=block, num_warps=warps)
 
 
 def _grad_torch(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):

@@ -65,3 +65,21 @@ def test_failing_sub_benchmark_is_recorded_and_suite_goes_on(tmp_path, monkeypat
 def test_dry_run_refuses_bad_sizes(tmp_path):
     with pytest.raises(ValueError, match="--sizes"):
         gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sizes", "1,2,3"])
+
+
+def test_tune_sweeps_both_passes_and_reruns_with_the_best(tmp_path):
+    from kernels import logprobs
+
+    before = dict(logprobs.LAUNCH)
+    rc = gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "roofline,tune", "--no-liger"])
+    res, md = _results(tmp_path)
+    assert rc == 0, res["errors"]
+    tuning = res["tuning"]
+    assert {r["pass"] for r in tuning["sweep"]} == {"stats", "grad"} and len(tuning["sweep"]) == 4
+    for name, best in tuning["best"].items():
+        assert best["median_ms"] == min(r["median_ms"] for r in tuning["sweep"] if r["pass"] == name)
+    assert tuning["env"].startswith("stats=") and "R1_KERNEL_LAUNCH=" in md
+    by_key = {(r["op"], r["mode"], r["impl"]): r for r in res["records"]}
+    for impl in ("ours-tuned", "ours-tuned-inplace"):
+        assert by_key[("grpo_loss", "fwd+bwd", impl)]["agrees"] is True
+    assert logprobs.LAUNCH == before  # the sweep leaves the committed configuration in place

@@ -115,3 +115,31 @@ def test_bad_input_raises_clear_error(make, match):
 def test_bad_temperature():
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)
+
+
+@pytest.mark.parametrize("stats,grad", [((16, 1), (32, 2)), ((512, 4), (64, 1))])
+def test_any_launch_configuration_gives_the_same_result(stats, grad):
+    """The tuner (benchmarks/gpu_suite.py `tune`) swaps BLOCK_V/num_warps: every pair must stay exact,
+    including blocks that do not divide V and a -inf block straddling a block edge."""
+    from kernels import logprobs
+
+    logits = random_logits(9, 1003, torch.float32)
+    logits[2, 10:40] = float("-inf")
+    targets = torch.randint(0, 1003, (9,))
+    saved = logprobs.set_launch("stats", *stats), logprobs.set_launch("grad", *grad)
+    try:
+        assert logprobs._launch("stats", 1003) == stats and logprobs._launch("grad", 1003) == grad
+        _check(logits, targets, 0.7, TOL[torch.float32])
+    finally:
+        logprobs.set_launch("stats", *saved[0])
+        logprobs.set_launch("grad", *saved[1])
+
+
+@pytest.mark.parametrize("spec,match", [("stats=8192", "cannot parse"), ("forward=1024x4", "unknown pass"),
+                                        ("grad=1000x4", "power-of-two"), ("grad=1024x3", "num_warps")])
+def test_bad_launch_override_names_the_problem(spec, match):
+    from kernels.logprobs import _parse_launch
+
+    with pytest.raises(ValueError, match=match):
+        _parse_launch(spec)
+    assert _parse_launch(" stats=2048x16 , grad=4096x8") == {"stats": (2048, 16), "grad": (4096, 8)}
