@@ -3,7 +3,8 @@
     logp_t = z_t[y_t]/T - logsumexp(z_t/T)          H_t = logsumexp(z_t/T) - sum_j p_j z_j/T
 
 Statistics pass (forward): one read of each row of logits, an online logsumexp in fp32 that also
-carries sum_j e^{u_j - m} u_j (for the entropy) and picks the target logit. It writes four fp32
+carries sum_j e^{u_j - m} (u_j - m) (for the entropy) and picks the target logit; the running max is a
+scalar, the two sums are kept per lane and reduced once at the end of the row. It writes four fp32
 numbers per token, never an [N, V] fp32 tensor. Under vocab-parallel TP each rank reduces its shard
 to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per token) and combine.
 
@@ -49,8 +50,10 @@ if HAS_TRITON:
         base = logits_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_V)
         m = tl.full((), float("-inf"), tl.float32)
-        s = tl.zeros((), tl.float32)
-        su = tl.zeros((), tl.float32)
+        # the sums stay per lane until the end: one block reduction (the max) an iteration instead of three,
+        # and the rescale is one scalar exp an iteration, so the loop still costs one exp an element
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        su = tl.zeros((BLOCK_V,), tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + cols
             u = tl.load(base + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
@@ -61,9 +64,11 @@ if HAS_TRITON:
             e = tl.exp(u - m_safe)
             # su = sum e^{u-m} (u - m), kept relative to the running max: no cancellation at |z| ~ 1e4
             eu = e * tl.where(e > 0.0, u - m_safe, 0.0)
-            su = (su + tl.where(s > 0.0, m - m_safe, 0.0) * s) * scale + tl.sum(eu, axis=0)
-            s = s * scale + tl.sum(e, axis=0)
+            su = (su + tl.where(s > 0.0, m - m_safe, 0.0) * s) * scale + eu
+            s = s * scale + e
             m = m_new
+        su = tl.sum(su, axis=0)
+        s = tl.sum(s, axis=0)
         target = tl.load(targets_ptr + row) - vocab_start
         owned = (target >= 0) & (target < n_cols)
         zt = tl.load(base + tl.where(owned, target, 0)).to(tl.float32) * inv_temp
