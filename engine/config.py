@@ -9,7 +9,10 @@ overridable without a hand-written parser. Unknown YAML keys are an error naming
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -24,8 +27,11 @@ class ModelConfig:
     path: str | None = None
     """HF model directory (config.json, safetensors, tokenizer). None: the recipe's embedded default."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and activations (bf16 on GPUs; the optimizer keeps fp32 master weights)."""
     tensor_parallel: int = 1
+    """Megatron tensor-parallel size (vocab-parallel loss included); WORLD_SIZE = TP x PP x DP."""
     pipeline_parallel: int = 1
+    """Megatron pipeline-parallel size."""
     fp8: Literal["e4m3", "hybrid"] | None = None
     """FP8 through Transformer Engine (H100 only; unverified without TE)."""
     offload_reference: bool = False
@@ -37,46 +43,63 @@ class DataConfig:
     path: str | None = None
     """Prompts (.jsonl or .parquet) with a prompt and a reference answer per row."""
     eval_path: str | None = None
+    """Held-out prompts (same format) for pass@1 before, during (train.eval_every) and after training."""
     prompt_key: str = "prompt"
+    """Field of each row holding the question."""
     answer_key: str = "answer"
+    """Field of each row holding the reference answer."""
     template: str = "r1-zero"
     """r1-zero | chat | none | a custom string with {prompt}."""
     max_prompt_tokens: int = 512
+    """Longer prompts are skipped (counted and warned about), never truncated."""
 
 
 @dataclass
 class RolloutConfig:
     backend: Literal["hf", "vllm"] = "hf"
+    """hf: built-in batched sampling on the training device (any machine); vllm: production rollouts."""
     prompts_per_step: int = 16
+    """Prompts a step over all data-parallel ranks (a multiple of the DP size)."""
     group_size: int = 8
     """G: completions sampled per prompt."""
     temperature: float = 1.0
+    """Sampling temperature; the trainer's log-probs use the same temperature."""
     top_p: float = 1.0
     top_k: int = -1
+    """-1: no top-k cut."""
     max_new_tokens: int = 256
+    """Generation budget per completion; prompt + budget must fit the model's max_position_embeddings."""
     stop_strings: tuple[str, ...] = ("</answer>",)
+    """Generation stops after any of these strings (the stop string is kept)."""
     gpu_memory_utilization: float = 0.5
+    """vLLM only: the share of GPU memory for its weights and KV cache."""
     num_threads: int | None = 1
     """CPU threads for the HF backend's generation (1 is fastest for tiny models on busy CPUs)."""
 
 
 @dataclass
 class RewardConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5})
-    """Component -> weight; components: accuracy, format, language."""
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "language": 0.0})
+    """Component -> weight; components: accuracy, format, language (all three are always scored and logged)."""
     language: str = "en"
+    """Target language of the language-consistency reward (script-based): en, zh, ..."""
     overlong_buffer: int | None = None
     """DAPO soft overlong punishment: the last L_c tokens of rollout.max_new_tokens ramp the reward to -1."""
     num_workers: int = 2
+    """Reward worker processes (math-verify is CPU-bound)."""
     timeout_s: float = 10.0
+    """Per-completion reward timeout; a timed-out completion scores 0 and is counted."""
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
+    """Adam learning rate (constant after warm-up)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    """Global gradient-norm clip (over every TP/PP/DP shard)."""
     warmup_steps: int = 0
+    """Linear warm-up from lr/warmup_steps to lr."""
     betas: tuple[float, float] = (0.9, 0.999)
 
 
@@ -95,13 +118,24 @@ class AlgoConfig:
     """Run the lm_head matmul fused with the loss (chunked over tokens): the logits never exist in training."""
     max_tokens_per_row: int | None = None
     """Sequence-packing row length (None: the longest sequence)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (zero advantage) and sample more prompts
+    until the step has prompts_per_step groups or max_sampling_rounds is reached."""
+    max_sampling_rounds: int = 3
+    """Dynamic sampling's bound on generation rounds a step; a step still short then fills up with dropped
+    groups (zero advantage) so every rank keeps its batch shape, and logs how many."""
+    mask_truncated: bool = False
+    """DAPO overlong filtering: completions cut by max_new_tokens get no loss (their rewards still count in
+    their group's advantages)."""
 
 
 @dataclass
 class TrainConfig:
     steps: int = 100
+    """Optimizer steps in total (a resumed run counts from its checkpoint)."""
     seed: int = 1234
     out: str = "outputs/r1_zero"
+    """Run directory: checkpoints, metrics.jsonl, tensorboard/, curves.png, hf/."""
     save_every: int = 0
     """Checkpoint every k steps (0: only at the end)."""
     eval_every: int = 0
@@ -111,10 +145,14 @@ class TrainConfig:
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     eval_size: int | None = None
+    """Held-out questions used (None: all)."""
     resume: bool = True
-    """Continue from the latest checkpoint in `out` when there is one."""
+    """Continue from the latest checkpoint in `out` when there is one (with --train.no-resume an `out` that
+    holds a checkpoint is an error: nothing is overwritten)."""
     export_hf: bool = True
+    """Write an HF checkpoint (safetensors + config + tokenizer) to out/hf at the end."""
     progress: bool = True
+    """Show a progress bar."""
 
 
 @dataclass
@@ -132,55 +170,163 @@ class GRPOConfig:
 T = TypeVar("T")
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
-    """Build dataclass `cls` from nested dicts; unknown keys raise a ValueError naming them."""
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_value(value, hint, where: str):
+    """`value` (from YAML) as the type `hint` says, or a ValueError naming the key, the value and the type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = ValueError(f"{where}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arm, where)
+            except ValueError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where}: {value!r} is not one of {list(args)}")
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list ({_type_name(hint)}), got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{where}: expected {len(args)} values ({_type_name(hint)}), got {value!r}")
+        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping ({_type_name(hint)}), got {value!r}")
+        key_t, val_t = args or (Any, Any)
+        return {_check_value(k, key_t, f"{where} key"): _check_value(v, val_t, f"{where}.{k}")
+                for k, v in value.items()}
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", base: T | None = None) -> T:
+    """Build dataclass `cls` from nested dicts (over `base`'s values when given), checking every value's
+    type; unknown keys and wrong types raise a ValueError naming the key."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+        hints = {k: difflib.get_close_matches(k, fields, n=1) for k in unknown}
+        maybe = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
+        raise ValueError(f"{where}: unknown key(s) {unknown}" + (f" ({maybe})" if maybe else "")
+                         + f"; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    hints = _type_hints(cls)
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            kwargs[name] = from_dict(hint, value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = from_dict(hint, value, f"{where}.{name}",
+                                     getattr(base, name) if base is not None else None)
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            kwargs[name] = _check_value(value, hint, f"{where}.{name}")
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as err:  # a dataclass's own validation (e.g. PolicyLossConfig)
+        raise ValueError(f"{where}: {err}") from None
 
 
-def _type_hints(cls):
-    import typing
-
-    return typing.get_type_hints(cls)
-
-
-def load_yaml(cls: type[T], path: str | Path) -> T:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     with path.open() as f:
-        data = yaml.safe_load(f) or {}
-    return from_dict(cls, data, str(path))
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (model:, rollout:, ...), got {type(data).__name__}")
+    return data
 
 
-def load_config(cls: type[T] = GRPOConfig, args: list[str] | None = None, default: T | None = None) -> T:
-    """YAML (from `--config FILE`) as the defaults, the rest of the command line as typed overrides."""
+def load_yaml(cls: type[T], path: str | Path, base: T | None = None) -> T:
+    return from_dict(cls, read_yaml(path), str(path), base)
+
+
+def pop_config_arg(args: list[str]) -> tuple[str | None, list[str]]:
+    """(the YAML path of `--config FILE` or `--config=FILE`, the other arguments)."""
+    rest, path = [], None
+    it = iter(args)
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+            if path is None:
+                raise ValueError("--config needs a YAML file path")
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    return path, rest
+
+
+CONFIG_HELP = ("Every option below can also come from a YAML file: `--config FILE.yaml` (sections as the option "
+               "prefixes, e.g. `loss: {beta: 0.001}`); options given on the command line win over the file.")
+
+
+def load_config(cls: type[T] = GRPOConfig, args: list[str] | None = None, default: T | None = None,
+                description: str | None = None) -> T:
+    """YAML (from `--config FILE`) over `default`, then the rest of the command line as typed overrides."""
     import tyro
 
-    args = list(sys.argv[1:] if args is None else args)
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise ValueError("--config needs a YAML file path")
-        default = load_yaml(cls, args[i + 1])
-        del args[i:i + 2]
-    return tyro.cli(cls, args=args, default=default if default is not None else cls())
+    path, args = pop_config_arg(list(sys.argv[1:] if args is None else args))
+    default = default if default is not None else cls()
+    if path is not None:
+        default = load_yaml(cls, path, base=default)
+    return tyro.cli(cls, args=args, default=default,
+                    description="\n\n".join(x for x in (description, CONFIG_HELP) if x))
 
 
 def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def run_cli(main, *args) -> int:
+    """Run a recipe's main; a ValueError (a config, data or checkpoint mistake, whose message names the file,
+    key or row) prints as one line instead of a traceback and exits with 2. R1_DEBUG=1 keeps the traceback."""
+    import os
+
+    try:
+        main(*args)
+    except ValueError as err:
+        if os.environ.get("R1_DEBUG") == "1":
+            raise
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"{prefix}error: {err}\n(R1_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        return 2
+    return 0

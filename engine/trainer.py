@@ -24,12 +24,12 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from engine.advantages import group_advantages, overlong_penalty
+from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import GRPOConfig, to_dict
 from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
 from engine.metrics import MetricsLogger, PhaseTimer
-from engine.rewards import build_reward_composer
+from engine.rewards import build_reward_composer, check_reward_weights
 from engine.rollout.base import RolloutBatch, SamplingParams
 from parallel import convert, models, state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
@@ -67,6 +67,17 @@ class GRPOTrainer:
         dtype = _DTYPES[cfg.model.dtype]
 
         self._check_layout(cfg)
+        # everything a config or data mistake can break is checked before the models are built
+        check_reward_weights({"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}, cfg.reward.language)
+        self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
+        self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
+                         if len(eval_examples) else None)
+        longest = max(len(it.prompt_ids) for ds in (self.train_set, self.eval_set) if ds for it in ds.items)
+        if longest + cfg.rollout.max_new_tokens > info.max_position_embeddings:
+            raise ValueError(f"the longest prompt ({longest} tokens) + rollout.max_new_tokens "
+                             f"({cfg.rollout.max_new_tokens}) exceeds the model's max_position_embeddings "
+                             f"({info.max_position_embeddings}, {self.model_dir / 'config.json'}): lower "
+                             f"rollout.max_new_tokens or data.max_prompt_tokens")
         if cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.max_len is None:
             # Dr. GRPO's L_max is the generation budget: a constant, so the loss is split-invariant
             self.cfg = cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=cfg.rollout.max_new_tokens))
@@ -90,18 +101,23 @@ class GRPOTrainer:
             weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
             self.rewards = build_reward_composer(weights, language=cfg.reward.language,
                                                  num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
-        self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
-        self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
-                         if len(eval_examples) else None)
         # every rank draws the same global batch; DP replicas take interleaved shares of it
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
         self.step = 0
+        self.draws = 0  # prompt batches drawn so far (one a step, more with dynamic sampling): seeds the rollouts
         self.out = Path(cfg.train.out)
         self.logger = MetricsLogger(self.out) if self.ps.is_main else None
         self.timer = PhaseTimer(sync_cuda=torch.cuda.is_available())
         self.stop_strings = tuple(cfg.rollout.stop_strings)
-        if cfg.train.resume and (ckpt := latest_checkpoint(self.out)) is not None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None and not cfg.train.resume:
+            raise ValueError(f"{self.out} already holds a run (checkpoint {ckpt.name}); with --train.no-resume "
+                             f"nothing is overwritten: choose another --train.out, or drop --train.no-resume to "
+                             f"continue it")
+        if ckpt is not None:
             self._resume(ckpt)
+            if self.ps.is_main:
+                print(f"resumed {self.out} from {ckpt.name} at step {self.step} of {cfg.train.steps}", flush=True)
 
     def _check_layout(self, cfg: GRPOConfig) -> None:
         """Settings that would otherwise fail on one rank while the others wait in a collective."""
@@ -109,8 +125,9 @@ class GRPOTrainer:
         if r.prompts_per_step % dp:
             raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                              f"data-parallel size {dp}")
-        if a.epochs_per_batch < 1 or a.mini_batches < 1 or a.num_microbatches < 1:
-            raise ValueError("algo.epochs_per_batch, algo.mini_batches and algo.num_microbatches must be >= 1")
+        if a.epochs_per_batch < 1 or a.mini_batches < 1 or a.num_microbatches < 1 or a.max_sampling_rounds < 1:
+            raise ValueError("algo.epochs_per_batch, algo.mini_batches, algo.num_microbatches and "
+                             "algo.max_sampling_rounds must be >= 1")
         if r.prompts_per_step // dp * r.group_size < a.mini_batches:
             raise ValueError(f"algo.mini_batches={a.mini_batches} exceeds the {r.prompts_per_step // dp * r.group_size} "
                              f"completions each data-parallel rank gets per step")
@@ -155,25 +172,64 @@ class GRPOTrainer:
     def train_one_step(self) -> dict[str, float]:
         self.timer.reset()
         t0 = time.perf_counter()
-        rollout, scores, rewards, minis = self.collect()
+        rollout, scores, rewards, minis, extra = self.collect()
         updates, lr = self.update(minis)
         with self.timer("weight_sync"):
             self.sync_weights()
         self.step += 1
-        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
+        metrics = self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
+        metrics.update(extra)
+        return metrics
 
-    def collect(self):
-        """Rollouts, rewards, advantages and the packed mini-batches (with ref/old log-probs) for this step."""
-        cfg, ps, timer = self.cfg, self.ps, self.timer
-        G = cfg.rollout.group_size
+    def _draw(self):
+        """One sampling round: this rank's share of the next prompt batch, G completions each, rewards."""
+        cfg, ps, G = self.cfg, self.ps, self.cfg.rollout.group_size
         prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
-        with timer("rollout"):
-            # exact on resume; strided so vLLM's per-sample seeds (seed + i*n + j) never overlap across steps/ranks
-            seed = cfg.train.seed * 1_000_003 + (self.step * ps.dp_size + ps.dp_rank) * len(prompts) * G
-            rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
+        # exact on resume; strided so vLLM's per-sample seeds (seed + i*n + j) never overlap across draws/ranks
+        seed = cfg.train.seed * 1_000_003 + (self.draws * ps.dp_size + ps.dp_rank) * len(prompts) * G
+        self.draws += 1
+        rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule rewards
             rewards += overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer).double()
+        return rollout, scores, rewards
+
+    def _dynamic_sampling(self, rollout: RolloutBatch, rewards: torch.Tensor):
+        """DAPO: keep the groups whose rewards differ and draw more prompts until every DP rank has its
+        share of groups, for at most algo.max_sampling_rounds rounds. A rank still short then fills up
+        with dropped groups (zero advantage: only their KL/entropy terms act), so ranks keep equal shapes."""
+        cfg, ps, G = self.cfg, self.ps, self.cfg.rollout.group_size
+        need, kept, dropped, rounds = rollout.num_groups, [], [], 0
+        while True:
+            rounds += 1
+            keep = filter_uniform_groups(rewards, G)
+            for g in range(rollout.num_groups):
+                (kept if keep[g] else dropped).append((rollout, rewards, g))
+            short = torch.tensor([max(0, need - len(kept))], dtype=torch.long, device=self.device)
+            if ps.dp_size > 1:  # every DP rank draws as long as any rank is short: the sampler stays in step
+                dist.all_reduce(short, op=dist.ReduceOp.MAX, group=ps.dp_group)
+            if int(short) == 0 or rounds >= cfg.algo.max_sampling_rounds:
+                break
+            rollout, _, rewards = self._draw()
+        chosen = (kept + dropped)[:need]
+        merged = RolloutBatch.from_groups([(r, g) for r, _, g in chosen])
+        merged_rewards = torch.cat([rw[g * G:(g + 1) * G] for _, rw, g in chosen])
+        return merged, merged_rewards, {"dynamic_sampling/rounds": float(rounds),
+                                        "dynamic_sampling/filler_groups": float(max(0, need - len(kept)))}
+
+    def collect(self):
+        """Rollouts, rewards, advantages and the packed mini-batches (with ref/old log-probs) for this step.
+
+        Returns the first sampling round (rollout, scores, rewards: what the metrics describe), the
+        mini-batches, and extra metrics. With dynamic sampling the mini-batches come from the kept groups."""
+        cfg, ps, timer = self.cfg, self.ps, self.timer
+        G = cfg.rollout.group_size
+        with timer("rollout"):
+            first = self._draw()
+            rollout, _, rewards = first
+            extra = {}
+            if cfg.algo.dynamic_sampling:
+                rollout, rewards, extra = self._dynamic_sampling(rollout, rewards)
         if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
             # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
             parts = [torch.empty_like(rewards) for _ in range(ps.dp_size)]
@@ -183,6 +239,11 @@ class GRPOTrainer:
             adv = adv[ps.dp_rank * n:(ps.dp_rank + 1) * n].float()
         else:
             adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
+        # groups that teach nothing (all rewards equal); with every group so, the step only moves the KL term
+        extra["advantage/zero_groups_frac"] = (~filter_uniform_groups(rewards, G)).double().mean().item()
+        train_on = (~rollout.truncated).tolist() if cfg.algo.mask_truncated else None
+        if train_on is not None:
+            extra["train/masked_truncated_frac"] = 1.0 - sum(train_on) / len(train_on)
         with timer("logprobs"):
             # mini-batches are cut from the sequences before packing (round-robin, so each mixes lengths and
             # groups); every DP rank then runs the same number of optimizer steps
@@ -194,12 +255,13 @@ class GRPOTrainer:
                 idx = list(range(k, rollout.num_completions, cfg.algo.mini_batches))
                 batch = TrainBatch.from_sequences(
                     [rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
-                    advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx], pack=True,
+                    advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx],
+                    train_on=None if train_on is None else [train_on[i] for i in idx], pack=True,
                     max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
                 minis.append(self._with_logprobs(batch))
             if offload:
                 models.offload_to_cpu(self.reference)
-        return rollout, scores, rewards, minis
+        return (*first, minis, extra)
 
     def _with_logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
@@ -302,7 +364,7 @@ class GRPOTrainer:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(acc=f"{metrics['accuracy']:.2f}", fmt=f"{metrics['format_rate']:.2f}",
-                                     kl=f"{metrics.get('train/kl', 0.0):.3f}")
+                                     kl=f"{metrics.get('train/kl', 0.0):.1e}")
             if on_step is not None:
                 on_step(self, metrics)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
@@ -313,7 +375,8 @@ class GRPOTrainer:
 
     def save(self) -> Path:
         return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
-                               trainer_state={"step": self.step, "sampler": self.sampler.state_dict(),
+                               trainer_state={"step": self.step, "draws": self.draws,
+                                              "sampler": self.sampler.state_dict(),
                                               "config": to_dict(self.cfg)})
 
     def _resume(self, path: Path) -> None:
@@ -325,6 +388,7 @@ class GRPOTrainer:
                 raise ValueError(f"{path}: checkpoint was written with {section}.{key}={then}, this run has {now}; "
                                  f"resuming would not continue the same run (use a new --train.out)")
         self.step = int(state["step"])
+        self.draws = int(state.get("draws", self.step))
         self.sampler.load_state_dict(state["sampler"])
         self.sync_weights()
 

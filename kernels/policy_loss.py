@@ -12,6 +12,7 @@ tokens of a sequence through its sequence ratio, so it needs all of a sequence's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -27,20 +28,34 @@ class PolicyLossConfig:
     """Hyper-parameters of the policy loss. Defaults are DeepSeek-R1's GRPO. The papers' settings for the
     others: GSPO eps_low=3e-4, eps_high=4e-4 (seq-mean-token-mean); CISPO aggregation="token-mean"."""
 
-    name: str = "grpo"  # grpo | gspo | gspo-token | cispo
+    name: Literal["grpo", "gspo", "gspo-token", "cispo"] = "grpo"
+    """grpo: token ratio, clipped; gspo: sequence ratio (GSPO); gspo-token: GSPO's value with per-token
+    gradients; cispo: clipped IS weight times logp, no token dropped."""
     eps_low: float = 0.2
-    eps_high: float = 0.2  # clip-higher (DAPO): 0.28
-    dual_clip_c: float | None = None  # dual clip for A < 0, e.g. 3.0
-    beta: float = 0.0  # KL coefficient to the reference policy
-    kl: str = "k3"
+    """Lower clip range: ratio >= 1 - eps_low (GSPO: 3e-4)."""
+    eps_high: float = 0.2
+    """Upper clip range: ratio <= 1 + eps_high (DAPO's clip-higher: 0.28; GSPO: 4e-4)."""
+    dual_clip_c: float | None = None
+    """Dual clip for A < 0: the loss is capped at c * |A| (e.g. 3.0; must be > 1)."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference policy (0 builds no reference model)."""
+    kl: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r with r = pi_ref / pi (R1's choice)."""
     entropy_coef: float = 0.0
-    aggregation: str = "seq-mean-token-mean"
-    max_len: int | None = None  # L_max of seq-mean-token-sum-norm (the generation budget)
+    """Entropy bonus: loss -= entropy_coef * H (0: the entropy's gradient is never computed)."""
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    """How token losses become one number: mean over sequences of their token means (GRPO), mean over all
+    tokens (DAPO), or sequence sums over a constant L_max (Dr. GRPO)."""
+    max_len: int | None = None
+    """L_max of seq-mean-token-sum-norm (None: the generation budget, rollout.max_new_tokens)."""
     cispo_eps_max: float = 5.0
-    # rollout/trainer mismatch corrections (ratio = exp(old_logp - rollout_logp))
-    tis_cap: float | None = None  # truncated importance sampling: loss_t *= min(ratio, cap)
-    token_mask_range: tuple[float, float] | None = None  # drop tokens whose ratio leaves [lo, hi]
-    seq_mask_range: tuple[float, float] | None = None  # drop sequences whose geometric-mean ratio leaves [lo, hi]
+    """CISPO's cap on the stop-gradient IS weight."""
+    tis_cap: float | None = None
+    """Truncated importance sampling against the rollout engine's log-probs: loss_t *= min(exp(old - rollout), cap)."""
+    token_mask_range: tuple[float, float] | None = None
+    """Rollout correction: drop tokens whose exp(old - rollout) leaves [lo, hi]."""
+    seq_mask_range: tuple[float, float] | None = None
+    """Rollout correction: drop sequences whose geometric-mean ratio exp(mean(old - rollout)) leaves [lo, hi]."""
 
     def __post_init__(self):
         if self.name not in LOSSES:

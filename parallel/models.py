@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,7 +282,10 @@ def hf_config_to_transformer_config(
         kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
     if overrides:
         kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    with warnings.catch_warnings():
+        # megatron-core 0.16 warns about its own default cuda_graph_scope on every config; we use no CUDA graphs
+        warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+        return TransformerConfig(**kwargs)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:

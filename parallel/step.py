@@ -234,8 +234,9 @@ class TrainBatch:
 
     @property
     def num_sequences(self) -> int:
-        """Sequences in this batch (rows may hold several; padding rows hold none)."""
-        return int(torch.unique(self.seq_ids[self.seq_ids >= 0]).numel())
+        """Sequences with at least one loss token (rows may hold several; padding rows hold none). A fully
+        masked sequence (an empty or a masked completion) counts for nothing, as in kernels.policy_loss."""
+        return int(torch.unique(self.seq_ids[(self.seq_ids >= 0) & (self.loss_mask > 0)]).numel())
 
     def completion_values(self, values: torch.Tensor) -> dict[int, torch.Tensor]:
         """{global sequence id: values at that sequence's completion tokens, in order}, for a [B, S]
@@ -310,6 +311,7 @@ class TrainBatch:
         *,
         advantages: Sequence[float] | Sequence[Sequence[float]],
         rollout_logp: Sequence[Sequence[float]] | None = None,
+        train_on: Sequence[bool] | None = None,
         pack: bool = True,
         max_tokens_per_row: int | None = None,
         pad_to_multiple_of: int = 1,
@@ -321,6 +323,8 @@ class TrainBatch:
             sequence with one float per completion token.
         rollout_logp: one list per sequence with the rollout engine's log-prob of each completion
             token (optional).
+        train_on: one bool per sequence; False keeps the sequence in the rows but gives it no loss
+            tokens (e.g. DAPO's masking of truncated completions). Default: every sequence.
         pack: several sequences per row (first-fit, longest first) up to `max_tokens_per_row`
             (default: the longest sequence); pack=False puts one sequence per row, right-padded.
         pad_to_multiple_of: round the row length up (e.g. to the TP size for sequence parallelism).
@@ -330,6 +334,8 @@ class TrainBatch:
             raise ValueError(f"from_sequences: {n} prompts but {len(completions)} completions")
         if len(advantages) != n:
             raise ValueError(f"from_sequences: {n} sequences but {len(advantages)} advantages")
+        if train_on is not None and len(train_on) != n:
+            raise ValueError(f"from_sequences: {n} sequences but {len(train_on)} train_on flags")
         if rollout_logp is not None and len(rollout_logp) != n:
             raise ValueError(f"from_sequences: {n} sequences but {len(rollout_logp)} rollout_logp rows")
         if n == 0:
@@ -391,7 +397,7 @@ class TrainBatch:
                 position_ids[r, span] = torch.arange(length)
                 seq_ids[r, span] = i
                 segment_ids[r, span] = segment
-                if c > 0:
+                if c > 0 and (train_on is None or train_on[i]):
                     # completion token j sits at p + j and is predicted by position p + j - 1
                     pred = slice(offset + p - 1, offset + p - 1 + c)
                     loss_mask[r, pred] = 1.0

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repositor
 
 import torch.distributed as dist
 
-from engine.config import GRPOConfig, load_config
+from engine.config import GRPOConfig, load_config, pop_config_arg, read_yaml, run_cli
 from engine.data import load_prompts
 from engine.trainer import GRPOTrainer
 from kernels import PolicyLossConfig
@@ -34,25 +34,47 @@ TINY_DEFAULT = dataclasses.replace(
     loss=PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.001),
     optim=dataclasses.replace(GRPOConfig().optim, lr=1e-4, warmup_steps=3),
     train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2, eval_every=20,
-                              eval_temperature=0.6, eval_top_p=0.95, resume=False),
+                              eval_temperature=0.6, eval_top_p=0.95),
 )
-# `--model DIR --data FILE --out DIR`: the short forms of --model.path, --data.path, --train.out
+# `--model DIR --data FILE --out DIR --eval-data FILE`: short forms of --model.path, --data.path, --train.out,
+# --data.eval-path
 ALIASES = {"--model": "--model.path", "--data": "--data.path", "--out": "--train.out", "--eval-data": "--data.eval-path"}
+HELP = ("R1-Zero: GRPO from a base model with accuracy + format rewards. Without a model (--model DIR, or "
+        "model.path in the YAML) the embedded tiny world runs, and the defaults shown here are its settings. "
+        "Short forms: --model DIR, --data FILE, --out DIR, --eval-data FILE.")
+
+
+def _expand_aliases(args: list[str]) -> list[str]:
+    out = []
+    for a in args:
+        flag, eq, value = a.partition("=")
+        out.append(ALIASES[flag] + eq + value if flag in ALIASES else a)
+    return out
+
+
+def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
+    """(config, embedded): YAML over the defaults, the command line over both. The defaults are the tiny
+    world's unless a model is named, on the command line or in the YAML."""
+    path, args = pop_config_arg(_expand_aliases(list(sys.argv[1:] if argv is None else argv)))
+    yaml_data = read_yaml(path) if path else {}
+    model_section = yaml_data.get("model") if isinstance(yaml_data.get("model"), dict) else {}
+    named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) or model_section.get("path")
+    embedded = not named
+    cfg = load_config(GRPOConfig, args + (["--config", path] if path else []),
+                      default=TINY_DEFAULT if embedded else GRPOConfig(), description=HELP)
+    if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args) \
+            and "tensor_parallel" not in model_section:
+        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
+        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    return cfg, embedded
 
 
 def main(argv: list[str] | None = None):
-    args = [ALIASES.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
-    cfg = load_config(GRPOConfig, args)
-    embedded = cfg.model.path is None and "--config" not in args
-    if embedded:  # no model anywhere (command line or YAML): the tiny world's settings are the defaults
-        cfg = load_config(GRPOConfig, args, default=TINY_DEFAULT)
-        if not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
-            # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
-            tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    cfg, embedded = resolve_config(argv)
     ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
 
-    if cfg.model.path is None:
+    if embedded:
         from recipes.tiny.corpus import DATA_DIR
         from recipes.tiny.pretrain import ensure_base_model
 
@@ -70,17 +92,24 @@ def main(argv: list[str] | None = None):
     held_out = load_prompts(eval_path, cfg.data.prompt_key, cfg.data.answer_key) if eval_path else []
 
     trainer = GRPOTrainer(cfg, model_dir, train, held_out)
-    before = trainer.evaluate()
-    if ps.is_main and before:
-        trainer.logger.log(trainer.step, before)
+    start = trainer.step
+    if start >= cfg.train.steps and ps.is_main:
+        print(f"{trainer.out} is already at step {start} of train.steps={cfg.train.steps}: nothing to train "
+              f"(raise --train.steps to continue)")
+    # "before" is the base model's score: measured at step 0, read back from the log when resuming
+    logged = {r["step"]: r for r in trainer.logger.read()} if trainer.logger is not None else {}
+    before = ({k: v for k, v in logged.get(0, {}).items() if k.startswith("eval/")} if trainer.step > 0
+              else trainer.evaluate())
+    if ps.is_main and before and trainer.step == 0:
+        trainer.logger.log(0, before)
     trainer.fit()
     after = trainer.evaluate()
     if ps.is_main:
         trainer.logger.log(trainer.step, after)
-        if before:
+        if before and after:
             print(f"held-out pass@1 {before['eval/pass@1']:.3f} -> {after['eval/pass@1']:.3f}   "
                   f"format rate {before['eval/format_rate']:.3f} -> {after['eval/format_rate']:.3f}")
-    if cfg.train.save_every == 0 or trainer.step % cfg.train.save_every:
+    if trainer.step > start and (cfg.train.save_every == 0 or trainer.step % cfg.train.save_every):
         trainer.save()
     if cfg.train.export_hf:
         path = trainer.export_hf()
@@ -93,4 +122,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -1,7 +1,8 @@
 """Rule-based rewards as in DeepSeek-R1-Zero (accuracy, format, language consistency) and the composer
 that adds them up, weighted, in a pool of worker processes with a per-sample timeout."""
 from engine.rewards.accuracy import accuracy_reward, answers_equivalent, extract_final_answers, normalize_answer
-from engine.rewards.compose import REWARDS, RewardComposer, RewardOutput, RewardSpec, build_reward_composer
+from engine.rewards.compose import (REWARDS, RewardComposer, RewardOutput, RewardSpec, build_reward_composer,
+                                   check_reward_weights)
 from engine.rewards.format import format_reward
 from engine.rewards.language import count_words_by_language, language_consistency_reward
 
@@ -13,6 +14,7 @@ __all__ = [
     "accuracy_reward",
     "answers_equivalent",
     "build_reward_composer",
+    "check_reward_weights",
     "count_words_by_language",
     "extract_final_answers",
     "format_reward",

@@ -309,6 +309,18 @@ class RewardComposer:
                     )
 
 
+def check_reward_weights(weights: dict[str, float], language: str = "en") -> None:
+    """Reward names and the target language, checked before anything expensive is built."""
+    unknown = sorted(set(weights) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"reward.weights: unknown reward(s) {unknown}; known rewards: {', '.join(sorted(REWARDS))}")
+    if "language" in weights and language not in SUPPORTED_LANGUAGES:
+        raise ValueError(
+            f"reward.language: unsupported language {language!r} for the language reward; supported: "
+            f"{SUPPORTED_LANGUAGES}"
+        )
+
+
 def build_reward_composer(
     weights: dict[str, float],
     *,
@@ -317,13 +329,7 @@ def build_reward_composer(
     timeout_s: float = 10.0,
 ) -> RewardComposer:
     """A composer of the registered rewards named in `weights` (name -> weight)."""
-    unknown = sorted(set(weights) - set(REWARDS))
-    if unknown:
-        raise ValueError(f"unknown reward(s) {unknown}; known rewards: {', '.join(sorted(REWARDS))}")
-    if "language" in weights and language not in SUPPORTED_LANGUAGES:
-        raise ValueError(
-            f"unsupported language {language!r} for the language reward; supported: {SUPPORTED_LANGUAGES}"
-        )
+    check_reward_weights(weights, language)
     specs = []
     for name, weight in weights.items():
         fn = REWARDS[name]

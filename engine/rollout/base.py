@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -76,6 +76,24 @@ class RolloutBatch:
             if reason not in FINISH_REASONS:
                 raise ValueError(f"RolloutBatch: completion {i} has finish_reason {reason!r}, "
                                  f"expected one of {FINISH_REASONS}")
+
+    @staticmethod
+    def from_groups(groups: "Sequence[tuple[RolloutBatch, int]]") -> "RolloutBatch":
+        """A batch of whole groups picked from other batches (same group size), in the order given:
+        `groups` holds (batch, group index) pairs (DAPO's dynamic sampling assembles its step this way)."""
+        if not groups:
+            raise ValueError("RolloutBatch.from_groups: no groups")
+        size = groups[0][0].group_size
+        fields = {name: [] for name in ("prompt_ids", "completion_ids", "completion_text", "rollout_logp",
+                                        "finish_reason")}
+        for batch, g in groups:
+            if batch.group_size != size:
+                raise ValueError(f"RolloutBatch.from_groups: group sizes differ ({batch.group_size} vs {size})")
+            if not 0 <= g < batch.num_groups:
+                raise ValueError(f"RolloutBatch.from_groups: group {g} of a batch with {batch.num_groups} groups")
+            for name, values in fields.items():
+                values.extend(getattr(batch, name)[g * size:(g + 1) * size])
+        return RolloutBatch(**fields, group_size=size)
 
     @property
     def num_completions(self) -> int:

@@ -27,7 +27,7 @@ def trainer(model_dir, tmp_path_factory):
 def test_one_update_moves_the_surrogate_the_right_way(trainer):
     from parallel.step import logprobs
 
-    _, _, rewards, (batch,) = trainer.collect()
+    _, _, rewards, (batch,), _ = trainer.collect()
     assert rewards.std() >= 0
     # make the advantages informative even if the random model earns no reward: +1 / -1 per sequence
     sign = torch.where(batch.seq_ids % 2 == 0, 1.0, -1.0) * batch.loss_mask
@@ -117,7 +117,7 @@ def test_mini_batches_and_epochs_go_off_policy(model_dir, tmp_path):
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mini_batches=3, epochs_per_batch=2))
     t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
     try:
-        _, _, _, minis = t.collect()
+        _, _, _, minis, _ = t.collect()
         assert len(minis) == 3  # 16 completions cut round-robin before packing: 6 + 5 + 5
         assert sorted(int(m.num_sequences) for m in minis) == [5, 5, 6]
         assert all(m.old_logp is not None and m.ref_logp is not None for m in minis)
@@ -156,7 +156,7 @@ def test_overlong_shaping_and_leader_errors_reach_every_rank(model_dir, tmp_path
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, overlong_buffer=4))
     t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
     try:
-        rollout, scores, rewards, _ = t.collect()
+        rollout, scores, rewards, _, _ = t.collect()
         # the random model runs to the 12-token budget: every completion is inside the 4-token ramp or at -1
         shaped = torch.tensor(scores.total, dtype=torch.float64) + overlong_penalty(rollout.lengths, 12, 4).double()
         torch.testing.assert_close(rewards, shaped)
@@ -170,3 +170,121 @@ def test_overlong_shaping_and_leader_errors_reach_every_rank(model_dir, tmp_path
             t.collect()
     finally:
         t.close()
+
+
+def _scripted_rewards(t, script):
+    """Replace the reward totals of successive sampling rounds: script[k][g] = the rewards of group g in
+    round k (a list of G numbers); returns the list of prompt-id lists each round generated."""
+    import dataclasses
+
+    real, rounds, seen = t.rewards.score, iter(script), []
+
+    def score(completions, refs):
+        out = real(completions, refs)
+        totals = [float(x) for group in next(rounds) for x in group]
+        assert len(totals) == len(completions)
+        return dataclasses.replace(out, total=totals)
+
+    t.rewards.score = score
+    generate = t.rollout_engine.generate
+
+    def recording(prompt_ids, n, params):
+        seen.append([list(p) for p in prompt_ids])
+        return generate(prompt_ids, n, params)
+
+    t.rollout_engine.generate = recording
+    return seen
+
+
+@pytest.mark.parametrize("max_rounds", [3, 2])
+def test_dynamic_sampling_keeps_informative_groups_and_refills(model_dir, tmp_path, max_rounds):
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, dynamic_sampling=True,
+                                                            max_sampling_rounds=max_rounds))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    try:
+        u, v = [0, 0, 0, 0], [1, 0, 0, 1]  # uniform (dropped) and informative (kept) groups of G=4
+        seen = _scripted_rewards(t, [[v, u, [0, 1, 1, 1], u], [u, [1, 1, 0, 0], u, u], [v, v, v, v]])
+        rollout, scores, rewards, minis, extra = t.collect()
+        assert len(seen) == max_rounds and t.draws == max_rounds
+        assert extra["dynamic_sampling/rounds"] == max_rounds
+        # the metrics describe the first round as sampled: two of its four groups were uniform
+        assert rewards.tolist() == [float(x) for x in v + u + [0, 1, 1, 1] + u]
+        (batch,) = minis
+        if max_rounds == 3:  # kept: round 0 groups 0 and 2, round 1 group 1, round 2 group 0
+            picked = [seen[0][0], seen[0][2], seen[1][1], seen[2][0]]
+            assert extra["dynamic_sampling/filler_groups"] == 0 and extra["advantage/zero_groups_frac"] == 0
+        else:  # two rounds keep three groups; the first dropped group (round 0, group 1) fills the step
+            picked = [seen[0][0], seen[0][2], seen[1][1], seen[0][1]]
+            assert extra["dynamic_sampling/filler_groups"] == 1 and extra["advantage/zero_groups_frac"] == 0.25
+        # each sequence of the packed batch starts with its group's prompt: group k holds sequences 4k..4k+3
+        rows = [batch.tokens[batch.seq_ids == i].tolist() for i in range(16)]
+        for k, prompt in enumerate(picked):
+            for i in range(4 * k, 4 * k + 4):
+                assert rows[i][:len(prompt)] == prompt, (k, i)
+        # advantages: informative groups carry non-zero advantages, a filler group none
+        adv = [batch.advantages[(batch.seq_ids == i) & (batch.loss_mask > 0)] for i in range(16)]
+        nonzero = [bool(a.abs().sum() > 0) for a in adv if a.numel()]
+        assert any(nonzero)
+        if max_rounds == 2:
+            assert all(a.abs().sum() == 0 for a in adv[12:])
+    finally:
+        t.close()
+
+
+def test_mask_truncated_gives_cut_completions_no_loss(model_dir, tmp_path):
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mask_truncated=True))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    try:
+        # the random model rarely stops by itself: make half the completions stop early ("stop")
+        generate = t.rollout_engine.generate
+
+        def half_stopped(prompt_ids, n, params):
+            out = generate(prompt_ids, n, params)
+            out.finish_reason = ["stop" if i % 2 else r for i, r in enumerate(out.finish_reason)]
+            return out
+
+        t.rollout_engine.generate = half_stopped
+        rollout, _, _, (batch,), extra = t.collect()
+        truncated = rollout.truncated.tolist()
+        assert any(truncated) and not all(truncated)
+        for i, cut in enumerate(truncated):
+            tokens = int(batch.loss_mask[batch.seq_ids == i].sum())
+            assert (tokens == 0) if cut else (tokens == len(rollout.completion_ids[i])), (i, cut, tokens)
+        assert extra["train/masked_truncated_frac"] == pytest.approx(sum(truncated) / len(truncated))
+        assert batch.num_sequences == len(truncated) - sum(truncated)  # masked sequences count for nothing
+        updates, _ = t.update([batch])
+        assert updates[0]["num_sequences"] == batch.num_sequences
+    finally:
+        t.close()
+
+
+def test_no_resume_refuses_to_overwrite_and_lengths_are_checked_early(model_dir, tmp_path):
+    import dataclasses
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    run_trainer(str(model_dir), str(tmp_path / "run"), steps=1)
+    cfg = tiny_config(tmp_path / "run", steps=2, resume=False)
+    with pytest.raises(ValueError, match="already holds a run"):
+        GRPOTrainer(cfg, model_dir, load_prompts(DATA / "eval.jsonl"))
+    long = tiny_config(tmp_path / "other", steps=1)
+    long = dataclasses.replace(long, rollout=dataclasses.replace(long.rollout, max_new_tokens=250))
+    with pytest.raises(ValueError, match=r"max_position_embeddings \(256"):
+        GRPOTrainer(long, model_dir, load_prompts(DATA / "eval.jsonl"))
+    typo = tiny_config(tmp_path / "other", steps=1)
+    typo = dataclasses.replace(typo, reward=dataclasses.replace(typo.reward, weights={"acuracy": 1.0}))
+    with pytest.raises(ValueError, match=r"reward.weights: unknown reward\(s\) \['acuracy'\]"):
+        GRPOTrainer(typo, model_dir, load_prompts(DATA / "eval.jsonl"))
