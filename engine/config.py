@@ -124,6 +124,10 @@ class AlgoConfig:
     max_sampling_rounds: int = 3
     """Dynamic sampling's bound on generation rounds a step; a step still short then fills up with dropped
     groups (zero advantage) so every rank keeps its batch shape, and logs how many."""
+    teacher: str | None = None
+    """On-policy distillation: an HF model dir sharing the student's tokenizer. The student samples, the teacher
+    scores the same tokens, and the per-token advantage is -(logp_student - logp_teacher) (reverse KL, sample
+    based) in place of the reward advantages; rewards are still scored and logged."""
     mask_truncated: bool = False
     """DAPO overlong filtering: completions cut by max_new_tokens get no loss (their rewards still count in
     their group's advantages)."""

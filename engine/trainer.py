@@ -11,6 +11,8 @@ One step, as data flows (GRPO_SPEC.md):
      updates go off-policy: several epochs or mini-batches), both through the fused kernels;
   4. epochs x mini-batches optimizer steps of the fused policy loss over Megatron's schedule;
   5. the new weights streamed into the rollout engine, tensor by tensor (parallel.convert).
+Variants: DAPO's dynamic sampling (refill rounds) and truncated-sample masking; on-policy distillation
+(algo.teacher: per-token advantages -(logp_student - logp_teacher) replace the reward advantages).
 The first rank of each model-parallel group (tp 0, pp 0) owns the rollout engine and the reward
 pool; it broadcasts the rollout to the other ranks of its group.
 """
@@ -31,6 +33,7 @@ from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load
 from engine.metrics import MetricsLogger, PhaseTimer
 from engine.rewards import build_reward_composer, check_reward_weights
 from engine.rollout.base import RolloutBatch, SamplingParams
+from kernels import distillation_advantages
 from parallel import convert, models, state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
 from parallel.step import TrainBatch, logprobs, train_step
@@ -78,6 +81,7 @@ class GRPOTrainer:
                              f"({cfg.rollout.max_new_tokens}) exceeds the model's max_position_embeddings "
                              f"({info.max_position_embeddings}, {self.model_dir / 'config.json'}): lower "
                              f"rollout.max_new_tokens or data.max_prompt_tokens")
+        teacher_dir = self._check_teacher(cfg.algo.teacher) if cfg.algo.teacher is not None else None
         if cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.max_len is None:
             # Dr. GRPO's L_max is the generation budget: a constant, so the loss is split-invariant
             self.cfg = cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=cfg.rollout.max_new_tokens))
@@ -93,6 +97,11 @@ class GRPOTrainer:
             convert.load_hf_checkpoint(self.reference, self.model_dir)
             if cfg.model.offload_reference:
                 models.offload_to_cpu(self.reference)
+
+        self.teacher = None
+        if teacher_dir is not None:  # on-policy distillation: frozen, same parallel layout as the policy
+            self.teacher = models.freeze(models.build_gpt_model(teacher_dir / "config.json", dtype=dtype))
+            convert.load_hf_checkpoint(self.teacher, teacher_dir)
 
         self.rollout_engine = self.rewards = None
         if self.is_leader:
@@ -135,6 +144,20 @@ class GRPOTrainer:
             raise ValueError(f"algo.max_tokens_per_row={a.max_tokens_per_row} is shorter than the longest sequence: "
                              f"data.max_prompt_tokens + rollout.max_new_tokens = "
                              f"{cfg.data.max_prompt_tokens + r.max_new_tokens}")
+
+    def _check_teacher(self, path: str) -> Path:
+        """The teacher scores the student's token ids: it must exist and share the student's tokenizer."""
+        teacher_dir = Path(path)
+        if not (teacher_dir / "config.json").is_file():
+            raise ValueError(f"algo.teacher: {teacher_dir} has no config.json (an HF model directory is needed)")
+        teacher_vocab = load_tokenizer(teacher_dir).get_vocab()
+        if teacher_vocab != self.tokenizer.get_vocab():
+            raise ValueError(f"algo.teacher: the tokenizer of {teacher_dir} differs from the student's "
+                             f"({self.model_dir}); on-policy distillation scores the student's token ids with the "
+                             f"teacher, so both need one tokenizer")
+        info = models.parse_hf_config(teacher_dir / "config.json", self.cfg.model.tensor_parallel)
+        check_tokenizer_fits(self.tokenizer, info.vocab_size, teacher_dir)
+        return teacher_dir
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _mp_broadcast(self, payload):
@@ -258,17 +281,30 @@ class GRPOTrainer:
                     advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx],
                     train_on=None if train_on is None else [train_on[i] for i in idx], pack=True,
                     max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
+                if self.teacher is not None:
+                    batch = self._with_distillation(batch)
+                    kl = -(batch.advantages * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
+                    extra["distill/reverse_kl"] = extra.get("distill/reverse_kl", 0.0) + kl.item() / cfg.algo.mini_batches
                 minis.append(self._with_logprobs(batch))
             if offload:
                 models.offload_to_cpu(self.reference)
         return (*first, minis, extra)
+
+    def _with_distillation(self, batch: TrainBatch) -> TrainBatch:
+        """Per-token advantages -(logp_student - logp_teacher) on the student's samples; the student's
+        log-probs double as old_logp (they are the policy's at sampling time)."""
+        T, mb = self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
+        student = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
+        teacher = logprobs(self.teacher, batch, temperature=T, num_microbatches=mb)
+        adv = distillation_advantages(student, teacher, batch.loss_mask)
+        return dataclasses.replace(batch, advantages=adv).with_logprobs(old_logp=student)
 
     def _with_logprobs(self, batch: TrainBatch) -> TrainBatch:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
         cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         if self.reference is not None:
             batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
-        if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1:
+        if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1 and batch.old_logp is None:
             batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
         return batch
 

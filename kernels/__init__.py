@@ -6,9 +6,10 @@ tensor parallelism). Nothing here knows Megatron, the trainer or a config file.
 from .grpo_loss import grpo_loss, policy_loss
 from .linear_grpo import linear_grpo_loss, linear_policy_loss
 from .logprobs import token_logprobs
-from .policy_loss import AGGREGATIONS, KL_ESTIMATORS, LOSSES, PolicyLossConfig, compute_policy_loss
+from .policy_loss import (AGGREGATIONS, KL_ESTIMATORS, LOSSES, PolicyLossConfig, compute_policy_loss,
+                          distillation_advantages)
 
 __all__ = [
     "token_logprobs", "grpo_loss", "policy_loss", "linear_grpo_loss", "linear_policy_loss", "PolicyLossConfig",
-    "compute_policy_loss", "LOSSES", "AGGREGATIONS", "KL_ESTIMATORS",
+    "compute_policy_loss", "distillation_advantages", "LOSSES", "AGGREGATIONS", "KL_ESTIMATORS",
 ]

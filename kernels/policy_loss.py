@@ -254,6 +254,18 @@ def token_losses(logp: torch.Tensor, entropy: torch.Tensor | None, inp: LossInpu
     return loss_t, stats
 
 
+def distillation_advantages(student_logp: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor):
+    """On-policy distillation (GRPO_SPEC.md): the student samples, the teacher scores the same tokens, and
+    A_t = -(logp_student_t - logp_teacher_t), stop-gradient, 0 where masked. In the clipped surrogate at
+    ratio 1 this is the sample-based reverse KL(student || teacher): value mean_t(logp_s - logp_t),
+    gradient E[(logp_s - logp_t) grad logp_s]."""
+    if student_logp.shape != teacher_logp.shape or mask.shape != student_logp.shape:
+        raise ValueError(f"distillation_advantages: student {tuple(student_logp.shape)}, teacher "
+                         f"{tuple(teacher_logp.shape)} and mask {tuple(mask.shape)} must have one shape")
+    adv = (teacher_logp.detach().float() - student_logp.detach().float())
+    return torch.where(mask > 0, adv, torch.zeros_like(adv))
+
+
 class MetricSums:
     """Masked sums of per-token metric vectors, accumulated over chunks; means at the end."""
 

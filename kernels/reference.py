@@ -136,3 +136,14 @@ def group_advantages_ref(rewards, group_size: int, scale: str = "group", eps: fl
             else:
                 out.append((r - mean) / (std + eps))
     return torch.tensor(out, dtype=torch.float64)
+
+
+def reverse_kl_distill_ref(logits, targets, teacher_logp, mask, *, temperature=1.0, seq_ids=None,
+                           aggregation="token-mean", num_sequences=None, num_tokens=None):
+    """Sample-based reverse KL(student || teacher) on the student's own tokens, written as a surrogate whose
+    value is the KL estimate mean_t(logp_t - teacher_t) and whose gradient is (logp_t - teacher_t) grad logp_t:
+        loss_t = sg(logp_t - teacher_t) * exp(logp_t - sg(logp_t))."""
+    logp, _ = token_logprobs_ref(logits, targets, temperature)
+    d = (logp - teacher_logp).detach()
+    loss_t = d * torch.exp(logp - logp.detach())
+    return aggregate_ref(loss_t, mask, seq_ids, aggregation, num_sequences, num_tokens)

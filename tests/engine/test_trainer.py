@@ -288,3 +288,62 @@ def test_no_resume_refuses_to_overwrite_and_lengths_are_checked_early(model_dir,
     typo = dataclasses.replace(typo, reward=dataclasses.replace(typo.reward, weights={"acuracy": 1.0}))
     with pytest.raises(ValueError, match=r"reward.weights: unknown reward\(s\) \['acuracy'\]"):
         GRPOTrainer(typo, model_dir, load_prompts(DATA / "eval.jsonl"))
+
+
+def test_on_policy_distillation_advantages_are_teacher_minus_student(model_dir, tmp_path):
+    """The per-token advantages equal logp_teacher - logp_student computed independently with transformers
+    in float64 on the sampled sequences."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    teacher_dir = write_tiny_model(tmp_path / "teacher", seed=1)
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, teacher=str(teacher_dir)),
+                              rollout=dataclasses.replace(cfg.rollout, temperature=0.7))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    try:
+        rollout, _, _, (batch,), extra = t.collect()
+        assert batch.old_logp is not None
+        got = batch.completion_values(batch.advantages)
+
+        def logp(path, i):
+            model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float64)
+            ids = torch.tensor([rollout.prompt_ids[i] + rollout.completion_ids[i]])
+            with torch.no_grad():
+                lp = torch.log_softmax(model(ids).logits[0] / 0.7, dim=-1)
+            p = len(rollout.prompt_ids[i])
+            return lp[p - 1:-1].gather(1, ids[0, p:, None]).squeeze(1)
+
+        for i in (0, 5, 11):
+            expected = logp(teacher_dir, i) - logp(model_dir, i)
+            torch.testing.assert_close(got[i].double(), expected, rtol=1e-4, atol=1e-4)
+        assert extra["distill/reverse_kl"] > 0  # two different random models disagree
+        updates, _ = t.update([batch])
+        assert updates[0]["grad_norm"] > 0
+    finally:
+        t.close()
+
+
+def test_distillation_teacher_needs_the_same_tokenizer(model_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    other = tmp_path / "other_tok"
+    shutil.copytree(model_dir, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<extra_token>"])
+    tok.save_pretrained(other)
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    for teacher, match in ((other, "tokenizer of .* differs"), (tmp_path / "nowhere", "has no config.json")):
+        bad = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, teacher=str(teacher)))
+        with pytest.raises(ValueError, match=match):
+            GRPOTrainer(bad, model_dir, load_prompts(DATA / "eval.jsonl"))

@@ -215,3 +215,26 @@ def test_bad_vector_shape_raises():
         grpo_loss(logits, targets, old, ref, adv[:, :3], mask)
     with pytest.raises(ValueError, match="mask is on"):
         grpo_loss(logits, targets, old, ref, adv, mask.to("meta"))
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_on_policy_distillation_is_the_sample_based_reverse_kl(aggregation, temperature):
+    """A_t = -(logp_student - logp_teacher) in the surrogate (on-policy, no KL term) has the value and the
+    gradient of the reverse KL(student || teacher) on the student's tokens."""
+    from kernels import distillation_advantages
+    from kernels.reference import reverse_kl_distill_ref
+
+    logits, targets, _, teacher, _, _, mask = make_batch(temperature=temperature)
+    student = token_logprobs_ref(logits.double(), targets, temperature)[0].float()
+    adv = distillation_advantages(student, teacher, mask)
+    assert_close(adv, torch.where(mask > 0, teacher - student, torch.zeros_like(adv)), 1e-6, "advantages")
+    loss, loss_ref, g, g_ref, _ = run_both(
+        logits, targets,
+        lambda z: grpo_loss(z, targets, None, None, adv, mask, temperature=temperature, aggregation=aggregation),
+        lambda z: reverse_kl_distill_ref(z, targets, teacher.double(), mask.double(), temperature=temperature,
+                                         aggregation=aggregation))
+    assert_close(loss, loss_ref, TOL[torch.float32], "loss")
+    assert_close(g, g_ref, TOL[torch.float32], "dlogits")
+    with pytest.raises(ValueError, match="one shape"):
+        distillation_advantages(student, teacher[:, :3], mask)
