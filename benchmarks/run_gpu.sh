@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Everything the GPU machine should do, in one device-tool call (repo root there; files under $OUT come back):
+# Every GPU check and benchmark, one script, one device-tool call per stage (each fits the 600 s limit):
 #
-#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
+#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)          # kernels
+#   run(command="bash benchmarks/run_gpu.sh step", carry=["benchmarks/wheels"], timeout_s=600)     # Megatron
 #
+# Stage `kernels` (the default; issue 2):
 # 1. installs the wheels carried in benchmarks/wheels/ (no network there), then this repo (no deps);
 # 2. runs benchmarks/gpu_suite.py (roofline, correctness, benchmarks, launch-config sweep, targets)
 #    -> $OUT/<device>-<date>.json/.md;
 # 3. runs the kernel tests (slow ones too, multiproc ones not) with CUDA as the default device, so the Triton
 #    kernels run on the GPU.
 # Time: install ~15 s + suite <= ~400 s (budget 330 s, hard limit 400 s) + tests <= 150 s: inside the 600 s call.
+# Stage `step` (issue 3): the same install, then benchmarks/gpu_step.py (bf16 vs fp32 parity through
+# parallel.step, and the 0.5B-shaped Qwen2 step time with and without the fused lm_head) -> $OUT/gpu-step-*.
 set -u
 OUT="${OUT:-/tmp/r1_gpu_out}"
 mkdir -p "$OUT"
@@ -42,6 +46,18 @@ for name in ("liger-kernel", "megatron-core"):
     try: print(name, m.version(name))
     except m.PackageNotFoundError: print(name, "not installed")'
 } 2>&1 | tee "$OUT/setup.log"
+
+STAGE="${1:-kernels}"
+if [ "$STAGE" = "step" ]; then
+  echo "== gpu_step"
+  timeout 540 $PY benchmarks/gpu_step.py --out "$OUT" 2>&1 | tee "$OUT/step.log"
+  echo "gpu_step exit code: ${PIPESTATUS[0]}"
+  ls -la "$OUT"
+  exit 0
+elif [ "$STAGE" != "kernels" ]; then
+  echo "unknown stage '$STAGE': use 'kernels' (default) or 'step'" >&2
+  exit 2
+fi
 
 echo "== gpu_suite"
 timeout 400 $PY benchmarks/gpu_suite.py --out "$OUT" --budget-s 330 2>&1 | tee "$OUT/suite.log"

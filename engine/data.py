@@ -96,8 +96,9 @@ def _row_to_example(
     if answer is None:
         if require_answer:
             state = "is null" if answer_key in record else "is missing"
-            raise ValueError(f"{where}: field {answer_key!r} {state} (pass require_answer=False for prompts "
-                             f"without reference answers)")
+            raise ValueError(f"{where}: field {answer_key!r} {state}: the accuracy reward needs a reference "
+                             f"answer per prompt (--data.answer-key names another field; in code, "
+                             f"load_prompts(require_answer=False) reads prompts without answers)")
     elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         # bool is an int subclass; True as an answer is almost surely a data bug.
         raise ValueError(f"{where}: field {answer_key!r} must be a string or a number, got {type(answer).__name__}")

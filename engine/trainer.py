@@ -253,6 +253,8 @@ class GRPOTrainer:
             extra = {}
             if cfg.algo.dynamic_sampling:
                 rollout, rewards, extra = self._dynamic_sampling(rollout, rewards)
+        if self.is_leader:  # a colocated vLLM frees its KV cache and offloads its weights while we train
+            self.rollout_engine.sleep()
         if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
             # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
             parts = [torch.empty_like(rewards) for _ in range(ps.dp_size)]
@@ -328,6 +330,7 @@ class GRPOTrainer:
         stream = convert.export_hf_state(self.policy.module)
         if self.is_leader:
             self.rollout_engine.update_weights((name, t.detach()) for name, t in stream)
+            self.rollout_engine.wake()  # weights are in; the KV cache comes back for the next rollout
         else:
             for _ in stream:
                 pass

@@ -42,8 +42,17 @@ def _build_model(model_dir_or_config: Any, attn_implementation: str) -> torch.nn
         raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     has_weights = any(any(model_dir.glob(pattern)) for pattern in _WEIGHT_FILES)
     if has_weights:
-        return AutoModelForCausalLM.from_pretrained(
-            str(model_dir), local_files_only=True, attn_implementation=attn_implementation)
+        from transformers.utils import logging as hf_logging
+
+        # the rollout copy is loaded once per run; its per-tensor progress bar is noise beside ours
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(model_dir), local_files_only=True, attn_implementation=attn_implementation)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 

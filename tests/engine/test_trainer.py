@@ -347,3 +347,33 @@ def test_distillation_teacher_needs_the_same_tokenizer(model_dir, tmp_path):
         bad = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, teacher=str(teacher)))
         with pytest.raises(ValueError, match=match):
             GRPOTrainer(bad, model_dir, load_prompts(DATA / "eval.jsonl"))
+
+
+def test_rollout_engine_sleeps_while_training_and_wakes_for_generation(model_dir, tmp_path):
+    """The order a colocated vLLM needs: generate, sleep (KV cache freed) for log-probs and updates, weights
+    in, wake; never a generation while asleep."""
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "run", steps=1)
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))
+    try:
+        engine, calls, asleep = t.rollout_engine, [], [False]
+        generate, update = engine.generate, engine.update_weights
+
+        def record(name, fn=None):
+            def wrapped(*args, **kwargs):
+                if name == "generate":
+                    assert not asleep[0], "generate called while the rollout engine sleeps"
+                calls.append(name)
+                asleep[0] = {"sleep": True, "wake": False}.get(name, asleep[0])
+                return fn(*args, **kwargs) if fn is not None else None
+            return wrapped
+
+        engine.generate, engine.update_weights = record("generate", generate), record("update_weights", update)
+        engine.sleep, engine.wake = record("sleep"), record("wake")
+        t.train_one_step()
+        t.evaluate()
+        assert calls == ["generate", "sleep", "update_weights", "wake", "generate"]
+    finally:
+        t.close()
