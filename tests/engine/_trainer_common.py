@@ -41,13 +41,15 @@ def tiny_config(out: Path, **train) -> GRPOConfig:
     )
 
 
-def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, resume: bool = False):
+def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, resume: bool = False,
+                algo: dict | None = None):
     """Train `steps` steps (resuming from `out` if asked); returns the per-step metrics without timings."""
     from engine.data import load_prompts
     from engine.trainer import GRPOTrainer
 
     cfg = tiny_config(Path(out), steps=steps, resume=resume)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tensor_parallel))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tensor_parallel),
+                              algo=dataclasses.replace(cfg.algo, **(algo or {})))
     trainer = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))
     history = trainer.fit()
     trainer.save()

@@ -377,3 +377,15 @@ def test_rollout_engine_sleeps_while_training_and_wakes_for_generation(model_dir
         assert calls == ["generate", "sleep", "update_weights", "wake", "generate"]
     finally:
         t.close()
+
+
+@pytest.mark.multiproc
+def test_dynamic_sampling_with_two_data_parallel_ranks(model_dir, tmp_path):
+    """Every DP rank draws as many rounds as the rank that is shortest of informative groups (a random model
+    earns no reward: every round is uniform), so the collectives never hang and both ranks fill up."""
+    algo = {"dynamic_sampling": True, "max_sampling_rounds": 2}
+    histories = run_distributed(run_trainer, 2, str(model_dir), str(tmp_path / "dp2"), 2, 1, False, algo)
+    for history in histories:
+        assert [m["dynamic_sampling/rounds"] for m in history] == [2.0, 2.0]
+        assert all(m["dynamic_sampling/filler_groups"] == 2.0 for m in history)  # 2 groups a rank, none kept
+    assert histories[0][0]["reward/mean"] == histories[1][0]["reward/mean"]  # metrics averaged over DP
