@@ -10,7 +10,7 @@ couples a sequence's tokens through its ratio, so it takes two sweeps: statistic
 the loss on all vectors, then the logits are recomputed chunk by chunk for the gradient pass.
 
 Gradients are computed inside forward (the loss is the final scalar); backward only scales the
-[N, H] and [V, H] results by grad_output. Under vocab-parallel TP the weight is a vocab shard, the
+[N, H] and [V, H] results by grad_output, in place (so one backward per call). Under vocab-parallel TP the weight is a vocab shard, the
 chunk statistics are all-gathered across the group, dW stays local, and dhidden (a partial sum over
 the shard's vocabulary) is all-reduced once at the end, as Megatron's column-parallel backward does.
 dW is accumulated with addmm in the weight's dtype (fp32 accumulate inside each GEMM).
@@ -60,8 +60,12 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         grad_fn = _grad_triton if triton_ok else _grad_torch
         chunk = chunk_size or default_chunk_size(n, v_local)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden2d) if need_grad else None
-        grad_weight = torch.zeros_like(weight) if need_grad else None
+        # no memsets: every chunk writes its rows of dhidden, and the first chunk writes dW (mm, then addmm)
+        grad_hidden = grad_weight = None
+        if need_grad:
+            grad_hidden = torch.empty_like(hidden2d) if n else torch.zeros_like(hidden2d)
+            grad_weight = torch.empty_like(weight) if n else torch.zeros_like(weight)
+        first = [True]
         w = aggregation_weights(inputs, config, num_sequences=num_sequences, num_tokens=num_tokens)
         acc = MetricSums()
         loss = hidden2d.new_zeros((), dtype=torch.float32)
@@ -72,7 +76,11 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         def backprop_chunk(sl, logits_c, lse, ent, g, h):
             grad_fn(logits_c, logits_c, targets[sl], lse, ent, g, h, vocab_start, inv_temp)  # in place
             torch.mm(logits_c, weight, out=grad_hidden[sl])
-            grad_weight.addmm_(logits_c.t(), hidden2d[sl])
+            if first[0]:
+                torch.mm(logits_c.t(), hidden2d[sl], out=grad_weight)
+                first[0] = False
+            else:
+                grad_weight.addmm_(logits_c.t(), hidden2d[sl])
 
         slices = [slice(a, min(n, a + chunk)) for a in range(0, n, chunk)]
         if config.token_separable:
@@ -102,9 +110,14 @@ class LinearPolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("linear_policy_loss: a second backward through the same call is not supported "
+                               "(its gradients are scaled in place); call the loss again instead")
+        ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_output.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        gw = grad_weight * grad_output.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        # scaled in place: a copy of dW ([V, H], ~1 GB at 7B) would be the largest allocation of the op
+        gh = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
+        gw = grad_weight.mul_(grad_output.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
         return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 

@@ -112,3 +112,26 @@ def test_sequence_masking_spans_chunks():
     assert_close(fused, plain, TOL[torch.float32], "loss")
     assert_close(gh, gh_ref, TOL[torch.float32], "dhidden")
     assert_close(gw, gw_ref, TOL[torch.float32], "dweight")
+
+
+def test_grad_output_scales_in_place_and_a_second_backward_is_refused():
+    hidden, weight, targets, old, ref, rollout, adv, mask, seq_ids = make(torch.float32)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, seq_ids=seq_ids, chunk_size=8)
+    _, gh, gw = grads_of(lambda h, w: linear_grpo_loss(h, w, targets, old, ref, adv, mask, **kw)[0] * -2.5,
+                         hidden, weight)
+    _, gh_ref, gw_ref = grads_of(
+        lambda h, w: grpo_loss_ref(h @ w.T, targets, old.double(), ref.double(), adv.double(), mask.double(),
+                                   beta=0.04, eps_high=0.28, seq_ids=seq_ids) * -2.5,
+        hidden.double(), weight.double())
+    assert_close(gh, gh_ref, TOL[torch.float32], "dhidden")
+    assert_close(gw, gw_ref, TOL[torch.float32], "dweight")
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, w, targets, old, ref, adv, mask, **kw)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+    # only the hidden states need a gradient (the weight frozen): dW is never computed
+    h = hidden.clone().requires_grad_(True)
+    loss, _ = linear_grpo_loss(h, weight, targets, old, ref, adv, mask, **kw)
+    loss.backward()
+    assert_close(h.grad, gh_ref / -2.5, TOL[torch.float32], "dhidden, frozen weight")
