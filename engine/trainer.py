@@ -200,9 +200,7 @@ class GRPOTrainer:
         with self.timer("weight_sync"):
             self.sync_weights()
         self.step += 1
-        metrics = self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0)
-        metrics.update(extra)
-        return metrics
+        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0, extra)
 
     def _draw(self):
         """One sampling round: this rank's share of the next prompt batch, G completions each, rewards."""
@@ -335,7 +333,8 @@ class GRPOTrainer:
             for _ in stream:
                 pass
 
-    def _step_metrics(self, rollout: RolloutBatch, scores, rewards, updates, lr, seconds) -> dict[str, float]:
+    def _step_metrics(self, rollout: RolloutBatch, scores, rewards, updates, lr, seconds,
+                      extra: dict[str, float]) -> dict[str, float]:
         lengths = rollout.lengths.double()
         m: dict[str, float] = {
             "reward/mean": rewards.mean().item(),
@@ -358,6 +357,7 @@ class GRPOTrainer:
         tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids))
         m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
         m["throughput/rollout_tokens_per_s"] = lengths.sum().item() / max(m.get("time/rollout", 1e-9), 1e-9)
+        m.update(extra)  # the same keys on every rank (they follow the config)
         if self.ps.dp_size > 1:  # average over data-parallel replicas
             keys = sorted(m)
             t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
