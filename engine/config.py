@@ -175,6 +175,8 @@ T = TypeVar("T")
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is not None:  # tuple[str, ...], dict[str, float], ...
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
