@@ -15,6 +15,8 @@ rewritten after every section, so a run cut short still leaves its numbers):
                 achieved bandwidth on counted bytes (harness.counted_bytes), % of the copy roofline,
                 pass-equivalents, peak extra memory, and agreement with the eager reference
   linear_grpo_loss   forward + backward at H=3,584: ours, eager, Liger, the bare lm_head matmul fwd + bwd
+  variants      the loss family (GRPO, GSPO, GSPO-token, CISPO, GRPO + TIS + entropy) fwd+bwd on the same logits:
+                the same two passes around a different [N]-vector function, so the times should agree
   tune          (BLOCK_V, num_warps) sweep of the statistics and gradient passes alone, then grpo_loss fwd+bwd
                 again with the best pair of each (`ours-tuned`); prints the pairs as an R1_KERNEL_LAUNCH value
   compiled      torch.compile of the eager path (last: its compile time is the least predictable)
@@ -50,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=400.0,
                    help="stop starting new sub-benchmarks after this many seconds (default 400)")
     p.add_argument("--sections",
-                   default="roofline,correctness,token_logprobs,grpo_loss,linear_grpo_loss,tune,compiled",
+                   default="roofline,correctness,token_logprobs,grpo_loss,linear_grpo_loss,variants,tune,compiled",
                    help="comma-separated subset of the sections to run")
     p.add_argument("--sizes", default=None, help="override B,L,V,H of the performance sections")
     p.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel even if importable")
@@ -312,6 +314,61 @@ class Suite:
         ref = h.reference_outputs("linear_grpo_loss", case, True, self.settings, float64=self.dry)
         for impl in impls:
             self.bench("linear_grpo_loss", impl, True, case, ref, None)
+
+    def variants(self):
+        """The loss family fwd+bwd on the same logits (ours, in-place backward). Each variant is a function on
+        [N] vectors between the same statistics and gradient passes (GRPO_SPEC.md's split), so the times should
+        agree within noise; GSPO's sequence coupling costs nothing extra on logits (only the fused-lm_head
+        form needs a second sweep). Correctness of each variant is the kernel tests' job (float64 references)."""
+        torch, h = self.torch, self.h
+        from kernels import PolicyLossConfig, policy_loss
+
+        case = h.make_loss_case(self.sizes, self.dtype, self.device, seed=12)
+        configs = {
+            "grpo": PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.04),
+            "gspo": PolicyLossConfig(name="gspo", eps_low=3e-4, eps_high=4e-4),
+            "gspo-token": PolicyLossConfig(name="gspo-token", eps_low=3e-4, eps_high=4e-4),
+            "cispo": PolicyLossConfig(name="cispo", aggregation="token-mean"),
+            "grpo+tis+entropy": PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.04, tis_cap=2.0,
+                                                 entropy_coef=0.01),
+        }
+        backup = case.logits.clone()  # the in-place backward overwrites the logits: restored outside the timing
+        rollout_logp = case.old_logp + 0.01
+        n_bytes, formula = h.counted_bytes("grpo_loss", True, self.sizes, self.dtype)
+        roof = self.meta.get("copy_roofline_gbps")
+        for name, cfg in configs.items():
+            rec = {"op": "policy_loss", "mode": "fwd+bwd", "impl": f"ours-inplace [{name}]", "status": None}
+            if self.left() <= 0:
+                rec.update(status="skipped", reason="time budget spent")
+                self.records.append(rec)
+                continue
+
+            def fn(cfg=cfg):
+                x = case.logits.detach().requires_grad_(True)
+                loss, _ = policy_loss(x, case.targets, old_logp=case.old_logp, ref_logp=case.ref_logp,
+                                      advantages=case.adv_tokens, mask=case.mask, config=cfg,
+                                      temperature=self.settings.temperature, inplace_backward=True,
+                                      rollout_logp=rollout_logp if cfg.tis_cap else None)
+                (grad,) = torch.autograd.grad(loss, x)
+                return h.Outputs(loss.detach(), (grad,))
+
+            try:
+                runner = h.Runner(fn=fn, setup=lambda: case.logits.copy_(backup))
+                t = h.measure(runner, self.device, warmup=2 if not self.dry else 1, min_reps=5 if not self.dry else 2,
+                              max_reps=30 if not self.dry else 3)
+                rec.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, reps=t.reps,
+                           clock=t.clock, counted_bytes=n_bytes, bytes_formula=formula,
+                           gbps=n_bytes / (t.median_ms / 1e3) / 1e9, peak_extra_bytes=h.peak_extra_memory(runner,
+                                                                                                     self.device))
+                if roof:
+                    rec["pct_roofline"] = 100 * rec["gbps"] / roof
+            except Exception as exc:
+                rec.update(status="error", error=f"{type(exc).__name__}: {exc}",
+                           traceback=traceback.format_exc()[-3000:])
+            self.records.append(rec)
+            self.log(f"   policy_loss {name:18s} " + (f"{rec['median_ms']:9.3f} ms" if rec["status"] == "ok"
+                                                      else f"{rec['status']}: {rec.get('error')}"))
+            h.free_memory(self.device)
 
     def tune(self):
         """Sweep (BLOCK_V, num_warps) of the statistics and the gradient pass at the benchmark size, each pass
@@ -650,6 +707,7 @@ class Suite:
         self.section("token_logprobs", lambda: self.logits_op("token_logprobs"))
         self.section("grpo_loss", lambda: self.logits_op("grpo_loss"))
         self.section("linear_grpo_loss", self.linear_op)
+        self.section("variants", self.variants)
         self.section("tune", self.tune)
         self.section("compiled", self.compiled)
         self.write()

@@ -67,11 +67,11 @@ def test_dry_run_refuses_bad_sizes(tmp_path):
         gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sizes", "1,2,3"])
 
 
-def test_tune_sweeps_both_passes_and_reruns_with_the_best(tmp_path):
+def test_variants_and_tune_sections(tmp_path):
     from kernels import logprobs
 
     before = dict(logprobs.LAUNCH)
-    rc = gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "roofline,tune", "--no-liger"])
+    rc = gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "roofline,variants,tune", "--no-liger"])
     res, md = _results(tmp_path)
     assert rc == 0, res["errors"]
     tuning = res["tuning"]
@@ -83,3 +83,7 @@ def test_tune_sweeps_both_passes_and_reruns_with_the_best(tmp_path):
     for impl in ("ours-tuned", "ours-tuned-inplace"):
         assert by_key[("grpo_loss", "fwd+bwd", impl)]["agrees"] is True
     assert logprobs.LAUNCH == before  # the sweep leaves the committed configuration in place
+    variants = [r for r in res["records"] if r["op"] == "policy_loss"]
+    assert [r["impl"] for r in variants] == [f"ours-inplace [{n}]" for n in
+                                             ("grpo", "gspo", "gspo-token", "cispo", "grpo+tis+entropy")]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in variants)
