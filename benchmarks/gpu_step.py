@@ -60,7 +60,7 @@ def _timed(fn, reps: int):
         fn()
         _sync()
         times.append(time.perf_counter() - t)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if torch.cuda.is_available() else None  # CPU: not measured (JSON null)
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0], "peak_extra_gib": peak}
 
