@@ -86,11 +86,13 @@ if HAS_TRITON:
         gbase = grad_ptr + row * stride_grad_row
         cols = tl.arange(0, BLOCK_V)
         g = tl.load(g_ptr + row)
-        if HAS_H:
+        if HAS_H:  # constexpr: one of the two is compiled
             h = tl.load(h_ptr + row)
+            no_grad = (g == 0.0) & (h == 0.0)
         else:
             h = 0.0
-        if (g == 0.0) & (h == 0.0):
+            no_grad = g == 0.0
+        if no_grad:
             # prompt/padding tokens: no gradient, and no need to read their logits
             for start in range(0, n_cols, BLOCK_V):
                 offs = start + cols
@@ -118,11 +120,14 @@ def _use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# (BLOCK_V, num_warps) of each pass. 8K lanes x 8 warps = 32 fp32 values a thread keeps ~16 KB of bf16 logits
-# in flight per program, which should saturate HBM on Hopper; NOT yet tuned on hardware.
-# benchmarks/gpu_suite.py's `tune` section sweeps both passes on the device and prints the best pairs;
+# (BLOCK_V, num_warps) of each pass, NOT yet timed on hardware. Chosen from the kernels' static resource usage
+# compiled for sm_90 (benchmarks/sm90_resources.py -> benchmarks/results/sm90-resources-bf16.md): 16 values a
+# thread (two 16-byte bf16 loads), no spills, and several resident programs per SM to hide HBM latency:
+# stats 4096x8 = 64 regs, 4 programs (32 warps) per SM; grad 2048x4 = 51 regs, 10 programs (40 warps), no
+# reductions so small programs are free. (8192x8 needs 128/98 regs: 2 programs per SM.)
+# benchmarks/gpu_suite.py's `tune` section times both passes on the device and prints the best pairs;
 # R1_KERNEL_LAUNCH="stats=8192x8,grad=4096x16" overrides them without a code change.
-DEFAULT_LAUNCH = {"stats": (8192, 8), "grad": (8192, 8)}
+DEFAULT_LAUNCH = {"stats": (4096, 8), "grad": (2048, 4)}
 
 
 def _parse_launch(spec: str) -> dict:

@@ -1,0 +1,149 @@
+"""Registers, spills and occupancy of the Triton kernels compiled for an H100 (sm_90), without a GPU.
+
+    python benchmarks/sm90_resources.py [--out benchmarks/results/sm90-resources.md]
+
+Triton compiles the kernels ahead of time for GPUTarget("cuda", 90, 32) and the cuobjdump bundled with its
+wheel reads the cubin's resource usage. Occupancy is derived from the H100's per-SM limits (65,536 registers,
+64 warps, 32 blocks); bytes in flight count one iteration's logits load per resident program. This is a
+static proxy that guides the launch-configuration defaults until `gpu_suite.py --sections tune` has timed
+them on hardware; it measures nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65_536, 64, 32
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def _imports():
+    """triton + our kernels, compiled for real: the interpreter (TRITON_INTERPRET=1) must be off before
+    kernels.logprobs is imported, so this module imports them lazily and only as a script."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and "kernels.logprobs" in sys.modules:
+        raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run this script in its own process")
+    os.environ.pop("TRITON_INTERPRET", None)
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import logprobs
+
+    return triton, GPUTarget("cuda", 90, 32), ASTSource, logprobs
+
+
+def cuobjdump() -> str | None:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.is_file() else None
+
+
+def compile_pass(name: str, dtype: str, block_v: int, num_warps: int, has_h: bool = False):
+    """The compiled kernel of one pass ('stats' or 'grad') for sm_90."""
+    triton, h100, ASTSource, logprobs = _imports()
+    if name == "stats":
+        signature = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "stats_ptr": "*fp32", "stride_row": "i64",
+                     "n_rows": "i32", "n_cols": "i32", "vocab_start": "i64", "inv_temp": "fp32",
+                     "BLOCK_V": "constexpr"}
+        src = ASTSource(fn=logprobs._stats_kernel, signature=signature, constexprs={"BLOCK_V": block_v})
+    elif name == "grad":
+        signature = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
+                     "entropy_ptr": "*fp32", "g_ptr": "*fp32", "h_ptr": "*fp32", "stride_row": "i64",
+                     "stride_grad_row": "i64", "n_cols": "i32", "vocab_start": "i64", "inv_temp": "fp32",
+                     "HAS_H": "constexpr", "BLOCK_V": "constexpr"}
+        src = ASTSource(fn=logprobs._grad_kernel, signature=signature,
+                        constexprs={"HAS_H": has_h, "BLOCK_V": block_v})
+    else:
+        raise ValueError(f"unknown pass {name!r}")
+    return triton.compile(src, target=h100, options={"num_warps": num_warps})
+
+
+def resource_usage(kernel) -> dict[str, int]:
+    """{'reg', 'stack', 'shared', 'local'} of a compiled kernel, from cuobjdump -res-usage."""
+    tool = cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump is not bundled with this triton wheel")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        out = subprocess.run([tool, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{out}")
+    return dict(zip(("reg", "stack", "shared", "local"), map(int, m.groups())))
+
+
+def occupancy(regs: int, num_warps: int) -> int:
+    """Resident programs per SM (register file, warp slots, block slots)."""
+    regs_per_program = max(regs, 1) * 32 * num_warps
+    return max(0, min(REGS_PER_SM // regs_per_program, WARPS_PER_SM // num_warps, BLOCKS_PER_SM))
+
+
+def table(dtype: str = "bf16", configs=None) -> list[dict]:
+    """One row per (pass, BLOCK_V, num_warps); configs: [(block, warps)] (default: the tune grid)."""
+    *_, logprobs = _imports()
+    if configs is None:
+        configs = [(b, w) for b in (1024, 2048, 4096, 8192, 16384) for w in (4, 8, 16, 32)
+                   if 1 <= b // (32 * w) <= 64]
+    rows = []
+    for block, warps in configs:
+        for name in ("stats", "grad"):
+            u = resource_usage(compile_pass(name, dtype, block, warps))
+            programs = occupancy(u["reg"], warps)
+            rows.append({"pass": name, "block_v": block, "num_warps": warps, **u, "programs_per_sm": programs,
+                         "warps_per_sm": programs * warps,
+                         "kib_in_flight_per_sm": programs * block * DTYPE_BYTES[dtype] / 1024,
+                         "default": tuple(logprobs.DEFAULT_LAUNCH[name]) == (block, warps)})
+    return rows
+
+
+def markdown(rows: list[dict], dtype: str) -> str:
+    import triton
+
+    lines = [f"# Triton kernels compiled for sm_90 (H100), {dtype} logits: static resource usage", "",
+             f"triton {triton.__version__}; registers and local memory (spills) from cuobjdump -res-usage; "
+             "programs/SM from 65,536 registers, 64 warps, 32 blocks per SM; KiB in flight = programs x one "
+             "iteration's logits load. A proxy for choosing defaults, not a measurement "
+             "(benchmarks/sm90_resources.py).", "",
+             "| pass | BLOCK_V | num_warps | regs/thread | spill (local B) | programs/SM | warps/SM | KiB in flight/SM |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        mark = " (default)" if r["default"] else ""
+        lines.append(f"| {r['pass']}{mark} | {r['block_v']} | {r['num_warps']} | {r['reg']} | {r['local']} | "
+                     f"{r['programs_per_sm']} | {r['warps_per_sm']} | {r['kib_in_flight_per_sm']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    ap.add_argument("--defaults-json", action="store_true",
+                    help="print only the default launch configurations' rows as JSON (used by the CI test)")
+    args = ap.parse_args(argv)
+    if args.defaults_json:
+        *_, logprobs = _imports()
+        rows = []
+        for name, (block, warps) in logprobs.DEFAULT_LAUNCH.items():
+            rows += [r for r in table(args.dtype, [(block, warps)]) if r["pass"] == name]
+        print(json.dumps(rows))
+        return 0
+    text = markdown(table(args.dtype), args.dtype)
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
