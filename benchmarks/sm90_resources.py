@@ -48,24 +48,44 @@ def cuobjdump() -> str | None:
     return str(path) if path.is_file() else None
 
 
-def compile_pass(name: str, dtype: str, block_v: int, num_warps: int, has_h: bool = False):
-    """The compiled kernel of one pass ('stats' or 'grad') for sm_90."""
+def compile_pass(name: str, dtype: str, block_v: int, num_warps: int, has_h: bool = False,
+                 n_cols_multiple_of_16: bool = True):
+    """The compiled kernel of one pass ('stats' or 'grad') for sm_90, specialised as Triton's JIT specialises
+    a launch on [N, V] logits with 16-byte aligned buffers and a row stride divisible by 16 (e.g. V = 151,936,
+    or any Megatron-padded vocabulary shard): `tt.divisibility = 16` on the pointers, the row strides, the
+    row count, and on n_cols unless `n_cols_multiple_of_16` is False (a vocabulary like 151,665)."""
     triton, h100, ASTSource, logprobs = _imports()
+    aligned = [["tt.divisibility", 16]]
     if name == "stats":
         signature = {"logits_ptr": f"*{dtype}", "targets_ptr": "*i64", "stats_ptr": "*fp32", "stride_row": "i64",
                      "n_rows": "i32", "n_cols": "i32", "vocab_start": "i64", "inv_temp": "fp32",
                      "BLOCK_V": "constexpr"}
-        src = ASTSource(fn=logprobs._stats_kernel, signature=signature, constexprs={"BLOCK_V": block_v})
+        divisible = ["logits_ptr", "targets_ptr", "stats_ptr", "stride_row", "n_rows"]
+        fn, constexprs = logprobs._stats_kernel, {"BLOCK_V": block_v}
     elif name == "grad":
         signature = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "targets_ptr": "*i64", "lse_ptr": "*fp32",
                      "entropy_ptr": "*fp32", "g_ptr": "*fp32", "h_ptr": "*fp32", "stride_row": "i64",
                      "stride_grad_row": "i64", "n_cols": "i32", "vocab_start": "i64", "inv_temp": "fp32",
                      "HAS_H": "constexpr", "BLOCK_V": "constexpr"}
-        src = ASTSource(fn=logprobs._grad_kernel, signature=signature,
-                        constexprs={"HAS_H": has_h, "BLOCK_V": block_v})
+        divisible = ["logits_ptr", "grad_ptr", "targets_ptr", "lse_ptr", "entropy_ptr", "g_ptr", "h_ptr",
+                     "stride_row", "stride_grad_row"]
+        fn, constexprs = logprobs._grad_kernel, {"HAS_H": has_h, "BLOCK_V": block_v}
     else:
         raise ValueError(f"unknown pass {name!r}")
+    if n_cols_multiple_of_16:
+        divisible.append("n_cols")
+    names = list(signature)
+    attrs = {(names.index(k),): aligned for k in divisible}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=h100, options={"num_warps": num_warps})
+
+
+def global_access_widths(kernel) -> dict[str, int]:
+    """How many PTX global loads/stores of each width the kernel has ('ld.global.v4.b32': 16-byte vectors)."""
+    counts: dict[str, int] = {}
+    for op in re.findall(r"\b(ld\.global[.\w]*|st\.global[.\w]*)", kernel.asm["ptx"]):
+        counts[op] = counts.get(op, 0) + 1
+    return counts
 
 
 def resource_usage(kernel) -> dict[str, int]:
@@ -111,7 +131,9 @@ def markdown(rows: list[dict], dtype: str) -> str:
     import triton
 
     lines = [f"# Triton kernels compiled for sm_90 (H100), {dtype} logits: static resource usage", "",
-             f"triton {triton.__version__}; registers and local memory (spills) from cuobjdump -res-usage; "
+             f"triton {triton.__version__}; specialised as the JIT specialises a launch on [N, V] logits with V a "
+             "multiple of 16 (aligned pointers and strides); registers and local memory (spills) from cuobjdump "
+             "-res-usage; "
              "programs/SM from 65,536 registers, 64 warps, 32 blocks per SM; KiB in flight = programs x one "
              "iteration's logits load. A proxy for choosing defaults, not a measurement "
              "(benchmarks/sm90_resources.py).", "",
@@ -135,7 +157,12 @@ def main(argv=None) -> int:
         *_, logprobs = _imports()
         rows = []
         for name, (block, warps) in logprobs.DEFAULT_LAUNCH.items():
-            rows += [r for r in table(args.dtype, [(block, warps)]) if r["pass"] == name]
+            for row in (r for r in table(args.dtype, [(block, warps)]) if r["pass"] == name):
+                for multiple in (True, False):
+                    widths = global_access_widths(compile_pass(name, args.dtype, block, warps,
+                                                               n_cols_multiple_of_16=multiple))
+                    row[f"ptx_global_{'v16' if multiple else 'odd_v'}"] = widths
+                rows.append(row)
         print(json.dumps(rows))
         return 0
     text = markdown(table(args.dtype), args.dtype)

@@ -43,6 +43,21 @@ _TORCH_ROW_CHUNK = 1024
 if HAS_TRITON:
 
     @triton.jit
+    def _online_update(u, m, s, su):
+        """Fold one block of scaled logits u into the running max m (scalar) and the per-lane sums
+        s = sum e^{u-m}, su = sum e^{u-m} (u - m)."""
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        # guard -inf - -inf: a chunk (or a shard) of -inf logits contributes nothing
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp(m - m_safe)
+        e = tl.exp(u - m_safe)
+        # su kept relative to the running max: no cancellation at |z| ~ 1e4
+        eu = e * tl.where(e > 0.0, u - m_safe, 0.0)
+        su = (su + tl.where(s > 0.0, m - m_safe, 0.0) * s) * scale + eu
+        s = s * scale + e
+        return m_new, s, su
+
+    @triton.jit
     def _stats_kernel(logits_ptr, targets_ptr, stats_ptr, stride_row, n_rows, n_cols, vocab_start, inv_temp,
                       BLOCK_V: tl.constexpr):
         # one program per token row; int64 offsets because N * V passes 2^31 at realistic sizes
@@ -54,19 +69,16 @@ if HAS_TRITON:
         # and the rescale is one scalar exp an iteration, so the loop still costs one exp an element
         s = tl.zeros((BLOCK_V,), tl.float32)
         su = tl.zeros((BLOCK_V,), tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + cols
+        # full blocks load without a mask, so they stay 16-byte vector loads whatever V is (a mask on
+        # offs < V would split them into scalar loads unless V is a multiple of 16); one masked tail block
+        n_full = (n_cols // BLOCK_V) * BLOCK_V
+        for start in range(0, n_full, BLOCK_V):
+            u = tl.load(base + start + cols).to(tl.float32) * inv_temp
+            m, s, su = _online_update(u, m, s, su)
+        if n_full < n_cols:
+            offs = n_full + cols
             u = tl.load(base + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32) * inv_temp
-            m_new = tl.maximum(m, tl.max(u, axis=0))
-            # guard -inf - -inf: a chunk (or a shard) of -inf logits contributes nothing
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            scale = tl.exp(m - m_safe)
-            e = tl.exp(u - m_safe)
-            # su = sum e^{u-m} (u - m), kept relative to the running max: no cancellation at |z| ~ 1e4
-            eu = e * tl.where(e > 0.0, u - m_safe, 0.0)
-            su = (su + tl.where(s > 0.0, m - m_safe, 0.0) * s) * scale + eu
-            s = s * scale + e
-            m = m_new
+            m, s, su = _online_update(u, m, s, su)
         su = tl.sum(su, axis=0)
         s = tl.sum(s, axis=0)
         target = tl.load(targets_ptr + row) - vocab_start
@@ -79,12 +91,25 @@ if HAS_TRITON:
         tl.store(stats_ptr + 3 * n_rows + row, su)
 
     @triton.jit
+    def _grad_block(u, offs, target, lse, entropy, g, h, inv_temp, HAS_H: tl.constexpr):
+        """dL/dz of one block: [g (onehot - p) + h p (-H - logp)] / T."""
+        logp = u - lse
+        p = tl.exp(logp)
+        d = -g * p
+        d = tl.where(offs == target, d + g, d)
+        if HAS_H:
+            # dH/du_j = p_j (sum_k p_k u_k - u_j) = p_j (-H - logp_j)
+            d += h * p * tl.where(p > 0.0, -entropy - logp, 0.0)
+        return d * inv_temp
+
+    @triton.jit
     def _grad_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr, stride_row,
                      stride_grad_row, n_cols, vocab_start, inv_temp, HAS_H: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
         gbase = grad_ptr + row * stride_grad_row
         cols = tl.arange(0, BLOCK_V)
+        out_ty = grad_ptr.dtype.element_ty
         g = tl.load(g_ptr + row)
         if HAS_H:  # constexpr: one of the two is compiled
             h = tl.load(h_ptr + row)
@@ -92,28 +117,30 @@ if HAS_TRITON:
         else:
             h = 0.0
             no_grad = g == 0.0
+        # as in the statistics pass: unmasked (vector) full blocks, one masked tail
+        n_full = (n_cols // BLOCK_V) * BLOCK_V
+        tail = n_full + cols
         if no_grad:
             # prompt/padding tokens: no gradient, and no need to read their logits
-            for start in range(0, n_cols, BLOCK_V):
-                offs = start + cols
-                tl.store(gbase + offs, tl.zeros((BLOCK_V,), tl.float32).to(grad_ptr.dtype.element_ty),
-                         mask=offs < n_cols)
+            zeros = tl.zeros((BLOCK_V,), tl.float32).to(out_ty)
+            for start in range(0, n_full, BLOCK_V):
+                tl.store(gbase + start + cols, zeros)
+            if n_full < n_cols:
+                tl.store(gbase + tail, zeros, mask=tail < n_cols)
         else:
             lse = tl.load(lse_ptr + row)
             entropy = tl.load(entropy_ptr + row)
             target = tl.load(targets_ptr + row) - vocab_start
-            for start in range(0, n_cols, BLOCK_V):
+            for start in range(0, n_full, BLOCK_V):
                 offs = start + cols
-                valid = offs < n_cols
-                u = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-                logp = u - lse
-                p = tl.exp(logp)
-                d = -g * p
-                d = tl.where(offs == target, d + g, d)
-                if HAS_H:
-                    # dH/du_j = p_j (sum_k p_k u_k - u_j) = p_j (-H - logp_j)
-                    d += h * p * tl.where(p > 0.0, -entropy - logp, 0.0)
-                tl.store(gbase + offs, (d * inv_temp).to(grad_ptr.dtype.element_ty), mask=valid)
+                u = tl.load(base + offs).to(tl.float32) * inv_temp
+                d = _grad_block(u, offs, target, lse, entropy, g, h, inv_temp, HAS_H)
+                tl.store(gbase + offs, d.to(out_ty))
+            if n_full < n_cols:
+                valid = tail < n_cols
+                u = tl.load(base + tail, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+                d = _grad_block(u, tail, target, lse, entropy, g, h, inv_temp, HAS_H)
+                tl.store(gbase + tail, d.to(out_ty), mask=valid)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -121,13 +148,13 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 # (BLOCK_V, num_warps) of each pass, NOT yet timed on hardware. Chosen from the kernels' static resource usage
-# compiled for sm_90 (benchmarks/sm90_resources.py -> benchmarks/results/sm90-resources-bf16.md): 16 values a
-# thread (two 16-byte bf16 loads), no spills, and several resident programs per SM to hide HBM latency:
-# stats 4096x8 = 64 regs, 4 programs (32 warps) per SM; grad 2048x4 = 51 regs, 10 programs (40 warps), no
-# reductions so small programs are free. (8192x8 needs 128/98 regs: 2 programs per SM.)
+# compiled for sm_90 as the JIT specialises a launch on 151,936-wide bf16 logits (benchmarks/sm90_resources.py
+# -> benchmarks/results/sm90-resources-bf16.md): 16 values a thread (two 16-byte loads), no spills, and many
+# resident programs per SM to hide HBM latency: stats 2048x4 = 72 regs, 7 programs (28 warps) per SM; grad
+# 2048x4 = 40 regs, 12 programs (48 warps). (8192x8 needs 127/80 regs: 2-3 programs per SM.)
 # benchmarks/gpu_suite.py's `tune` section times both passes on the device and prints the best pairs;
 # R1_KERNEL_LAUNCH="stats=8192x8,grad=4096x16" overrides them without a code change.
-DEFAULT_LAUNCH = {"stats": (4096, 8), "grad": (2048, 4)}
+DEFAULT_LAUNCH = {"stats": (2048, 4), "grad": (2048, 4)}
 
 
 def _parse_launch(spec: str) -> dict:

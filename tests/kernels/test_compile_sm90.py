@@ -3,7 +3,8 @@
 The interpreter (how the other kernel tests run) never lowers to PTX, so a kernel can pass every CPU test
 and still fail to compile, or spill registers, on the GPU. This compiles both passes at their default launch
 configuration for bf16/fp16/fp32 logits (in a subprocess: the kernels must be imported without
-TRITON_INTERPRET) and checks the cubins: no spills, and at least 4 resident programs per SM."""
+TRITON_INTERPRET), specialised as the JIT specialises a real launch, and checks the cubins and the PTX: no
+spills, at least 4 resident programs per SM, and 16-byte vector loads/stores of the logits and gradient."""
 import json
 import os
 import subprocess
@@ -33,6 +34,16 @@ def test_default_launch_compiles_for_h100_without_spills(dtype):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])
     assert {r["pass"] for r in rows} == {"stats", "grad"}
+    scalar = {"bf16": "b16", "fp16": "b16", "fp32": "b32"}[dtype]
     for r in rows:
         assert r["local"] == 0, f"{r['pass']} spills registers to local memory: {r}"
         assert r["programs_per_sm"] >= 4, f"{r['pass']} leaves too few resident programs per SM: {r}"
+        # the logits stream in 16-byte vectors (ld.global.v4.b32) when V is a multiple of 16, and the full
+        # blocks still do when it is not (only the masked tail block goes scalar)
+        for case in ("ptx_global_v16", "ptx_global_odd_v"):
+            assert r[case].get("ld.global.v4.b32", 0) >= 1, (case, r)
+        if r["pass"] == "grad":  # dL/dlogits is written in 16-byte vectors too
+            assert r["ptx_global_v16"].get(f"st.global.{scalar}", 0) == 0, r
+            assert r["ptx_global_v16"].get("st.global.v4.b32", 0) >= 1, r
+        else:  # one scalar load of the logits: the target's logit
+            assert r["ptx_global_v16"].get(f"ld.global.{scalar}", 0) <= (1 if scalar == "b16" else 2), r
