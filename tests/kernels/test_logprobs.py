@@ -29,7 +29,7 @@ def _check(logits, targets, temperature, rel, inplace=False):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,v", [(1, 7), (37, 1003), (19, 4099), (6, 4096)])  # tail only, full blocks + tail, full blocks only
+@pytest.mark.parametrize("n,v", [(1, 7), (37, 1003), (19, 4099), (6, 4096)])  # tail block only (x2), full blocks + tail, full blocks only
 @pytest.mark.parametrize("temperature", [0.6, 1.0])
 def test_matches_reference(dtype, n, v, temperature):
     logits = random_logits(n, v, dtype)
