@@ -277,3 +277,26 @@ def test_vllm_engine_import_guard():
 
     with pytest.raises(ImportError, match=r"needs vLLM.*install the gpu extra.*HFRolloutEngine"):
         VLLMRolloutEngine("some/model")
+
+
+def test_rollout_batch_from_groups_picks_whole_groups_in_order():
+    def batch(tag, groups, n=2):
+        k = groups * n
+        return RolloutBatch(prompt_ids=[[tag, i // n] for i in range(k)], completion_ids=[[tag, i] for i in range(k)],
+                            completion_text=[f"{tag}:{i}" for i in range(k)],
+                            rollout_logp=[torch.full((2,), float(tag * 100 + i)) for i in range(k)],
+                            finish_reason=["stop" if i % 2 else "length" for i in range(k)], group_size=n)
+
+    a, b = batch(1, 3), batch(2, 2)
+    merged = RolloutBatch.from_groups([(b, 1), (a, 0), (a, 2)])
+    assert merged.group_size == 2 and merged.num_groups == 3
+    assert merged.completion_text == ["2:2", "2:3", "1:0", "1:1", "1:4", "1:5"]
+    assert merged.prompt_ids == [[2, 1], [2, 1], [1, 0], [1, 0], [1, 2], [1, 2]]
+    assert [t[0].item() for t in merged.rollout_logp] == [202, 203, 100, 101, 104, 105]
+    assert merged.finish_reason == ["length", "stop"] * 3
+    with pytest.raises(ValueError, match="group sizes differ"):
+        RolloutBatch.from_groups([(a, 0), (batch(3, 1, n=3), 0)])
+    with pytest.raises(ValueError, match="group 3 of a batch with 3 groups"):
+        RolloutBatch.from_groups([(a, 3)])
+    with pytest.raises(ValueError, match="no groups"):
+        RolloutBatch.from_groups([])
