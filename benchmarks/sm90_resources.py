@@ -53,7 +53,9 @@ def compile_pass(name: str, dtype: str, block_v: int, num_warps: int, has_h: boo
     """The compiled kernel of one pass ('stats' or 'grad') for sm_90, specialised as Triton's JIT specialises
     a launch on [N, V] logits with 16-byte aligned buffers and a row stride divisible by 16 (e.g. V = 151,936,
     or any Megatron-padded vocabulary shard): `tt.divisibility = 16` on the pointers, the row strides, the
-    row count, and on n_cols unless `n_cols_multiple_of_16` is False (a vocabulary like 151,665)."""
+    row count, and on n_cols unless `n_cols_multiple_of_16` is False (a shard of 151,665 real vocabulary rows
+    in a buffer whose row stride is padded, as linear_grpo allocates it). A contiguous [N, 151,665] tensor has
+    an unaligned row stride too, and then every access is scalar: keep vocabularies padded (Megatron does)."""
     triton, h100, ASTSource, logprobs = _imports()
     aligned = [["tt.divisibility", 16]]
     if name == "stats":

@@ -136,7 +136,8 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    """Optimizer steps in total (a resumed run counts from its checkpoint)."""
+    """GRPO steps in total (each: one rollout batch, then epochs_per_batch x mini_batches optimizer steps);
+    a resumed run counts from its checkpoint."""
     seed: int = 1234
     out: str = "outputs/r1_zero"
     """Run directory: checkpoints, metrics.jsonl, tensorboard/, curves.png, hf/."""

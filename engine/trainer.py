@@ -81,7 +81,13 @@ class GRPOTrainer:
                              f"({cfg.rollout.max_new_tokens}) exceeds the model's max_position_embeddings "
                              f"({info.max_position_embeddings}, {self.model_dir / 'config.json'}): lower "
                              f"rollout.max_new_tokens or data.max_prompt_tokens")
-        teacher_dir = self._check_teacher(cfg.algo.teacher) if cfg.algo.teacher is not None else None
+        teacher_dir = self._check_teacher(cfg.algo.teacher, info, longest) if cfg.algo.teacher is not None else None
+        self.out = Path(cfg.train.out)
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is not None and not cfg.train.resume:
+            raise ValueError(f"{self.out} already holds a run (checkpoint {ckpt.name}); with --train.no-resume "
+                             f"nothing is overwritten: choose another --train.out, or drop --train.no-resume to "
+                             f"continue it")
         if cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.max_len is None:
             # Dr. GRPO's L_max is the generation budget: a constant, so the loss is split-invariant
             self.cfg = cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=cfg.rollout.max_new_tokens))
@@ -114,15 +120,9 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
         self.step = 0
         self.draws = 0  # prompt batches drawn so far (one a step, more with dynamic sampling): seeds the rollouts
-        self.out = Path(cfg.train.out)
         self.logger = MetricsLogger(self.out) if self.ps.is_main else None
         self.timer = PhaseTimer(sync_cuda=torch.cuda.is_available())
         self.stop_strings = tuple(cfg.rollout.stop_strings)
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is not None and not cfg.train.resume:
-            raise ValueError(f"{self.out} already holds a run (checkpoint {ckpt.name}); with --train.no-resume "
-                             f"nothing is overwritten: choose another --train.out, or drop --train.no-resume to "
-                             f"continue it")
         if ckpt is not None:
             self._resume(ckpt)
             if self.ps.is_main:
@@ -145,8 +145,9 @@ class GRPOTrainer:
                              f"data.max_prompt_tokens + rollout.max_new_tokens = "
                              f"{cfg.data.max_prompt_tokens + r.max_new_tokens}")
 
-    def _check_teacher(self, path: str) -> Path:
-        """The teacher scores the student's token ids: it must exist and share the student's tokenizer."""
+    def _check_teacher(self, path: str, student, longest_prompt: int) -> Path:
+        """The teacher scores the student's token ids: it must exist, share the student's tokenizer, cover every
+        id the student can sample, and fit the longest prompt + generation budget."""
         teacher_dir = Path(path)
         if not (teacher_dir / "config.json").is_file():
             raise ValueError(f"algo.teacher: {teacher_dir} has no config.json (an HF model directory is needed)")
@@ -156,7 +157,13 @@ class GRPOTrainer:
                              f"({self.model_dir}); on-policy distillation scores the student's token ids with the "
                              f"teacher, so both need one tokenizer")
         info = models.parse_hf_config(teacher_dir / "config.json", self.cfg.model.tensor_parallel)
-        check_tokenizer_fits(self.tokenizer, info.vocab_size, teacher_dir)
+        if info.vocab_size < student.vocab_size:
+            raise ValueError(f"algo.teacher: {teacher_dir} has vocab_size {info.vocab_size}, fewer than the "
+                             f"student's {student.vocab_size}: the student can sample ids the teacher cannot score")
+        need = longest_prompt + self.cfg.rollout.max_new_tokens
+        if need > info.max_position_embeddings:
+            raise ValueError(f"algo.teacher: {teacher_dir} has max_position_embeddings {info.max_position_embeddings}"
+                             f", shorter than the longest prompt + rollout.max_new_tokens ({need})")
         return teacher_dir
 
     # ------------------------------------------------------------------------------------------ rollouts
@@ -210,6 +217,7 @@ class GRPOTrainer:
         seed = cfg.train.seed * 1_000_003 + (self.draws * ps.dp_size + ps.dp_rank) * len(prompts) * G
         self.draws += 1
         rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
+        self._generated_tokens += int(rollout.lengths.sum())
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule rewards
             rewards += overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens, cfg.reward.overlong_buffer).double()
@@ -245,6 +253,7 @@ class GRPOTrainer:
         mini-batches, and extra metrics. With dynamic sampling the mini-batches come from the kept groups."""
         cfg, ps, timer = self.cfg, self.ps, self.timer
         G = cfg.rollout.group_size
+        self._generated_tokens = 0  # over every sampling round of this step
         with timer("rollout"):
             first = self._draw()
             rollout, _, rewards = first
@@ -255,10 +264,12 @@ class GRPOTrainer:
             self.rollout_engine.sleep()
         if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
             # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
-            parts = [torch.empty_like(rewards) for _ in range(ps.dp_size)]
-            dist.all_gather(parts, rewards, group=ps.dp_group)
+            # (on the device: NCCL groups take no CPU tensors)
+            local = rewards.to(self.device)
+            parts = [torch.empty_like(local) for _ in range(ps.dp_size)]
+            dist.all_gather(parts, local, group=ps.dp_group)
             n = rewards.numel()
-            adv = group_advantages(torch.cat(parts), G, scale="batch", estimator=cfg.algo.estimator)
+            adv = group_advantages(torch.cat(parts).cpu(), G, scale="batch", estimator=cfg.algo.estimator)
             adv = adv[ps.dp_rank * n:(ps.dp_rank + 1) * n].float()
         else:
             adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
@@ -356,13 +367,13 @@ class GRPOTrainer:
         m["time/step"] = seconds
         tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids))
         m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
-        m["throughput/rollout_tokens_per_s"] = lengths.sum().item() / max(m.get("time/rollout", 1e-9), 1e-9)
+        m["throughput/rollout_tokens_per_s"] = self._generated_tokens / max(m.get("time/rollout", 1e-9), 1e-9)
         m.update(extra)  # the same keys on every rank (they follow the config)
         if self.ps.dp_size > 1:  # average over data-parallel replicas
             keys = sorted(m)
-            t = torch.tensor([m[k] for k in keys], dtype=torch.float64)
+            t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
             dist.all_reduce(t, group=self.ps.dp_group)
-            m = dict(zip(keys, (t / self.ps.dp_size).tolist()))
+            m = dict(zip(keys, (t / self.ps.dp_size).cpu().tolist()))
         return m
 
     # ------------------------------------------------------------------------------------------ evaluation
@@ -379,9 +390,10 @@ class GRPOTrainer:
         _, scores = self.generate_and_score(mine, k, self.sampling_params(seed=self.cfg.train.seed + 7,
                                                                           eval_mode=True))
         sums = torch.tensor([sum(scores.components["accuracy"]), sum(scores.components["format"]),
-                             float(len(scores.total))], dtype=torch.float64)
+                             float(len(scores.total))], dtype=torch.float64, device=self.device)
         if self.ps.dp_size > 1:
             dist.all_reduce(sums, group=self.ps.dp_group)
+        sums = sums.cpu()
         return {"eval/pass@1": (sums[0] / sums[2]).item(), "eval/format_rate": (sums[1] / sums[2]).item()}
 
     # ------------------------------------------------------------------------------------------ the loop

@@ -71,7 +71,12 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         loss = hidden2d.new_zeros((), dtype=torch.float32)
 
         def logits_of(sl):
-            return hidden2d[sl] @ weight.t()
+            if v_local % 16 == 0:
+                return hidden2d[sl] @ weight.t()
+            # a vocabulary shard that is not a multiple of 16 (real rows of a padded vocab): rows of a wider
+            # buffer keep every row 16-byte aligned, so the passes' full blocks stay vector loads/stores
+            buf = torch.empty(sl.stop - sl.start, -(-v_local // 64) * 64, dtype=hidden2d.dtype, device=hidden2d.device)
+            return torch.mm(hidden2d[sl], weight.t(), out=buf[:, :v_local])
 
         def backprop_chunk(sl, logits_c, lse, ent, g, h):
             grad_fn(logits_c, logits_c, targets[sl], lse, ent, g, h, vocab_start, inv_temp)  # in place

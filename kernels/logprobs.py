@@ -69,8 +69,9 @@ if HAS_TRITON:
         # and the rescale is one scalar exp an iteration, so the loop still costs one exp an element
         s = tl.zeros((BLOCK_V,), tl.float32)
         su = tl.zeros((BLOCK_V,), tl.float32)
-        # full blocks load without a mask, so they stay 16-byte vector loads whatever V is (a mask on
-        # offs < V would split them into scalar loads unless V is a multiple of 16); one masked tail block
+        # full blocks load without a mask: with a row stride that is a multiple of 16 elements (Megatron's padded
+        # vocab shards; linear_grpo's chunk buffers) they are 16-byte vector loads whatever V is, where a mask on
+        # offs < V would split them into scalar loads unless V itself is a multiple of 16; one masked tail block
         n_full = (n_cols // BLOCK_V) * BLOCK_V
         for start in range(0, n_full, BLOCK_V):
             u = tl.load(base + start + cols).to(tl.float32) * inv_temp

@@ -40,7 +40,8 @@ class PolicyLossConfig:
     beta: float = 0.0
     """KL coefficient to the frozen reference policy (0 builds no reference model)."""
     kl: Literal["k1", "k2", "k3"] = "k3"
-    """KL estimator: k1 = log r, k2 = (log r)^2 / 2, k3 = r - 1 - log r with r = pi_ref / pi (R1's choice)."""
+    """KL(pi || pi_ref) estimator per token, with log r = ref_logp - logp: k1 = -log r, k2 = (log r)^2 / 2,
+    k3 = r - 1 - log r (R1's choice)."""
     entropy_coef: float = 0.0
     """Entropy bonus: loss -= entropy_coef * H (0: the entropy's gradient is never computed)."""
     aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"

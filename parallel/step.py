@@ -753,8 +753,13 @@ def train_step(
             forward_only=False,
         )
 
-    with nvtx_range("optimizer_step"):
-        update_successful, grad_norm = optimizer_step(optimizer, grad_clip)
+    if total_tokens == 0:
+        # no loss token anywhere (e.g. every completion truncated and masked): the gradient is zero, and an
+        # Adam step would still move the weights (momentum, weight decay), so there is no step at all
+        update_successful, grad_norm = False, 0.0
+    else:
+        with nvtx_range("optimizer_step"):
+            update_successful, grad_norm = optimizer_step(optimizer, grad_clip)
 
     result = _reduce_step_metrics(outputs)
     result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)

@@ -93,14 +93,20 @@ def main(argv: list[str] | None = None):
 
     trainer = GRPOTrainer(cfg, model_dir, train, held_out)
     start = trainer.step
-    if start >= cfg.train.steps and ps.is_main:
-        print(f"{trainer.out} is already at step {start} of train.steps={cfg.train.steps}: nothing to train "
-              f"(raise --train.steps to continue)")
-    # "before" is the base model's score: measured at step 0, read back from the log when resuming
     logged = {r["step"]: r for r in trainer.logger.read()} if trainer.logger is not None else {}
-    before = ({k: v for k, v in logged.get(0, {}).items() if k.startswith("eval/")} if trainer.step > 0
-              else trainer.evaluate())
-    if ps.is_main and before and trainer.step == 0:
+
+    def logged_eval(step: int) -> dict:
+        return {k: v for k, v in logged.get(step, {}).items() if k.startswith("eval/")}
+
+    if start >= cfg.train.steps:  # a finished run: report its scores, train and write nothing new
+        trainer.close()
+        if ps.is_main:
+            print(f"{trainer.out} is already at step {start} of train.steps={cfg.train.steps}: nothing to train "
+                  f"(raise --train.steps to continue)")
+        return logged_eval(0), logged_eval(start)
+    # "before" is the base model's score: measured at step 0, read back from the log when resuming
+    before = logged_eval(0) if start > 0 else trainer.evaluate()
+    if ps.is_main and before and start == 0:
         trainer.logger.log(0, before)
     trainer.fit()
     after = trainer.evaluate()
@@ -109,7 +115,7 @@ def main(argv: list[str] | None = None):
         if before and after:
             print(f"held-out pass@1 {before['eval/pass@1']:.3f} -> {after['eval/pass@1']:.3f}   "
                   f"format rate {before['eval/format_rate']:.3f} -> {after['eval/format_rate']:.3f}")
-    if trainer.step > start and (cfg.train.save_every == 0 or trainer.step % cfg.train.save_every):
+    if cfg.train.save_every == 0 or trainer.step % cfg.train.save_every:
         trainer.save()
     if cfg.train.export_hf:
         path = trainer.export_hf()

@@ -55,3 +55,32 @@ def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, 
     trainer.save()
     trainer.close()
     return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in history]
+
+
+def dynamic_sampling_rank_worker(model_dir: str, out: str):
+    """DP rank r of 2 with scripted rewards: rank 0's first round is all informative, rank 1's is uniform and
+    its second informative. Returns (rounds, filler groups, draws, sampler state) as this rank saw them."""
+    import torch.distributed as dist
+
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(Path(out), steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, dynamic_sampling=True, max_sampling_rounds=3))
+    t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"))
+    rank = dist.get_rank()
+    informative, uniform = [1.0, 0.0, 0.0, 1.0], [0.0] * 4
+    script = iter({0: [informative * 2, uniform * 2, uniform * 2],
+                   1: [uniform * 2, informative * 2, uniform * 2]}[rank])
+    real = t.rewards.score
+
+    def score(completions, refs):
+        return dataclasses.replace(real(completions, refs), total=next(script))
+
+    t.rewards.score = score
+    try:
+        *_, extra = t.collect()
+        return extra["dynamic_sampling/rounds"], extra["dynamic_sampling/filler_groups"], t.draws, \
+            t.sampler.state_dict()
+    finally:
+        t.close()

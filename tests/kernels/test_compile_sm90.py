@@ -39,7 +39,8 @@ def test_default_launch_compiles_for_h100_without_spills(dtype):
         assert r["local"] == 0, f"{r['pass']} spills registers to local memory: {r}"
         assert r["programs_per_sm"] >= 4, f"{r['pass']} leaves too few resident programs per SM: {r}"
         # the logits stream in 16-byte vectors (ld.global.v4.b32) when V is a multiple of 16, and the full
-        # blocks still do when it is not (only the masked tail block goes scalar)
+        # blocks still do when only the row stride is (a shard of real vocabulary rows in linear_grpo's padded
+        # chunk buffer): then only the masked tail block goes scalar
         for case in ("ptx_global_v16", "ptx_global_odd_v"):
             assert r[case].get("ld.global.v4.b32", 0) >= 1, (case, r)
         if r["pass"] == "grad":  # dL/dlogits is written in 16-byte vectors too
