@@ -8,7 +8,8 @@ then replaces `latest` (a one-line file) with os.replace. A crash mid-save leave
 is never read, so the previous checkpoint stays the latest one.
 
 Megatron's DistributedOptimizer (the GPU default) keeps the Adam moments and fp32 master weights sharded
-over DP ranks, outside `state_dict()`: they go to `optimizer_params.pt` through its
+over DP ranks, outside `state_dict()`: they go to `optimizer_params_tpXX_ppYYY.pt` (one file per tensor/pipeline
+slice: Megatron writes it from DP rank 0 of each slice) through its
 `save_parameter_state` / `load_parameter_state` (collective). After loading, `reload_model_params()`
 copies the restored model weights into any fp32 master copy. The CPU path (FP32Optimizer) is tested
 here; the DistributedOptimizer path is UNVERIFIED (no GPU yet).
@@ -56,6 +57,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _parameter_state_name() -> str:
+    """DistributedOptimizer state file of this rank's tensor/pipeline slice (all its DP ranks share it)."""
+    from megatron.core import parallel_state as mpu
+
+    return (f"optimizer_params_tp{mpu.get_tensor_model_parallel_rank():02d}"
+            f"_pp{mpu.get_pipeline_model_parallel_rank():03d}.pt")
+
+
 def step_dir(out: str | Path, step: int) -> Path:
     return Path(out) / "checkpoints" / f"step_{step:06d}"
 
@@ -73,7 +82,7 @@ def save_checkpoint(out: str | Path, step: int, *, model: torch.nn.Module, optim
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state()},
                tmp / f"rank{rank:05d}.pt")
     if _is_distributed_optimizer(optimizer):
-        optimizer.save_parameter_state(str(tmp / "optimizer_params.pt"))
+        optimizer.save_parameter_state(str(tmp / _parameter_state_name()))
     if rank == 0:
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
     _barrier()
@@ -110,6 +119,6 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: Any)
     optimizer.reload_model_params()  # fp32 master weights follow the restored model
     optimizer.load_state_dict(blob["optimizer"])
     if _is_distributed_optimizer(optimizer):
-        optimizer.load_parameter_state(str(path / "optimizer_params.pt"))
+        optimizer.load_parameter_state(str(path / _parameter_state_name()))
     _set_rng_state(blob["rng"])
     return json.loads((path / "trainer.json").read_text())

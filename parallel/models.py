@@ -265,11 +265,13 @@ def hf_config_to_transformer_config(
         fp16=dtype == torch.float16,
         # Without CUDA the full weight is built on CPU and split (also makes init TP-invariant).
         use_cpu_initialization=not torch.cuda.is_available(),
-        # Fusions need apex/TE/CUDA; the plain paths are exact and portable.
+        # Other fusions need apex/TE/CUDA; the plain paths are exact and portable.
         bias_activation_fusion=False,
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
-        apply_rope_fusion=False,
+        # TE's fused RoPE also keeps packed (thd) batches free of the per-sequence Python loop and host syncs
+        # of the unfused path; UNVERIFIED without a GPU
+        apply_rope_fusion=use_te,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
@@ -375,6 +377,13 @@ def build_gpt_model(
         position_embedding_type="rope",
         rotary_base=info.rope_theta,
     )
+    if not use_te:
+        # the local spec builds its norms as torch.nn.RMSNorm in fp32 whatever params_dtype says; one dtype for
+        # every parameter (as TE builds them, and as Megatron's mixed-precision optimizer needs). Parameters
+        # only: buffers such as RoPE's inv_freq stay fp32.
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
     if info.rope_scaling is not None:
         # Set before any forward: RotaryEmbedding.forward is lru-cached.
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(info.head_dim, info.rope_theta, info.rope_scaling).to(

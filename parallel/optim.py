@@ -128,8 +128,8 @@ def build_optimizer(
 
 
 def _have_gloo_groups() -> bool:
-    """Megatron's extra gloo copies of the DP groups (parallel.state creates them only with CUDA;
-    on CPU every group is gloo already)."""
+    """Megatron's extra gloo copies of the DP groups (parallel.state always asks for them; the
+    DistributedOptimizer's parameter-state save/load gathers over them)."""
     from megatron.core import parallel_state as mpu
 
     try:

@@ -130,6 +130,23 @@ def _megatron_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_bf16_model_has_one_parameter_dtype_and_matches_hf_in_bf16(kind, tiny_dirs, input_ids,
+                                                                  single_process_parallel):
+    """The local spec builds its RMSNorms in fp32 whatever params_dtype says; Megatron's mixed-precision
+    optimizer needs one dtype, so every parameter is cast (as TE would build them)."""
+    from parallel.convert import load_hf_checkpoint
+    from parallel.models import build_gpt_model
+
+    model = build_gpt_model(tiny_dirs[kind], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    load_hf_checkpoint(model, tiny_dirs[kind])
+    logits = _megatron_logits(model, input_ids)[..., :VOCAB].float()
+    with torch.no_grad():
+        reference = tiny_hf_model(kind).to(torch.bfloat16)(input_ids).logits.float()
+    assert (logits - reference).abs().max() < 0.1 * reference.abs().max()  # bf16 rounding, not a different model
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_transformers(kind, tiny_dirs, input_ids, single_process_parallel):
     from parallel.convert import load_hf_checkpoint
     from parallel.models import VOCAB_PAD_LOGIT, build_gpt_model
