@@ -164,6 +164,8 @@ def main(argv=None) -> int:
                     widths = global_access_widths(compile_pass(name, args.dtype, block, warps,
                                                                n_cols_multiple_of_16=multiple))
                     row[f"ptx_global_{'v16' if multiple else 'odd_v'}"] = widths
+                if name == "grad":  # the entropy-bonus variant of the gradient pass (HAS_H) too
+                    row["with_entropy_term"] = resource_usage(compile_pass(name, args.dtype, block, warps, has_h=True))
                 rows.append(row)
         print(json.dumps(rows))
         return 0

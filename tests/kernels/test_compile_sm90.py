@@ -44,6 +44,7 @@ def test_default_launch_compiles_for_h100_without_spills(dtype):
         for case in ("ptx_global_v16", "ptx_global_odd_v"):
             assert r[case].get("ld.global.v4.b32", 0) >= 1, (case, r)
         if r["pass"] == "grad":  # dL/dlogits is written in 16-byte vectors too
+            assert r["with_entropy_term"]["local"] == 0, r  # the entropy-bonus variant does not spill either
             assert r["ptx_global_v16"].get(f"st.global.{scalar}", 0) == 0, r
             assert r["ptx_global_v16"].get("st.global.v4.b32", 0) >= 1, r
         else:  # one scalar load of the logits: the target's logit
