@@ -334,8 +334,6 @@ class Suite:
         }
         backup = case.logits.clone()  # the in-place backward overwrites the logits: restored outside the timing
         rollout_logp = case.old_logp + 0.01
-        n_bytes, formula = h.counted_bytes("grpo_loss", True, self.sizes, self.dtype)
-        roof = self.meta.get("copy_roofline_gbps")
         for name, cfg in configs.items():
             rec = {"op": "policy_loss", "mode": "fwd+bwd", "impl": f"ours-inplace [{name}]", "status": None}
             if self.left() <= 0:
@@ -357,11 +355,8 @@ class Suite:
                 t = h.measure(runner, self.device, warmup=2 if not self.dry else 1, min_reps=5 if not self.dry else 2,
                               max_reps=30 if not self.dry else 3)
                 rec.update(status="ok", median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms, reps=t.reps,
-                           clock=t.clock, counted_bytes=n_bytes, bytes_formula=formula,
-                           gbps=n_bytes / (t.median_ms / 1e3) / 1e9, peak_extra_bytes=h.peak_extra_memory(runner,
-                                                                                                     self.device))
-                if roof:
-                    rec["pct_roofline"] = 100 * rec["gbps"] / roof
+                           clock=t.clock, peak_extra_bytes=h.peak_extra_memory(runner, self.device))
+                self._derive(rec, "grpo_loss", True, self.dtype)  # the same bytes as grpo_loss fwd+bwd
             except Exception as exc:
                 rec.update(status="error", error=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc()[-3000:])

@@ -71,7 +71,9 @@ class GRPOTrainer:
 
         self._check_layout(cfg)
         # everything a config or data mistake can break is checked before the models are built
-        check_reward_weights({"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}, cfg.reward.language)
+        # accuracy and format are always scored (weight 0 if not trained on) for the metrics
+        reward_weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
+        check_reward_weights(reward_weights, cfg.reward.language)
         self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
         self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
                          if len(eval_examples) else None)
@@ -112,9 +114,7 @@ class GRPOTrainer:
         self.rollout_engine = self.rewards = None
         if self.is_leader:
             self.rollout_engine = _build_rollout_engine(cfg, self.model_dir, self.tokenizer, self.device)
-            # accuracy and format are always scored (weight 0 if not trained on) for the metrics
-            weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
-            self.rewards = build_reward_composer(weights, language=cfg.reward.language,
+            self.rewards = build_reward_composer(reward_weights, language=cfg.reward.language,
                                                  num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         # every rank draws the same global batch; DP replicas take interleaved shares of it
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)

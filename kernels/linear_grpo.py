@@ -10,7 +10,8 @@ couples a sequence's tokens through its ratio, so it takes two sweeps: statistic
 the loss on all vectors, then the logits are recomputed chunk by chunk for the gradient pass.
 
 Gradients are computed inside forward (the loss is the final scalar); backward only scales the
-[N, H] and [V, H] results by grad_output, in place (so one backward per call). Under vocab-parallel TP the weight is a vocab shard, the
+[N, H] and [V, H] results by grad_output, in place (so one backward per call). Under vocab-parallel TP
+the weight is a vocab shard, the
 chunk statistics are all-gathered across the group, dW stays local, and dhidden (a partial sum over
 the shard's vocabulary) is all-reduced once at the end, as Megatron's column-parallel backward does.
 dW is accumulated with addmm in the weight's dtype (fp32 accumulate inside each GEMM).
@@ -65,7 +66,6 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         if need_grad:
             grad_hidden = torch.empty_like(hidden2d) if n else torch.zeros_like(hidden2d)
             grad_weight = torch.empty_like(weight) if n else torch.zeros_like(weight)
-        first = [True]
         w = aggregation_weights(inputs, config, num_sequences=num_sequences, num_tokens=num_tokens)
         acc = MetricSums()
         loss = hidden2d.new_zeros((), dtype=torch.float32)
@@ -81,9 +81,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         def backprop_chunk(sl, logits_c, lse, ent, g, h):
             grad_fn(logits_c, logits_c, targets[sl], lse, ent, g, h, vocab_start, inv_temp)  # in place
             torch.mm(logits_c, weight, out=grad_hidden[sl])
-            if first[0]:
+            if sl.start == 0:  # the first chunk writes dW, the others accumulate
                 torch.mm(logits_c.t(), hidden2d[sl], out=grad_weight)
-                first[0] = False
             else:
                 grad_weight.addmm_(logits_c.t(), hidden2d[sl])
 

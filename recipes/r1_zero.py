@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repositor
 
 import torch.distributed as dist
 
-from engine.config import GRPOConfig, load_config, pop_config_arg, read_yaml, run_cli
+from engine.config import GRPOConfig, from_dict, load_config, pop_config_arg, read_yaml, run_cli
 from engine.data import load_prompts
 from engine.trainer import GRPOTrainer
 from kernels import PolicyLossConfig
@@ -60,8 +60,10 @@ def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
     model_section = yaml_data.get("model") if isinstance(yaml_data.get("model"), dict) else {}
     named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) or model_section.get("path")
     embedded = not named
-    cfg = load_config(GRPOConfig, args + (["--config", path] if path else []),
-                      default=TINY_DEFAULT if embedded else GRPOConfig(), description=HELP)
+    default = TINY_DEFAULT if embedded else GRPOConfig()
+    if path:
+        default = from_dict(GRPOConfig, yaml_data, path, base=default)
+    cfg = load_config(GRPOConfig, args, default=default, description=HELP)
     if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args) \
             and "tensor_parallel" not in model_section:
         # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)

@@ -4,7 +4,8 @@ UNVERIFIED: written against vLLM's source (V1 engine, 2025-2026: `LLM(logprobs_m
 `LLM.sleep(level)`, `LLM.wake_up(tags)`, `LLM.collective_rpc`, `RequestOutput.outputs[*].token_ids /
 .logprobs / .finish_reason`, child seeds `seed + index` for n > 1), each call checked against the source
 of vLLM 0.10.0-0.12.0, but never run: the machine this was written on has no GPU and no vLLM. Needs
-vLLM >= 0.10.2: before it, "processed_logprobs" were taken before temperature and top-k/top-p. Its unit test only checks the import guard. Run it once on a GPU
+vLLM >= 0.10.2: before it, "processed_logprobs" were taken before temperature and top-k/top-p. Its unit
+test only checks the import guard. Run it once on a GPU
 against HFRolloutEngine (same prompts, temperature, top_p=1: rollout_logp should agree to bf16
 precision) before trusting it.
 
