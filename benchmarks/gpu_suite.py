@@ -380,10 +380,10 @@ class Suite:
         logits = torch.randn(n, v, generator=g, device=self.device, dtype=self.dtype).mul_(3.0)
         targets = torch.randint(0, v, (n,), generator=g, device=self.device)
         grad = torch.empty_like(logits)
-        _, entropy, lse = lp.combine_stats(lp._stats_triton(logits, targets, 0, 1.0))
+        _, entropy, lse_parts = lp.combine_stats(lp._stats_triton(logits, targets, 0, 1.0))
         g_vec = torch.randn(n, generator=g, device=self.device)  # every row has a gradient: full work
         passes = {"stats": (lambda: lp._stats_triton(logits, targets, 0, 1.0), 1),
-                  "grad": (lambda: lp._grad_triton(logits, grad, targets, lse, entropy, g_vec, None, 0, 1.0), 2)}
+                  "grad": (lambda: lp._grad_triton(logits, grad, targets, lse_parts, entropy, g_vec, None, 0, 1.0), 2)}
         blocks, warps = ((256, 1024), (4,)) if self.dry else ((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32))
         logits_bytes = n * v * (torch.finfo(self.dtype).bits // 8)
         roof = self.meta.get("copy_roofline_gbps")
@@ -417,7 +417,7 @@ class Suite:
         env = ",".join(f"{k}={b['block_v']}x{b['num_warps']}" for k, b in self.tuning["best"].items())
         self.tuning["env"] = env
         self.log(f"   best: R1_KERNEL_LAUNCH={env}")
-        logits = grad = targets = entropy = lse = g_vec = None  # free 10 GB before the rerun
+        logits = grad = targets = entropy = lse_parts = g_vec = None  # free 10 GB before the rerun
         h.free_memory(self.device)
 
         saved = {k: lp.set_launch(k, b["block_v"], b["num_warps"]) for k, b in self.tuning["best"].items()}

@@ -611,13 +611,13 @@ def counted_bytes(op: str, backward: bool, sizes: Sizes, dtype: torch.dtype) -> 
     again and write dL/dlogits (2*N*V*b) plus the per-token vectors of the gradient pass. So fwd+bwd counts
     3*N*V*b: a kernel at 100% of the copy roofline under this count does exactly three passes.
     Per-token vectors: targets int64 (8 B); token_logprobs writes logp (4 B); grpo_loss reads old_logp, ref_logp,
-    advantages, mask (16 B); the gradient pass reads targets, lse, entropy, dL/dlogp (20 B)."""
+    advantages, mask (16 B); the gradient pass reads targets, the row max and log-sum, entropy, dL/dlogp (24 B)."""
     n, v = sizes.n_tokens, sizes.vocab
     b = torch.finfo(dtype).bits // 8
     small_fwd = n * (8 + 4) if op == "token_logprobs" else n * (8 + 16)
     if not backward:
         return n * v * b + small_fwd, f"N*V*{b} + N*{small_fwd // n}"
-    small = small_fwd + n * 20
+    small = small_fwd + n * 24
     return 3 * n * v * b + small, f"3*N*V*{b} + N*{small // n}"
 
 

@@ -78,8 +78,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             buf = torch.empty(sl.stop - sl.start, -(-v_local // 64) * 64, dtype=hidden2d.dtype, device=hidden2d.device)
             return torch.mm(hidden2d[sl], weight.t(), out=buf[:, :v_local])
 
-        def backprop_chunk(sl, logits_c, lse, ent, g, h):
-            grad_fn(logits_c, logits_c, targets[sl], lse, ent, g, h, vocab_start, inv_temp)  # in place
+        def backprop_chunk(sl, logits_c, lse_parts, ent, g, h):
+            grad_fn(logits_c, logits_c, targets[sl], lse_parts, ent, g, h, vocab_start, inv_temp)  # in place
             torch.mm(logits_c, weight, out=grad_hidden[sl])
             if sl.start == 0:  # the first chunk writes dW, the others accumulate
                 torch.mm(logits_c.t(), hidden2d[sl], out=grad_weight)
@@ -90,22 +90,23 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         if config.token_separable:
             for sl in slices:
                 logits_c = logits_of(sl)
-                logp, ent, lse = combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp), tp_group)
+                logp, ent, lse_parts = combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp),
+                                                     tp_group)
                 loss_c, g, h = _chunk_loss(logp, ent, inputs.chunk(sl), config, w[sl], acc)
                 loss += loss_c
                 if need_grad:
-                    backprop_chunk(sl, logits_c, lse, ent, g, h)
+                    backprop_chunk(sl, logits_c, lse_parts, ent, g, h)
                 del logits_c
         else:
             parts = []
             for sl in slices:  # sweep 1: statistics only
                 stats = stats_fn(logits_of(sl), targets[sl], vocab_start, inv_temp)
                 parts.append(combine_stats(stats, tp_group))
-            logp, ent, lse = (torch.cat(p) for p in zip(*parts))
+            logp, ent, lse_parts = (torch.cat(p, dim=-1) for p in zip(*parts))
             loss, g, h = _chunk_loss(logp, ent, inputs, config, w, acc)
             if need_grad:
                 for sl in slices:  # sweep 2: recompute the logits for the gradient pass
-                    backprop_chunk(sl, logits_of(sl), lse[sl], ent[sl], g[sl], None if h is None else h[sl])
+                    backprop_chunk(sl, logits_of(sl), lse_parts[:, sl], ent[sl], g[sl], None if h is None else h[sl])
         if need_grad and tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(grad_hidden, group=tp_group)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -10,7 +10,9 @@ to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per to
 
 Gradient pass (backward): one more read and one write per row,
     dL/dz_j = [ g_t (onehot(y_t)_j - p_j) + h_t p_j (E_t - u_j) ] / T,    u = z/T, E_t = sum p u
-with logp_j = u_j - lse (so -H - logp_j = E_t - u_j), g_t = dL/dlogp_t and h_t = dL/dH_t from whatever loss consumed the vectors (policy_loss.py).
+with logp_j = u_j - lse (so -H - logp_j = E_t - u_j), g_t = dL/dlogp_t and h_t = dL/dH_t from whatever loss
+consumed the vectors (policy_loss.py). lse = m + log(sum e^{u-m}) is kept as its two parts and logp_j computed
+as (u_j - m) - log(sum): at |u| ~ 1e4 a rounded fp32 lse would be off by ~1e-3 in every logp_j.
 The grad_output scale is already folded into g_t and h_t by autograd, so backward needs no extra
 scaling pass and no host sync. Rows with g_t = h_t = 0 (prompt, padding) write zeros without reading.
 It stays local to each vocab shard. With `inplace_backward=True` the gradient overwrites the logits'
@@ -92,9 +94,9 @@ if HAS_TRITON:
         tl.store(stats_ptr + 3 * n_rows + row, su)
 
     @triton.jit
-    def _grad_block(u, offs, target, lse, entropy, g, h, inv_temp, HAS_H: tl.constexpr):
+    def _grad_block(u, offs, target, row_max, log_sum, entropy, g, h, inv_temp, HAS_H: tl.constexpr):
         """dL/dz of one block: [g (onehot - p) + h p (-H - logp)] / T."""
-        logp = u - lse
+        logp = (u - row_max) - log_sum
         p = tl.exp(logp)
         d = -g * p
         d = tl.where(offs == target, d + g, d)
@@ -104,7 +106,7 @@ if HAS_TRITON:
         return d * inv_temp
 
     @triton.jit
-    def _grad_kernel(logits_ptr, grad_ptr, targets_ptr, lse_ptr, entropy_ptr, g_ptr, h_ptr, stride_row,
+    def _grad_kernel(logits_ptr, grad_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, g_ptr, h_ptr, stride_row,
                      stride_grad_row, n_cols, vocab_start, inv_temp, HAS_H: tl.constexpr, BLOCK_V: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride_row
@@ -129,18 +131,19 @@ if HAS_TRITON:
             if n_full < n_cols:
                 tl.store(gbase + tail, zeros, mask=tail < n_cols)
         else:
-            lse = tl.load(lse_ptr + row)
+            row_max = tl.load(max_ptr + row)
+            log_sum = tl.load(log_sum_ptr + row)
             entropy = tl.load(entropy_ptr + row)
             target = tl.load(targets_ptr + row) - vocab_start
             for start in range(0, n_full, BLOCK_V):
                 offs = start + cols
                 u = tl.load(base + offs).to(tl.float32) * inv_temp
-                d = _grad_block(u, offs, target, lse, entropy, g, h, inv_temp, HAS_H)
+                d = _grad_block(u, offs, target, row_max, log_sum, entropy, g, h, inv_temp, HAS_H)
                 tl.store(gbase + offs, d.to(out_ty))
             if n_full < n_cols:
                 valid = tail < n_cols
                 u = tl.load(base + tail, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-                d = _grad_block(u, tail, target, lse, entropy, g, h, inv_temp, HAS_H)
+                d = _grad_block(u, tail, target, row_max, log_sum, entropy, g, h, inv_temp, HAS_H)
                 tl.store(gbase + tail, d.to(out_ty), mask=valid)
 
 
@@ -221,23 +224,24 @@ def _stats_torch(logits2d, targets, vocab_start, inv_temp):
     return stats
 
 
-def _grad_triton(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):
+def _grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
     n, v = logits2d.shape
     if n:
         block, warps = _launch("grad", v)
-        _grad_kernel[(n,)](logits2d, grad2d, targets, lse, entropy, g, h if h is not None else g,
+        _grad_kernel[(n,)](logits2d, grad2d, targets, lse_parts[0], lse_parts[1], entropy, g,
+                           h if h is not None else g,
                            logits2d.stride(0), grad2d.stride(0), v, vocab_start, inv_temp,
                            HAS_H=h is not None, BLOCK_V=block, num_warps=warps)
 
 
-def _grad_torch(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_temp):
+def _grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
     n, v = logits2d.shape
     local = targets - vocab_start
     owned = (local >= 0) & (local < v)
     for a in range(0, n, _TORCH_ROW_CHUNK):
         b = min(n, a + _TORCH_ROW_CHUNK)
         u = logits2d[a:b].float() * inv_temp
-        logp = u - lse[a:b, None]
+        logp = (u - lse_parts[0, a:b, None]) - lse_parts[1, a:b, None]
         p = torch.exp(logp)
         d = -g[a:b, None] * p
         rows = torch.nonzero(owned[a:b]).squeeze(1)
@@ -248,7 +252,9 @@ def _grad_torch(logits2d, grad2d, targets, lse, entropy, g, h, vocab_start, inv_
 
 
 def combine_stats(stats: torch.Tensor, tp_group=None):
-    """[4, N] per-shard (max m, sum e^{u-m}, target u, sum e^{u-m}(u-m)) -> (logp, entropy, lse).
+    """[4, N] per-shard (max m, sum e^{u-m}, target u, sum e^{u-m}(u-m)) -> (logp, entropy, lse_parts).
+
+    lse_parts = [2, N] (m, log sum e^{u-m}), whose sum is logsumexp(u): the gradient pass takes the parts.
 
     Under TP the shards' statistics are all-gathered ([tp, 4, N]: 16 bytes a token a rank) and merged
     with the usual max-rescaling; every rank ends with the same vectors."""
@@ -266,9 +272,9 @@ def combine_stats(stats: torch.Tensor, tp_group=None):
     else:
         m, s, zt, su = stats
         m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-    lse = m + torch.log(s)
-    entropy = torch.log(s) - su / s
-    return zt - lse, entropy, lse
+    log_sum = torch.log(s)
+    entropy = log_sum - su / s
+    return (zt - m) - log_sum, entropy, torch.stack((m, log_sum))
 
 
 def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, tp_group=None, vocab_start=None):
@@ -332,8 +338,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         inv_temp = 1.0 / float(temperature)
         stats_fn = _stats_triton if _use_triton(logits2d) else _stats_torch
         stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
-        logp, entropy, lse = combine_stats(stats, tp_group)
-        ctx.save_for_backward(logits2d, targets, lse, entropy)
+        logp, entropy, lse_parts = combine_stats(stats, tp_group)
+        ctx.save_for_backward(logits2d, targets, lse_parts, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.inplace = inv_temp, vocab_start, inplace_backward
         # an unused output (the entropy, mostly) must arrive as None, not zeros: then its term is skipped
         ctx.set_materialize_grads(False)
@@ -341,12 +347,12 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        logits2d, targets, lse, entropy = ctx.saved_tensors
-        g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)
+        logits2d, targets, lse_parts, entropy = ctx.saved_tensors
+        g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(entropy)
         h = grad_entropy.float().contiguous() if grad_entropy is not None else None
         grad = logits2d.detach() if ctx.inplace else torch.empty_like(logits2d)
         grad_fn = _grad_triton if _use_triton(logits2d) else _grad_torch
-        grad_fn(logits2d, grad, targets, lse, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
+        grad_fn(logits2d, grad, targets, lse_parts, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
         return grad, None, None, None, None, None
 
 

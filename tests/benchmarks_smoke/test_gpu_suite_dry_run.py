@@ -30,7 +30,7 @@ def test_dry_run_writes_complete_results(tmp_path):
     for impl in ("ours", "ours-inplace", "eager"):
         r = by_key[("grpo_loss", "fwd+bwd", impl)]
         assert r["status"] == "ok" and r["agrees"] is True and r["median_ms"] > 0
-        assert r["counted_bytes"] == 3 * 16 * 1000 * 2 + 16 * 44
+        assert r["counted_bytes"] == 3 * 16 * 1000 * 2 + 16 * 48
     assert by_key[("linear_grpo_loss", "fwd+bwd", "ours")]["agrees"] is True
     assert by_key[("linear_grpo_loss", "fwd+bwd", "matmul")]["status"] == "ok"
     if harness.liger_status().ok:

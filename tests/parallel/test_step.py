@@ -283,7 +283,9 @@ def _assert_same_run(got, want):
     for key in ("logp", "entropy", "logp_after"):
         assert sorted(got[key]) == sorted(want[key])
         for i in want[key]:
-            torch.testing.assert_close(got[key][i], want[key][i], rtol=0, atol=1e-5, msg=_named(f"{key} {i}"))
+            # log-probs reach |logp| ~ 10 (fp32 ulp 1e-6) and logp_after carries the weight deltas' own
+            # round-off (rtol 1e-5 below): an absolute 1e-5 alone sat at ~15 ulps, inside the noise of a reordering
+            torch.testing.assert_close(got[key][i], want[key][i], rtol=2e-6, atol=1e-5, msg=_named(f"{key} {i}"))
     for key in ("loss", "grad_norm", "num_tokens", "num_sequences", "ratio", "kl", "entropy", "clip_low", "clip_high"):
         assert got["metrics"][key] == pytest.approx(want["metrics"][key], rel=1e-5, abs=1e-7), key
     for name, delta in want["delta"].items():
