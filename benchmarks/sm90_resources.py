@@ -66,9 +66,9 @@ def compile_pass(name: str, dtype: str, block_v: int, num_warps: int, has_h: boo
         fn, constexprs = logprobs._stats_kernel, {"BLOCK_V": block_v}
     elif name == "grad":
         signature = {"logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "targets_ptr": "*i64", "max_ptr": "*fp32",
-                     "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "g_ptr": "*fp32", "h_ptr": "*fp32", "stride_row": "i64",
-                     "stride_grad_row": "i64", "n_cols": "i32", "vocab_start": "i64", "inv_temp": "fp32",
-                     "HAS_H": "constexpr", "BLOCK_V": "constexpr"}
+                     "log_sum_ptr": "*fp32", "entropy_ptr": "*fp32", "g_ptr": "*fp32", "h_ptr": "*fp32",
+                     "stride_row": "i64", "stride_grad_row": "i64", "n_cols": "i32", "vocab_start": "i64",
+                     "inv_temp": "fp32", "HAS_H": "constexpr", "BLOCK_V": "constexpr"}
         divisible = ["logits_ptr", "grad_ptr", "targets_ptr", "max_ptr", "log_sum_ptr", "entropy_ptr", "g_ptr",
                      "h_ptr", "stride_row", "stride_grad_row"]
         fn, constexprs = logprobs._grad_kernel, {"HAS_H": has_h, "BLOCK_V": block_v}

@@ -10,8 +10,8 @@ if not torch.cuda.is_available():
 
 
 def _interpreter_loop_bounds_work() -> bool:
-    """Triton <= 3.6's interpreter turns a runtime loop bound into an int with int(ndarray of shape (1,)),
-    which NumPy >= 2.4 refuses: every kernel test would then fail deep inside the interpreter."""
+    """Triton 3.6's interpreter (seen; 3.9's squeezes first) turns a runtime loop bound into an int with
+    int(ndarray of shape (1,)), which NumPy >= 2.4 refuses: every kernel test would fail inside the interpreter."""
     import triton
     import triton.language as tl
 
