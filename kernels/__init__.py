@@ -3,10 +3,10 @@
 Plain tensors in, plain tensors out (and an optional torch.distributed group for vocab-parallel
 tensor parallelism). Nothing here knows Megatron, the trainer or a config file.
 """
-from .grpo_loss import grpo_loss, policy_loss
+from .logits_loss import grpo_loss, policy_loss
 from .linear_grpo import linear_grpo_loss, linear_policy_loss
 from .logprobs import token_logprobs
-from .policy_loss import (AGGREGATIONS, KL_ESTIMATORS, LOSSES, PolicyLossConfig, compute_policy_loss,
+from .loss_family import (AGGREGATIONS, KL_ESTIMATORS, LOSSES, PolicyLossConfig, compute_policy_loss,
                           distillation_advantages)
 
 __all__ = [

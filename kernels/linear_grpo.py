@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .logprobs import _grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats, validate_targets
-from .policy_loss import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
+from .loss_family import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
 
 # target elements of one chunk's logits (bf16: 512 MB); small enough to stay << N x V, large enough for fast GEMMs
 _CHUNK_ELEMENTS = 1 << 28

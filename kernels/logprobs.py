@@ -11,7 +11,7 @@ to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per to
 Gradient pass (backward): one more read and one write per row,
     dL/dz_j = [ g_t (onehot(y_t)_j - p_j) + h_t p_j (E_t - u_j) ] / T,    u = z/T, E_t = sum p u
 with logp_j = u_j - lse (so -H - logp_j = E_t - u_j), g_t = dL/dlogp_t and h_t = dL/dH_t from whatever loss
-consumed the vectors (policy_loss.py). lse = m + log(sum e^{u-m}) is kept as its two parts and logp_j computed
+consumed the vectors (loss_family.py). lse = m + log(sum e^{u-m}) is kept as its two parts and logp_j computed
 as (u_j - m) - log(sum): at |u| ~ 1e4 a rounded fp32 lse would be off by ~1e-3 in every logp_j.
 The grad_output scale is already folded into g_t and h_t by autograd, so backward needs no extra
 scaling pass and no host sync. Rows with g_t = h_t = 0 (prompt, padding) write zeros without reading.

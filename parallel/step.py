@@ -19,7 +19,7 @@ How attention is blocked across packed sequences
 
 Losses and normalisation
     `train_step` divides every loss by GLOBAL counts (tokens / sequences over all micro-batches and
-    data-parallel ranks, all-reduced before the schedule) through `kernels.policy_loss`, so the sum
+    data-parallel ranks, all-reduced before the schedule) through `kernels.policy_loss` (kernels/logits_loss.py), so the sum
     of the per-micro-batch losses over all DP ranks is the full-batch loss. Megatron then divides
     each micro-batch loss by the number of micro-batches (2-tuple loss contract in
     schedules.forward_step_calc_loss) and Megatron DDP scales gradients by 1/dp before its sum

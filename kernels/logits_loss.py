@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .logprobs import token_logprobs
-from .policy_loss import PolicyLossConfig, compute_policy_loss, prepare_inputs
+from .loss_family import PolicyLossConfig, compute_policy_loss, prepare_inputs
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_logp, advantages, mask,
