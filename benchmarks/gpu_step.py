@@ -34,13 +34,13 @@ TINY = dict(QWEN2_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 
 
 def _batch(vocab: int, n_seq: int, prompt: int, completion: int, row: int, seed: int = 0):
-    from parallel.step import TrainBatch
+    from engine.batch import rl_rows
 
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (prompt,), generator=g).tolist() for _ in range(n_seq)]
     completions = [torch.randint(0, vocab, (completion - (i % 7) * 3,), generator=g).tolist() for i in range(n_seq)]
-    adv = (torch.rand(n_seq, generator=g) * 2 - 1).tolist()
-    return TrainBatch.from_sequences(prompts, completions, advantages=adv, pack=True, max_tokens_per_row=row)
+    adv = torch.rand(n_seq, generator=g) * 2 - 1
+    return rl_rows(prompts, completions, adv, pack=True, max_tokens_per_row=row)
 
 
 def _sync():
@@ -87,7 +87,7 @@ def parity(cfg: dict, device, batch_args) -> dict:
     losses = []
     for model in (fp32, bf16):
         logits = model(batch.tokens, batch.position_ids, batch.attention_mask())
-        loss, _ = policy_loss(logits, batch.targets, old_logp=lp32, ref_logp=None, advantages=batch.advantages,
+        loss, _ = policy_loss(logits, batch.targets, old_logp=lp32, ref_logp=None, advantages=batch.extras["advantages"],
                               mask=batch.loss_mask, config=cfg_loss, temperature=0.7, seq_ids=batch.seq_ids)
         losses.append(loss.item())
     out["loss_fp32"], out["loss_bf16"] = losses
@@ -95,6 +95,8 @@ def parity(cfg: dict, device, batch_args) -> dict:
 
 
 def step_time(cfg: dict, device, batch_args, reps: int) -> dict:
+    from engine.batch import with_logprobs
+    from engine.objectives import policy_objective
     from kernels import PolicyLossConfig
     from parallel import build_gpt_model
     from parallel.optim import build_optimizer, wrap_for_training
@@ -106,13 +108,13 @@ def step_time(cfg: dict, device, batch_args, reps: int) -> dict:
     opt = build_optimizer(ddp, lr=1e-6)
     batch = _batch(cfg["vocab_size"], *batch_args).to(device)
     tokens = int(batch.loss_mask.numel())
-    loss_cfg = PolicyLossConfig(beta=0.0)
+    objective = policy_objective(PolicyLossConfig(beta=0.0), temperature=1.0)
     res = {"tokens_per_step": tokens, "completion_tokens": int(batch.loss_mask.sum()),
            "params_millions": sum(p.numel() for p in model.parameters()) / 1e6}
-    batch = batch.with_logprobs(old_logp=logprobs(ddp, batch, temperature=1.0, num_microbatches=4))
+    batch = with_logprobs(batch, old_logp=logprobs(ddp, batch, temperature=1.0, num_microbatches=4))
     res["logprobs"] = _timed(lambda: logprobs(ddp, batch, temperature=1.0, num_microbatches=4), reps)
     for fused in (True, False):
-        r = _timed(lambda: train_step(ddp, opt, batch, loss_cfg, num_microbatches=4, fused_lm_head=fused), reps)
+        r = _timed(lambda: train_step(ddp, opt, batch, objective, num_microbatches=4, fused_lm_head=fused), reps)
         r["tokens_per_s"] = tokens / r["median_s"]
         res[f"train_step_fused_{fused}"] = r
     return res

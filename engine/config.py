@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import sys
 import types
 import typing
@@ -84,9 +86,10 @@ class RewardConfig:
     language: str = "en"
     """Target language of the language-consistency reward (script-based): en, zh, ..."""
     overlong_buffer: int | None = None
-    """DAPO soft overlong punishment: the last L_c tokens of rollout.max_new_tokens ramp the reward to -1."""
+    """DAPO soft overlong punishment: the last L_c tokens of rollout.max_new_tokens ramp the reward to -1
+    (None or 0: off)."""
     num_workers: int = 2
-    """Reward worker processes (math-verify is CPU-bound)."""
+    """Reward worker processes (math-verify is CPU-bound; 0: score in the trainer's process)."""
     timeout_s: float = 10.0
     """Per-completion reward timeout; a timed-out completion scores 0 and is counted."""
 
@@ -151,6 +154,9 @@ class TrainConfig:
     eval_top_p: float = 0.95
     eval_size: int | None = None
     """Held-out questions used (None: all)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints: after each successful save the older ones beyond the newest k are
+    deleted (never the one `latest` names)."""
     resume: bool = True
     """Continue from the latest checkpoint in `out` when there is one (with --train.no-resume an `out` that
     holds a checkpoint is an error: nothing is overwritten)."""
@@ -170,6 +176,95 @@ class GRPOConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _flag(key: str) -> str:
+    section, name = key.split(".")
+    return f"--{section}.{name.replace('_', '-')}"
+
+
+def check_ranges(cfg: GRPOConfig) -> None:
+    """Every field with a valid range, checked before anything is built: a ValueError naming the first bad one as
+    its command-line flag (YAML: the same section.key), e.g. "--loss.beta=-0.5: must be >= 0 (...)".
+
+    loss.entropy_coef may be negative on purpose: loss -= entropy_coef * H, so a negative coefficient is an
+    entropy penalty (entropy minimisation is a published way to sharpen a policy); only finiteness is checked.
+    eval_temperature 0 is greedy decoding (evaluation computes no log-probs), rollout.temperature must be > 0
+    (the trainer divides logits by it)."""
+    m, d, r, rw, o, a, lo, t = (cfg.model, cfg.data, cfg.rollout, cfg.reward, cfg.optim, cfg.algo, cfg.loss,
+                                cfg.train)
+    fin = math.isfinite
+
+    def at_least(x, low):  # an int/float field >= low (NaN and inf fail)
+        return x is not None and fin(x) and x >= low
+
+    def opt(x, low):  # None (off) or >= low
+        return x is None or at_least(x, low)
+
+    def mask_range(rng):  # exp(old - rollout) is ~1 on-policy: a range without 1 would drop every token
+        return rng is None or (len(rng) == 2 and all(map(fin, rng)) and 0 <= rng[0] <= 1 <= rng[1])
+
+    checks = [
+        ("model.tensor_parallel", m.tensor_parallel >= 1, ">= 1"),
+        ("model.pipeline_parallel", m.pipeline_parallel >= 1, ">= 1"),
+        ("data.max_prompt_tokens", d.max_prompt_tokens >= 1, ">= 1"),
+        ("rollout.prompts_per_step", r.prompts_per_step >= 1, ">= 1"),
+        ("rollout.group_size", r.group_size >= 1, ">= 1 (completions sampled per prompt)"),
+        ("rollout.group_size", a.estimator != "rloo" or r.group_size >= 2,
+         ">= 2 with --algo.estimator rloo (its baseline is the mean of the other samples)"),
+        ("rollout.temperature", at_least(r.temperature, 0) and r.temperature > 0,
+         "> 0 (the trainer's log-probs divide the logits by it)"),
+        ("rollout.top_p", at_least(r.top_p, 0) and 0 < r.top_p <= 1, "in (0, 1]"),
+        ("rollout.top_k", r.top_k == -1 or r.top_k >= 1, "-1 (off) or >= 1"),
+        ("rollout.max_new_tokens", r.max_new_tokens >= 1, ">= 1"),
+        ("rollout.stop_strings", all(isinstance(x, str) and x for x in r.stop_strings), "non-empty strings"),
+        ("rollout.gpu_memory_utilization", at_least(r.gpu_memory_utilization, 0) and 0 < r.gpu_memory_utilization <= 1,
+         "in (0, 1]"),
+        ("rollout.num_threads", opt(r.num_threads, 1), ">= 1 (or None: torch's default)"),
+        ("reward.weights", all(isinstance(v, (int, float)) and fin(v) for v in rw.weights.values()), "finite numbers"),
+        ("reward.overlong_buffer", rw.overlong_buffer is None or 0 <= rw.overlong_buffer <= r.max_new_tokens,
+         f"None/0 (off) or 1..--rollout.max-new-tokens ({r.max_new_tokens}): the last L_c tokens of the budget"),
+        ("reward.num_workers", rw.num_workers >= 0, ">= 0 (0: score in this process)"),
+        ("reward.timeout_s", at_least(rw.timeout_s, 0) and rw.timeout_s > 0, "> 0 seconds"),
+        ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
+        ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
+        ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),
+        ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+        ("optim.betas", len(o.betas) == 2 and all(at_least(b, 0) and b < 1 for b in o.betas),
+         "two numbers in [0, 1) (Adam's moment decay rates)"),
+        ("algo.epochs_per_batch", a.epochs_per_batch >= 1, ">= 1"),
+        ("algo.mini_batches", a.mini_batches >= 1, ">= 1"),
+        ("algo.num_microbatches", a.num_microbatches >= 1, ">= 1"),
+        ("algo.max_sampling_rounds", a.max_sampling_rounds >= 1, ">= 1"),
+        ("algo.max_tokens_per_row", opt(a.max_tokens_per_row, 1), ">= 1 (or None: the longest sequence)"),
+        ("loss.eps_low", lo.eps_low is None or (at_least(lo.eps_low, 0) and lo.eps_low < 1),
+         "in [0, 1) (the lower clip 1 - eps_low stays > 0; None: the loss's own)"),
+        ("loss.eps_high", opt(lo.eps_high, 0), ">= 0 (None: the loss's own)"),
+        ("loss.dual_clip_c", lo.dual_clip_c is None or (fin(lo.dual_clip_c) and lo.dual_clip_c > 1),
+         "> 1 (or None: off)"),
+        ("loss.beta", at_least(lo.beta, 0),
+         ">= 0 (a negative KL coefficient rewards moving away from the reference policy)"),
+        ("loss.entropy_coef", fin(lo.entropy_coef), "finite (negative: an entropy penalty)"),
+        ("loss.max_len", opt(lo.max_len, 1), ">= 1 (or None: --rollout.max-new-tokens)"),
+        ("loss.cispo_eps_max", at_least(lo.cispo_eps_max, 0) and lo.cispo_eps_max > 0, "> 0"),
+        ("loss.tis_cap", lo.tis_cap is None or (at_least(lo.tis_cap, 0) and lo.tis_cap > 0), "> 0 (or None: off)"),
+        ("loss.token_mask_range", mask_range(lo.token_mask_range), "(lo, hi) with 0 <= lo <= 1 <= hi"),
+        ("loss.seq_mask_range", mask_range(lo.seq_mask_range), "(lo, hi) with 0 <= lo <= 1 <= hi"),
+        ("train.steps", t.steps >= 0, ">= 0"),
+        ("train.seed", 0 <= t.seed < 2**31, "in [0, 2**31) (per-sample sampling seeds are derived from it)"),
+        ("train.save_every", t.save_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.eval_every", t.eval_every >= 0, ">= 0 (0: before and after only)"),
+        ("train.eval_samples", t.eval_samples >= 1, ">= 1"),
+        ("train.eval_temperature", at_least(t.eval_temperature, 0), ">= 0 (0: greedy)"),
+        ("train.eval_top_p", at_least(t.eval_top_p, 0) and 0 < t.eval_top_p <= 1, "in (0, 1]"),
+        ("train.eval_size", opt(t.eval_size, 1), ">= 1 (or None: every held-out question)"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ValueError(f"{_flag(key)}={value!r}: must be {rule}")
 
 
 T = TypeVar("T")
@@ -322,18 +417,22 @@ def to_dict(config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def run_cli(main, *args) -> int:
-    """Run a recipe's main; a ValueError (a config, data or checkpoint mistake, whose message names the file,
-    key or row) prints as one line instead of a traceback and exits with 2. R1_DEBUG=1 keeps the traceback."""
-    import os
+# bad input a recipe reports as one line: config/data/checkpoint mistakes (ValueError) and paths that are missing,
+# of the wrong kind or not accessible; other errors (a bug, a disk failing mid-run) keep their traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
+
+def run_cli(main, *args) -> int:
+    """Run a recipe's main; a USER_ERRORS exception (whose message names the file, key, row or flag) prints as one
+    line instead of a traceback and exits with 2. R1_DEBUG=1 keeps the traceback."""
     try:
         main(*args)
-    except ValueError as err:
+    except USER_ERRORS as err:
         if os.environ.get("R1_DEBUG") == "1":
             raise
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
-        print(f"{prefix}error: {err}\n(R1_DEBUG=1 shows the traceback)", file=sys.stderr, flush=True)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line per rank
+        print(f"{prefix}error: {message} [R1_DEBUG=1 shows the traceback]", file=sys.stderr, flush=True)
         return 2
     return 0

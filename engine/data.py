@@ -203,8 +203,32 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, path: str | Path) -> N
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _tokenizer_class_named(model_dir: Path) -> Any:
+    """The transformers class tokenizer_config.json names ("tokenizer_class"), or None."""
+    config_file = model_dir / "tokenizer_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        name = json.loads(config_file.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{config_file}: not a readable JSON object ({err})") from None
+    if not isinstance(name, str):
+        return None
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    return tokenizer_class_from_name(name)
+
+
 def load_tokenizer(model_dir: str | Path) -> Any:
-    """Load the tokenizer stored with a model (local files only, never a download)."""
+    """Load exactly the tokenizer a model directory's files describe (local files only, never a download).
+
+    With tokenizer.json, that file is the tokenizer: `PreTrainedTokenizerFast.from_pretrained` wraps it as
+    saved, with special tokens and chat template from tokenizer_config.json / chat_template.jinja. Never
+    AutoTokenizer there: transformers 5 picks a class by config.json's model_type and rebuilds the pipeline
+    around the vocabulary (Qwen2Tokenizer drops the spaces and newlines of a character-level tokenizer).
+    Without tokenizer.json (tokenizer.model, vocab.json + merges.txt), the class tokenizer_config.json names
+    builds it, and AutoTokenizer only when none is named. `check_tokenizer_round_trip` verifies the result.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
@@ -212,13 +236,63 @@ def load_tokenizer(model_dir: str | Path) -> Any:
         raise FileNotFoundError(f"{model_dir}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if (model_dir / "tokenizer.json").is_file():
+        loader = PreTrainedTokenizerFast
+    else:
+        loader = _tokenizer_class_named(model_dir) or AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        # A bare tokenizer.json without tokenizer_config.json: wrap it directly.
-        if (model_dir / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
-        raise
+        return loader.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as err:  # the Rust tokenizers library raises a bare Exception on a malformed file
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{model_dir}: cannot load the tokenizer with {loader.__name__}: {detail}") from None
+
+
+def _normalized(tokenizer: Any, text: str) -> str | None:
+    """`text` through the tokenizer's own normalizer (NFC, NFKC, lowercasing, ...), or None without one."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    normalizer = getattr(backend, "normalizer", None)
+    return normalizer.normalize_str(text) if normalizer is not None else None
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def check_tokenizer_round_trip(
+    tokenizer: Any, texts: Sequence[str], where: str | Path, sources: Sequence[str] | None = None,
+) -> None:
+    """ValueError (one line, naming `where` and the text's source) unless decode(encode(text)) gives each
+    text back. sources: where each text came from ("file:row"); default "text 1", "text 2", ...
+
+    Encoded without added special tokens (no BOS), decoded with special tokens kept and no clean-up, so the
+    check sees exactly the ids the policy is given. A text equal to itself after the tokenizer's own
+    normalizer counts as kept: normalising is documented behaviour, dropping characters is not.
+    """
+    from tokenizers import Tokenizer
+
+    for number, text in enumerate(texts):
+        ids = encode_text(tokenizer, text, add_special_tokens=False)
+        if isinstance(tokenizer, Tokenizer):  # raw: no clean-up option
+            got = tokenizer.decode(ids, skip_special_tokens=False)
+        else:
+            got = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        normalized = _normalized(tokenizer, text)
+        if got == text or got == normalized:
+            continue
+        # Report against the reading (raw or normalised) that agrees longest, so the difference shown is real.
+        expected = text
+        if normalized is not None and _common_prefix(normalized, got) > _common_prefix(text, got):
+            expected = normalized
+        at = _common_prefix(expected, got)
+        source = sources[number] if sources is not None else f"text {number + 1}"
+        raise ValueError(f"{where}: the tokenizer does not round-trip the prompt text of {source}: first "
+                         f"difference at char {at}: expected {expected[at:at + 20]!r}, got {got[at:at + 20]!r} "
+                         f"(the text starts {text[:40]!r})")
+
+
+# Prompts checked by PromptDataset: they all share the template, so a few cover it and the usual characters.
+ROUND_TRIP_PROMPTS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,7 +310,9 @@ class TokenizedPrompt:
 
 class PromptDataset:
     """Templated, tokenised prompts. Prompts longer than `max_prompt_tokens` are dropped and counted
-    (`num_skipped_too_long`, plus one warning), since truncating a question changes its answer."""
+    (`num_skipped_too_long`, plus one warning), since truncating a question changes its answer. The first
+    ROUND_TRIP_PROMPTS templated prompts must survive `check_tokenizer_round_trip` (ValueError otherwise):
+    a tokenizer that loses characters would otherwise train on text nobody wrote, silently."""
 
     def __init__(
         self, examples: Sequence[PromptExample], tokenizer: Any, template: str = "r1-zero",
@@ -248,13 +324,18 @@ class PromptDataset:
         add_special_tokens = template != "chat"
         self.items: list[TokenizedPrompt] = []
         self.num_skipped_too_long = 0
+        checked: list[tuple[str, str]] = []
         for example in examples:
             text = apply_template(example.prompt, template, tokenizer)
+            if len(checked) < ROUND_TRIP_PROMPTS:
+                checked.append((text, example.source))
             ids = encode_text(tokenizer, text, add_special_tokens=add_special_tokens)
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
                 self.num_skipped_too_long += 1
                 continue
             self.items.append(TokenizedPrompt(example=example, text=text, prompt_ids=ids))
+        check_tokenizer_round_trip(tokenizer, [t for t, _ in checked], getattr(tokenizer, "name_or_path", "")
+                                   or "the tokenizer", sources=[s for _, s in checked])
         source = examples[0].source.rsplit(":", 1)[0] if examples else "<no examples>"
         if self.num_skipped_too_long:
             warnings.warn(f"{source}: skipped {self.num_skipped_too_long} of {len(examples)} prompts longer than "

@@ -1,12 +1,14 @@
 """Training metrics: one jsonl line per step, TensorBoard scalars, a PNG of the curves, and phase timers.
 
-metrics.jsonl is the source of truth (plain text, append-only, flushed every step so a crashed run
-keeps its history); TensorBoard is a convenience that is skipped with one warning when unavailable.
+metrics.jsonl is the source of truth (plain text, flushed every step so a crashed run keeps its history;
+append-only but for a resume, which drops the rows logged after its checkpoint); TensorBoard is a
+convenience that is skipped with one warning when unavailable.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -32,12 +34,43 @@ class MetricsLogger:
         self._writer = None
         if use_tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+                self._writer = self._open_writer()
             except Exception as err:  # ImportError, or a broken tensorboard/protobuf install
                 warnings.warn(f"TensorBoard logging disabled ({type(err).__name__}: {err}); metrics.jsonl "
                               f"is still written", stacklevel=2)
+
+    def _open_writer(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.out_dir / "tensorboard"), purge_step=purge_step)
+
+    def truncate_after(self, step: int) -> int:
+        """Forget what was logged for steps > `step` (a resumed run redoes them): metrics.jsonl is rewritten
+        atomically without those lines, and TensorBoard gets a new event file with purge_step=step + 1, which
+        makes readers hide the older files' events at steps >= step + 1. Returns the number of lines dropped."""
+        self._file.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                if not line.strip() or int(json.loads(line)["step"]) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")  # the next record starts a line
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                if number == len(lines) and not line.endswith("\n"):
+                    continue  # the line a crash cut short: its step is redone
+                raise ValueError(f"{self.path}, line {number}: not a metrics record ({line.strip()[:80]!r})") from None
+        if kept != lines:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._open_writer(purge_step=step + 1)
+        return len(lines) - len(kept)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if "step" in metrics:

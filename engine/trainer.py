@@ -7,7 +7,7 @@ One step, as data flows (GRPO_SPEC.md):
   1. prompts_per_step prompts (each DP replica takes its share), G completions each from the
      rollout engine, with the per-token rollout log-probs;
   2. rule rewards in a worker pool, group-normalised advantages;
-  3. a packed TrainBatch; reference log-probs (if beta > 0) and old log-probs (only when the
+  3. packed rows with the RL vectors (engine.batch); reference log-probs (if beta > 0) and old log-probs (only when the
      updates go off-policy: several epochs or mini-batches), both through the fused kernels;
   4. epochs x mini-batches optimizer steps of the fused policy loss over Megatron's schedule;
   5. the new weights streamed into the rollout engine, tensor by tensor (parallel.convert).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,15 +29,18 @@ import torch.distributed as dist
 
 from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.config import GRPOConfig, to_dict
+from engine.config import GRPOConfig, check_ranges, to_dict
 from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
 from engine.metrics import MetricsLogger, PhaseTimer
-from engine.rewards import build_reward_composer, check_reward_weights
+from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout.base import RolloutBatch, SamplingParams
 from kernels import distillation_advantages
 from parallel import convert, models, state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
-from parallel.step import TrainBatch, logprobs, train_step
+from engine.batch import ADVANTAGES, OLD_LOGP, rl_rows, with_logprobs
+from engine.objectives import policy_objective
+from parallel.rows import PackedRows
+from parallel.step import logprobs, train_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the curves a person looks at first (curves.png); everything else is in metrics.jsonl and TensorBoard
@@ -57,15 +61,29 @@ def _build_rollout_engine(cfg: GRPOConfig, model_dir: Path, tokenizer, device):
                            num_threads=cfg.rollout.num_threads)
 
 
+@dataclass
+class CollectedStep:
+    """What one step trains on: the first sampling round (what the step's metrics describe), the packed
+    mini-batches (with dynamic sampling, from the kept groups) and the step's extra metrics."""
+
+    rollout: RolloutBatch
+    scores: RewardOutput
+    rewards: torch.Tensor
+    minis: list[PackedRows]
+    metrics: dict[str, float]
+
+
 class GRPOTrainer:
     def __init__(self, config: GRPOConfig, model_dir: str | Path, train_examples: Sequence, eval_examples: Sequence = ()):
+        check_ranges(config)
         self.cfg = cfg = config
         self.model_dir = Path(model_dir)
         self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
         self.device = self.ps.device
         self.is_leader = dist.get_rank(self.ps.model_parallel_group) == 0  # tp 0 / pp 0 of this replica
-        self.tokenizer = load_tokenizer(self.model_dir)
+        # config.json first: a directory without it is not a model, whatever its tokenizer files
         info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel)
+        self.tokenizer = load_tokenizer(self.model_dir)
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
         dtype = _DTYPES[cfg.model.dtype]
 
@@ -90,9 +108,12 @@ class GRPOTrainer:
             raise ValueError(f"{self.out} already holds a run (checkpoint {ckpt.name}); with --train.no-resume "
                              f"nothing is overwritten: choose another --train.out, or drop --train.no-resume to "
                              f"continue it")
-        if cfg.loss.aggregation == "seq-mean-token-sum-norm" and cfg.loss.max_len is None:
-            # Dr. GRPO's L_max is the generation budget: a constant, so the loss is split-invariant
-            self.cfg = cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, max_len=cfg.rollout.max_new_tokens))
+        # the loss's own eps / aggregation where unset (what the kernels run is what the run records), and Dr.
+        # GRPO's L_max = the generation budget: a constant (the kernels require it), so the loss is split-invariant
+        loss = cfg.loss.resolved()
+        if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
+            loss = dataclasses.replace(loss, max_len=cfg.rollout.max_new_tokens)
+        self.cfg = cfg = dataclasses.replace(cfg, loss=loss)
 
         policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8)
         convert.load_hf_checkpoint(policy, self.model_dir)
@@ -127,6 +148,10 @@ class GRPOTrainer:
             self._resume(ckpt)
             if self.ps.is_main:
                 print(f"resumed {self.out} from {ckpt.name} at step {self.step} of {cfg.train.steps}", flush=True)
+        if self.logger is not None:  # a crashed run's rows after its checkpoint are redone now: one row per step
+            dropped = self.logger.truncate_after(self.step if ckpt is not None else -1)  # no checkpoint: start over
+            if dropped:
+                print(f"{self.logger.path}: dropped {dropped} line(s) logged after the checkpoint", flush=True)
 
     def _check_layout(self, cfg: GRPOConfig) -> None:
         """Settings that would otherwise fail on one rank while the others wait in a collective."""
@@ -134,9 +159,6 @@ class GRPOTrainer:
         if r.prompts_per_step % dp:
             raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
                              f"data-parallel size {dp}")
-        if a.epochs_per_batch < 1 or a.mini_batches < 1 or a.num_microbatches < 1 or a.max_sampling_rounds < 1:
-            raise ValueError("algo.epochs_per_batch, algo.mini_batches, algo.num_microbatches and "
-                             "algo.max_sampling_rounds must be >= 1")
         if r.prompts_per_step // dp * r.group_size < a.mini_batches:
             raise ValueError(f"algo.mini_batches={a.mini_batches} exceeds the {r.prompts_per_step // dp * r.group_size} "
                              f"completions each data-parallel rank gets per step")
@@ -202,12 +224,12 @@ class GRPOTrainer:
     def train_one_step(self) -> dict[str, float]:
         self.timer.reset()
         t0 = time.perf_counter()
-        rollout, scores, rewards, minis, extra = self.collect()
-        updates, lr = self.update(minis)
+        step = self.collect()
+        updates, lr = self.update(step.minis)
         with self.timer("weight_sync"):
             self.sync_weights()
         self.step += 1
-        return self._step_metrics(rollout, scores, rewards, updates, lr, time.perf_counter() - t0, extra)
+        return self._step_metrics(step, updates, lr, time.perf_counter() - t0)
 
     def _draw(self):
         """One sampling round: this rank's share of the next prompt batch, G completions each, rewards."""
@@ -246,11 +268,9 @@ class GRPOTrainer:
         return merged, merged_rewards, {"dynamic_sampling/rounds": float(rounds),
                                         "dynamic_sampling/filler_groups": float(max(0, need - len(kept)))}
 
-    def collect(self):
+    def collect(self) -> "CollectedStep":
         """Rollouts, rewards, advantages and the packed mini-batches (with ref/old log-probs) for this step.
-
-        Returns the first sampling round (rollout, scores, rewards: what the metrics describe), the
-        mini-batches, and extra metrics. With dynamic sampling the mini-batches come from the kept groups."""
+        With dynamic sampling the mini-batches come from the kept groups."""
         cfg, ps, timer = self.cfg, self.ps, self.timer
         G = cfg.rollout.group_size
         self._generated_tokens = 0  # over every sampling round of this step
@@ -287,56 +307,57 @@ class GRPOTrainer:
                 models.onload(self.reference, self.device)
             for k in range(cfg.algo.mini_batches):
                 idx = list(range(k, rollout.num_completions, cfg.algo.mini_batches))
-                batch = TrainBatch.from_sequences(
+                batch = rl_rows(
                     [rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
-                    advantages=adv[idx].tolist(), rollout_logp=[rollout.rollout_logp[i] for i in idx],
+                    None if self.teacher is not None else adv[idx],
+                    rollout_logp=[rollout.rollout_logp[i] for i in idx],
                     train_on=None if train_on is None else [train_on[i] for i in idx], pack=True,
                     max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
                 if self.teacher is not None:
                     batch = self._with_distillation(batch)
-                    kl = -(batch.advantages * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
+                    kl = -(batch.extras[ADVANTAGES] * batch.loss_mask).sum() / batch.loss_mask.sum().clamp(min=1)
                     extra["distill/reverse_kl"] = extra.get("distill/reverse_kl", 0.0) + kl.item() / cfg.algo.mini_batches
                 minis.append(self._with_logprobs(batch))
             if offload:
                 models.offload_to_cpu(self.reference)
-        return (*first, minis, extra)
+        return CollectedStep(*first, minis, extra)
 
-    def _with_distillation(self, batch: TrainBatch) -> TrainBatch:
-        """Per-token advantages -(logp_student - logp_teacher) on the student's samples; the student's
-        log-probs double as old_logp (they are the policy's at sampling time)."""
+    def _with_distillation(self, batch: PackedRows) -> PackedRows:
+        """The advantages of on-policy distillation: -(logp_student - logp_teacher) per token of the student's
+        samples; the student's log-probs double as old_logp (they are the policy's at sampling time)."""
         T, mb = self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         student = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
         teacher = logprobs(self.teacher, batch, temperature=T, num_microbatches=mb)
-        adv = distillation_advantages(student, teacher, batch.loss_mask)
-        return dataclasses.replace(batch, advantages=adv).with_logprobs(old_logp=student)
+        batch = batch.with_extras(**{ADVANTAGES: distillation_advantages(student, teacher, batch.loss_mask)})
+        return with_logprobs(batch, old_logp=student)
 
-    def _with_logprobs(self, batch: TrainBatch) -> TrainBatch:
+    def _with_logprobs(self, batch: PackedRows) -> PackedRows:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
         cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         if self.reference is not None:
-            batch = batch.with_logprobs(ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
-        if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1 and batch.old_logp is None:
-            batch = batch.with_logprobs(old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
+            batch = with_logprobs(batch, ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
+        if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1 and OLD_LOGP not in batch.extras:
+            batch = with_logprobs(batch, old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
         return batch
 
-    def update(self, minis: list[TrainBatch]):
+    def update(self, minis: list[PackedRows]):
         """epochs x mini-batches optimizer steps of the policy loss; returns (their metrics, lr)."""
         cfg = self.cfg
         lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
         set_learning_rate(self.optimizer, lr)
         updates = []
+        objective = policy_objective(cfg.loss, cfg.rollout.temperature)
         with self.timer("train"):
             for _ in range(cfg.algo.epochs_per_batch):
                 for mini in minis:
-                    updates.append(train_step(self.policy, self.optimizer, mini, cfg.loss,
-                                              temperature=cfg.rollout.temperature,
+                    updates.append(train_step(self.policy, self.optimizer, mini, objective,
                                               num_microbatches=cfg.algo.num_microbatches,
                                               fused_lm_head=cfg.algo.fused_lm_head))
         return updates, lr
 
     def sync_weights(self) -> None:
         """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
-        stream = convert.export_hf_state(self.policy.module)
+        stream = convert.export_hf_state(self.policy)
         if self.is_leader:
             self.rollout_engine.update_weights((name, t.detach()) for name, t in stream)
             self.rollout_engine.wake()  # weights are in; the KV cache comes back for the next rollout
@@ -344,8 +365,8 @@ class GRPOTrainer:
             for _ in stream:
                 pass
 
-    def _step_metrics(self, rollout: RolloutBatch, scores, rewards, updates, lr, seconds,
-                      extra: dict[str, float]) -> dict[str, float]:
+    def _step_metrics(self, step: "CollectedStep", updates, lr, seconds) -> dict[str, float]:
+        rollout, scores, rewards = step.rollout, step.scores, step.rewards
         lengths = rollout.lengths.double()
         m: dict[str, float] = {
             "reward/mean": rewards.mean().item(),
@@ -368,7 +389,7 @@ class GRPOTrainer:
         tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids))
         m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
         m["throughput/rollout_tokens_per_s"] = self._generated_tokens / max(m.get("time/rollout", 1e-9), 1e-9)
-        m.update(extra)  # the same keys on every rank (they follow the config)
+        m.update(step.metrics)  # the same keys on every rank (they follow the config)
         if self.ps.dp_size > 1:  # average over data-parallel replicas
             keys = sorted(m)
             t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
@@ -425,10 +446,10 @@ class GRPOTrainer:
         return history
 
     def save(self) -> Path:
-        return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
-                               trainer_state={"step": self.step, "draws": self.draws,
-                                              "sampler": self.sampler.state_dict(),
-                                              "config": to_dict(self.cfg)})
+        state = {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
+                 "config": to_dict(self.cfg)}
+        return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer, trainer_state=state,
+                               keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)
@@ -445,7 +466,7 @@ class GRPOTrainer:
 
     def export_hf(self, out_dir: str | Path | None = None) -> Path:
         out_dir = Path(out_dir) if out_dir is not None else self.out / "hf"
-        convert.save_hf_checkpoint(self.policy.module, out_dir, self.model_dir / "config.json",
+        convert.save_hf_checkpoint(self.policy, out_dir, self.model_dir / "config.json",
                                    tokenizer_dir=self.model_dir)
         return out_dir
 

@@ -3,7 +3,8 @@
 For each chunk of C tokens: logits_c = hidden_c @ W^T (the input dtype, e.g. bf16, [C, V(/tp)]),
 the statistics pass, the loss on the chunk's [C] vectors, the gradient pass written in place over
 logits_c, then dhidden_c = dlogits_c @ W and dW += dlogits_c^T @ hidden_c. So peak extra memory is
-O(C x V) and the matmul work is the bare lm_head's forward + backward (three GEMMs of N x V x H).
+O(C x V) and the matmul work is the bare lm_head's forward + backward (three GEMMs of N x V x H; two with a
+frozen weight or frozen hidden states: the gradient nothing needs is never computed).
 That one-sweep order needs dL/dlogp_t from token t alone, which holds for token-separable losses
 (GRPO, CISPO, the rollout corrections) once the aggregation weights are fixed from the mask. GSPO
 couples a sequence's tokens through its ratio, so it takes two sweeps: statistics for every chunk,
@@ -23,7 +24,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from .logprobs import _grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats, validate_targets
+from .logprobs import (_grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats,
+                       owned_targets, validate_targets)
 from .loss_family import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
 
 # target elements of one chunk's logits (bf16: 512 MB); small enough to stay << N x V, large enough for fast GEMMs
@@ -60,11 +62,14 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         stats_fn = _stats_triton if triton_ok else _stats_torch
         grad_fn = _grad_triton if triton_ok else _grad_torch
         chunk = chunk_size or default_chunk_size(n, v_local)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # a frozen lm_head (or frozen hidden states) gets no gradient GEMM: 2 of the 3 GEMMs of N x V x H
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_grad = need_dh or need_dw
         # no memsets: every chunk writes its rows of dhidden, and the first chunk writes dW (mm, then addmm)
         grad_hidden = grad_weight = None
-        if need_grad:
+        if need_dh:
             grad_hidden = torch.empty_like(hidden2d) if n else torch.zeros_like(hidden2d)
+        if need_dw:
             grad_weight = torch.empty_like(weight) if n else torch.zeros_like(weight)
         w = aggregation_weights(inputs, config, num_sequences=num_sequences, num_tokens=num_tokens)
         acc = MetricSums()
@@ -80,18 +85,24 @@ class LinearPolicyLossFunction(torch.autograd.Function):
 
         def backprop_chunk(sl, logits_c, lse_parts, ent, g, h):
             grad_fn(logits_c, logits_c, targets[sl], lse_parts, ent, g, h, vocab_start, inv_temp)  # in place
-            torch.mm(logits_c, weight, out=grad_hidden[sl])
+            if need_dh:
+                torch.mm(logits_c, weight, out=grad_hidden[sl])
+            if not need_dw:
+                return
             if sl.start == 0:  # the first chunk writes dW, the others accumulate
                 torch.mm(logits_c.t(), hidden2d[sl], out=grad_weight)
             else:
                 grad_weight.addmm_(logits_c.t(), hidden2d[sl])
 
+        def stats_of(sl, logits_c):
+            owned = owned_targets(targets[sl], vocab_start, v_local) if tp_group is not None else None
+            return combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp), tp_group, owned)
+
         slices = [slice(a, min(n, a + chunk)) for a in range(0, n, chunk)]
         if config.token_separable:
             for sl in slices:
                 logits_c = logits_of(sl)
-                logp, ent, lse_parts = combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp),
-                                                     tp_group)
+                logp, ent, lse_parts = stats_of(sl, logits_c)
                 loss_c, g, h = _chunk_loss(logp, ent, inputs.chunk(sl), config, w[sl], acc)
                 loss += loss_c
                 if need_grad:
@@ -100,14 +111,13 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         else:
             parts = []
             for sl in slices:  # sweep 1: statistics only
-                stats = stats_fn(logits_of(sl), targets[sl], vocab_start, inv_temp)
-                parts.append(combine_stats(stats, tp_group))
+                parts.append(stats_of(sl, logits_of(sl)))
             logp, ent, lse_parts = (torch.cat(p, dim=-1) for p in zip(*parts))
             loss, g, h = _chunk_loss(logp, ent, inputs, config, w, acc)
             if need_grad:
                 for sl in slices:  # sweep 2: recompute the logits for the gradient pass
                     backprop_chunk(sl, logits_of(sl), lse_parts[:, sl], ent[sl], g[sl], None if h is None else h[sl])
-        if need_grad and tp_group is not None and dist.get_world_size(tp_group) > 1:
+        if need_dh and tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(grad_hidden, group=tp_group)
         ctx.save_for_backward(grad_hidden, grad_weight)
         metrics_out.update(acc.means())
@@ -121,8 +131,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         ctx.backward_done = True
         grad_hidden, grad_weight = ctx.saved_tensors
         # scaled in place: a copy of dW ([V, H], ~1 GB at 7B) would be the largest allocation of the op
-        gh = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
-        gw = grad_weight.mul_(grad_output.to(grad_weight.dtype)) if ctx.needs_input_grad[1] else None
+        gh = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        gw = grad_weight.mul_(grad_output.to(grad_weight.dtype)) if grad_weight is not None else None
         return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
@@ -132,7 +142,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        chunk_size: int | None = None):
     """The policy loss of `hidden @ weight.T` without materialising the logits. hidden [..., H], weight [V(/tp), H].
 
-    Returns (loss, metrics) like `policy_loss`; gradients flow to hidden and weight."""
+    Returns (loss, metrics) like `policy_loss`; gradients flow to hidden and weight, and only to those that
+    require one (a frozen weight costs no dW GEMM)."""
     if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not match: "
                          f"expected hidden [..., H] and weight [V, H]")
@@ -141,10 +152,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                          f"must share dtype and device")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    config = config.resolved()
     shape = hidden.shape[:-1]
     targets1d, vocab_start = validate_targets(targets, shape, weight.shape[0], hidden.device, tp_group, vocab_start)
     inputs = prepare_inputs(shape, hidden.device, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
-                            mask=mask, seq_ids=seq_ids, rollout_logp=rollout_logp)
+                            mask=mask, seq_ids=seq_ids, rollout_logp=rollout_logp, config=config)
     hidden2d = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     metrics: dict = {}
     loss = LinearPolicyLossFunction.apply(hidden2d, weight, targets1d, inputs, config, float(temperature),

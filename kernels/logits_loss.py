@@ -9,7 +9,7 @@ read + write in backward), but computing dL/dz in backward
   * keeps forward-only calls (old/ref log-probs, evaluation, metrics) at one pass;
   * keeps memory flat with `inplace_backward=True`: the gradient overwrites the logits' buffer,
     exactly where a precomputed gradient would have been stored.
-The loss itself is `policy_loss.compute_policy_loss`, plain torch on [N] vectors, so GSPO, CISPO and
+The loss itself is `loss_family.compute_policy_loss`, plain torch on [N] vectors, so GSPO, CISPO and
 the rollout corrections run on the same two kernels.
 """
 from __future__ import annotations
@@ -30,11 +30,13 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_lo
     with them the loss is this shard's contribution, and summing over shards gives the full-batch loss.
     Returns (loss, metrics): metrics are token means over this call's masked tokens plus "num_tokens".
     seq_ids: which sequence each token belongs to; a sequence's tokens must be contiguous (a row of a
-    [B, S] layout, or one packed segment of a row). None: each row of a 2-D layout is a sequence.
+    [B, S] layout, or one packed segment of a row). None: each row of a 2-D layout is a sequence; a flat
+    [N] layout without seq_ids is refused for sequence-level losses and aggregations (config.sequence_level).
     """
+    config = config.resolved()
     shape = logits.shape[:-1]
     inputs = prepare_inputs(shape, logits.device, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
-                            mask=mask, seq_ids=seq_ids, rollout_logp=rollout_logp)
+                            mask=mask, seq_ids=seq_ids, rollout_logp=rollout_logp, config=config)
     logp, entropy = token_logprobs(logits, targets, temperature, return_entropy=True, tp_group=tp_group,
                                    vocab_start=vocab_start, inplace_backward=inplace_backward)
     if not config.needs_entropy_grad:

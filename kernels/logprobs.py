@@ -6,7 +6,8 @@ Statistics pass (forward): one read of each row of logits, an online logsumexp i
 carries sum_j e^{u_j - m} (u_j - m) (for the entropy) and picks the target logit; the running max is a
 scalar, the two sums are kept per lane and reduced once at the end of the row. It writes four fp32
 numbers per token, never an [N, V] fp32 tensor. Under vocab-parallel TP each rank reduces its shard
-to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per token) and combine.
+to those four numbers; the ranks all-gather them ([tp, 4, N], a few bytes per token) and combine (with one
+more row, whether the shard owns the target: the TP range check of the targets, see validate_targets).
 
 Gradient pass (backward): one more read and one write per row,
     dL/dz_j = [ g_t (onehot(y_t)_j - p_j) + h_t p_j (E_t - u_j) ] / T,    u = z/T, E_t = sum p u
@@ -251,17 +252,42 @@ def _grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start
         grad2d[a:b] = (d * inv_temp).to(grad2d.dtype)
 
 
-def combine_stats(stats: torch.Tensor, tp_group=None):
+def owned_targets(targets: torch.Tensor, vocab_start: int, v_local: int) -> torch.Tensor:
+    """Which targets fall in this shard's ids [vocab_start, vocab_start + v_local) (for combine_stats)."""
+    return (targets >= vocab_start) & (targets < vocab_start + v_local)
+
+
+def _check_ownership(count: torch.Tensor):
+    """Under TP each target id must lie in exactly one rank's shard: the range check, without a collective of
+    its own (the count rides on the statistics' all-gather) and, on CUDA, without a host sync."""
+    if not count.numel():
+        return
+    msg = ("targets out of range: a target id lies in no tensor-parallel rank's vocabulary shard (or in more "
+           "than one: overlapping vocab_start)")
+    if count.is_cuda:
+        torch._assert_async((count == 1).all(), msg)
+        return
+    bad = torch.nonzero(count != 1).flatten()
+    if bad.numel():
+        raise ValueError(f"{msg}: {bad.numel()} token(s), the first at flat position {int(bad[0])}")
+
+
+def combine_stats(stats: torch.Tensor, tp_group=None, owned: torch.Tensor | None = None):
     """[4, N] per-shard (max m, sum e^{u-m}, target u, sum e^{u-m}(u-m)) -> (logp, entropy, lse_parts).
 
     lse_parts = [2, N] (m, log sum e^{u-m}), whose sum is logsumexp(u): the gradient pass takes the parts.
 
-    Under TP the shards' statistics are all-gathered ([tp, 4, N]: 16 bytes a token a rank) and merged
-    with the usual max-rescaling; every rank ends with the same vectors."""
+    Under TP the shards' statistics are all-gathered ([tp, 5, N] with `owned`: 20 bytes a token a rank) and merged
+    with the usual max-rescaling; every rank ends with the same vectors. `owned` (owned_targets of this
+    shard) travels with them as a fifth row, and every target must be owned by exactly one rank."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
+        if owned is not None:
+            stats = torch.cat((stats, owned.to(stats.dtype)[None]))
         parts = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
         dist.all_gather(parts, stats.contiguous(), group=tp_group)
-        allstats = torch.stack(parts)  # [tp, 4, N]
+        allstats = torch.stack(parts)  # [tp, 4 (or 5), N]
+        if owned is not None:
+            _check_ownership(allstats[:, 4].sum(0))
         m_r, s_r = allstats[:, 0], allstats[:, 1]
         m = m_r.max(dim=0).values
         m = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
@@ -280,9 +306,11 @@ def combine_stats(stats: torch.Tensor, tp_group=None):
 def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, tp_group=None, vocab_start=None):
     """Targets must be int token ids of the token shape, on the same device, inside the (global) vocabulary.
 
-    Returns (targets1d int64, vocab_start). On CPU the range check raises a ValueError; on CUDA it is a
-    device-side assert with the same message (no host sync per call). Either way an out-of-range id
-    never becomes a silent wrong loss."""
+    Returns (targets1d int64, vocab_start). Without TP the range check is local: a ValueError on CPU, a
+    device-side assert with the same message on CUDA (no host sync). Under TP no rank knows the whole
+    vocabulary (shards may differ in size), so the check is that every target lies in exactly one rank's
+    shard, made in combine_stats on the statistics' own all-gather: no extra collective, no host sync on CUDA.
+    Either way an out-of-range id never becomes a silent wrong loss."""
     if not isinstance(targets, torch.Tensor):
         raise ValueError(f"targets must be a tensor, got {type(targets).__name__}")
     if tuple(targets.shape) != tuple(token_shape):
@@ -294,14 +322,8 @@ def validate_targets(targets: torch.Tensor, token_shape, v_local: int, device, t
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     if vocab_start is None:
         vocab_start = dist.get_rank(tp_group) * v_local if tp > 1 else 0
-        v_total = v_local * tp
-    elif tp > 1:  # shards of unequal size (e.g. padding rows left out): the group knows the end
-        end = torch.tensor([vocab_start + v_local], dtype=torch.int64, device=targets.device)
-        dist.all_reduce(end, op=dist.ReduceOp.MAX, group=tp_group)
-        v_total = int(end)
-    else:
+    if tp == 1 and targets.numel():
         v_total = vocab_start + v_local
-    if targets.numel():
         if targets.is_cuda:
             # no host sync on the hot path: a device-side assert carrying the same message
             torch._assert_async(((targets >= 0) & (targets < v_total)).all(),
@@ -338,7 +360,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         inv_temp = 1.0 / float(temperature)
         stats_fn = _stats_triton if _use_triton(logits2d) else _stats_torch
         stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
-        logp, entropy, lse_parts = combine_stats(stats, tp_group)
+        owned = owned_targets(targets, vocab_start, logits2d.shape[1]) if tp_group is not None else None
+        logp, entropy, lse_parts = combine_stats(stats, tp_group, owned)
         ctx.save_for_backward(logits2d, targets, lse_parts, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.inplace = inv_temp, vocab_start, inplace_backward
         # an unused output (the entropy, mostly) must arrive as None, not zeros: then its term is skipped

@@ -8,9 +8,16 @@ the gradient pass turns into dL/dz. So a new variant is a few lines of torch her
 A loss is *token-separable* when dL/dlogp_t depends on token t alone (GRPO, CISPO, the rollout
 corrections): then `linear_grpo.py` can finish each chunk of tokens in one sweep. GSPO couples the
 tokens of a sequence through its sequence ratio, so it needs all of a sequence's logp first.
+
+Numerical bound (a decision GRPO_SPEC.md leaves open): every exp() of a log-ratio that carries a gradient (the
+token ratio, GSPO's sequence ratio, k3's exp(ref - logp)) sees the log-ratio limited to +-20 in value, with the
+gradient straight through: dL/dlogp is the spec's formula evaluated at the bounded ratio (e.g. -A * e^20 for a
+token with A < 0 on the unclipped side at log-ratio 25), never 0 and never inf. A hard clamp would silently drop
+exactly the tokens whose ratio exploded; no bound gives an inf loss at a gap above ~88 (fp32).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,22 +26,33 @@ import torch
 LOSSES = ("grpo", "gspo", "gspo-token", "cispo")
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-# exp() of a log-ratio beyond this is numerical garbage (inf * 0 = nan); the clip makes it moot.
+# log-ratios are bounded to +-this before exp() (value only; see the module docstring)
 _MAX_LOG_RATIO = 20.0
+# each loss's own settings (GRPO_SPEC.md's loss family), used where a PolicyLossConfig field is left None;
+# CISPO has no clip range (its cap is cispo_eps_max)
+LOSS_DEFAULTS = {
+    "grpo": dict(eps_low=0.2, eps_high=0.2, aggregation="seq-mean-token-mean"),
+    "gspo": dict(eps_low=3e-4, eps_high=4e-4, aggregation="seq-mean-token-mean"),
+    "gspo-token": dict(eps_low=3e-4, eps_high=4e-4, aggregation="seq-mean-token-mean"),
+    "cispo": dict(eps_low=None, eps_high=None, aggregation="token-mean"),
+}
 
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Hyper-parameters of the policy loss. Defaults are DeepSeek-R1's GRPO. The papers' settings for the
-    others: GSPO eps_low=3e-4, eps_high=4e-4 (seq-mean-token-mean); CISPO aggregation="token-mean"."""
+    """Hyper-parameters of the policy loss. eps_low, eps_high and aggregation left None take the chosen
+    loss's own values (LOSS_DEFAULTS: grpo 0.2/0.2 seq-mean-token-mean as in DeepSeek-R1; gspo and gspo-token
+    3e-4/4e-4 seq-mean-token-mean; cispo token-mean). They stay None in the config, so `--loss.name gspo` on a
+    default config (CLI, YAML or dataclasses.replace) gets GSPO's values; `resolved()` fills them in."""
 
     name: Literal["grpo", "gspo", "gspo-token", "cispo"] = "grpo"
     """grpo: token ratio, clipped; gspo: sequence ratio (GSPO); gspo-token: GSPO's value with per-token
     gradients; cispo: clipped IS weight times logp, no token dropped."""
-    eps_low: float = 0.2
-    """Lower clip range: ratio >= 1 - eps_low (GSPO: 3e-4)."""
-    eps_high: float = 0.2
-    """Upper clip range: ratio <= 1 + eps_high (DAPO's clip-higher: 0.28; GSPO: 4e-4)."""
+    eps_low: float | None = None
+    """Lower clip range: ratio >= 1 - eps_low. None: the loss's own (grpo 0.2, gspo 3e-4; cispo has none)."""
+    eps_high: float | None = None
+    """Upper clip range: ratio <= 1 + eps_high (DAPO's clip-higher: 0.28). None: the loss's own (grpo 0.2,
+    gspo 4e-4)."""
     dual_clip_c: float | None = None
     """Dual clip for A < 0: the loss is capped at c * |A| (e.g. 3.0; must be > 1)."""
     beta: float = 0.0
@@ -44,11 +62,13 @@ class PolicyLossConfig:
     k3 = r - 1 - log r (R1's choice)."""
     entropy_coef: float = 0.0
     """Entropy bonus: loss -= entropy_coef * H (0: the entropy's gradient is never computed)."""
-    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    aggregation: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] | None = None
     """How token losses become one number: mean over sequences of their token means (GRPO), mean over all
-    tokens (DAPO), or sequence sums over a constant L_max (Dr. GRPO)."""
+    tokens (DAPO), or sequence sums over a constant L_max (Dr. GRPO). None: the loss's own (token-mean for
+    cispo, seq-mean-token-mean otherwise)."""
     max_len: int | None = None
-    """L_max of seq-mean-token-sum-norm (None: the generation budget, rollout.max_new_tokens)."""
+    """L_max of seq-mean-token-sum-norm, a constant the kernels require (a training run's None: the generation
+    budget, rollout.max_new_tokens)."""
     cispo_eps_max: float = 5.0
     """CISPO's cap on the stop-gradient IS weight."""
     tis_cap: float | None = None
@@ -61,11 +81,11 @@ class PolicyLossConfig:
     def __post_init__(self):
         if self.name not in LOSSES:
             raise ValueError(f"PolicyLossConfig.name: unknown loss {self.name!r}; choose one of {LOSSES}")
-        if self.aggregation not in AGGREGATIONS:
+        if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
             raise ValueError(f"PolicyLossConfig.aggregation: unknown {self.aggregation!r}; choose one of {AGGREGATIONS}")
         if self.kl not in KL_ESTIMATORS:
             raise ValueError(f"PolicyLossConfig.kl: unknown estimator {self.kl!r}; choose one of {KL_ESTIMATORS}")
-        if self.eps_low < 0 or self.eps_high < 0:
+        if any(e is not None and e < 0 for e in (self.eps_low, self.eps_high)):
             raise ValueError("PolicyLossConfig.eps_low/eps_high must be >= 0")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1.0:
             raise ValueError(f"PolicyLossConfig.dual_clip_c must be > 1, got {self.dual_clip_c}")
@@ -77,6 +97,21 @@ class PolicyLossConfig:
             rng = getattr(self, name)
             if rng is not None and not (len(rng) == 2 and 0 <= rng[0] <= rng[1]):
                 raise ValueError(f"PolicyLossConfig.{name} must be (lo, hi) with 0 <= lo <= hi, got {rng}")
+
+    def resolved(self) -> "PolicyLossConfig":
+        """This config with the loss's own eps_low / eps_high / aggregation where they are None."""
+        fill = {k: v for k, v in LOSS_DEFAULTS[self.name].items() if v is not None and getattr(self, k) is None}
+        return dataclasses.replace(self, **fill) if fill else self
+
+    @property
+    def sequence_level(self) -> str | None:
+        """What makes this loss read whole sequences (so it needs seq_ids or a [B, T] layout), or None."""
+        aggregation = self.resolved().aggregation
+        if aggregation != "token-mean":
+            return f"aggregation={aggregation!r}"
+        if self.name in ("gspo", "gspo-token"):
+            return f"name={self.name!r}"
+        return "seq_mask_range" if self.seq_mask_range is not None else None
 
     @property
     def token_separable(self) -> bool:
@@ -107,8 +142,18 @@ class LossInputs:
 
 
 def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages, mask, seq_ids=None,
-                   rollout_logp=None) -> LossInputs:
-    """Check the per-token vectors against the token shape and flatten them to fp32 [N]."""
+                   rollout_logp=None, config: PolicyLossConfig | None = None) -> LossInputs:
+    """Check the per-token vectors against the token shape (and `config`'s needs) and flatten them to fp32 [N]."""
+    if config is not None:
+        config = config.resolved()
+        if config.aggregation == "seq-mean-token-sum-norm" and config.max_len is None:
+            raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len: Dr. GRPO's L_max is a constant "
+                             "(the generation budget), not the longest sequence of the call")
+        why = config.sequence_level
+        if why is not None and seq_ids is None and len(shape) < 2:
+            # a flattened [B, T] would silently become one sequence
+            raise ValueError(f"{why} works on sequences, but the tokens come flat {tuple(shape)} without seq_ids: "
+                             f"pass seq_ids (the sequence of each token) or a [B, T] layout (one sequence a row)")
 
     def vec(name, t, required=True):
         if t is None:
@@ -125,7 +170,7 @@ def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages,
 
     mask_f = vec("mask", mask)
     if seq_ids is None:
-        # a 2-D [B, S] layout: each row is one sequence; otherwise everything is one sequence
+        # a 2-D [B, S] layout: each row is one sequence; a flat layout (token-level losses only): one sequence
         n = int(torch.Size(shape).numel())
         if len(shape) >= 2:
             seq_ids = torch.arange(shape[0], device=device).repeat_interleave(n // max(shape[0], 1))
@@ -149,6 +194,7 @@ def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages,
 
 def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None, num_tokens=None) -> torch.Tensor:
     """w_t such that loss = sum_t w_t * loss_t. Global counts make the loss split-invariant."""
+    cfg = cfg.resolved()
     m = inp.mask
     if cfg.aggregation == "token-mean":
         n_tok = num_tokens if num_tokens is not None else m.sum().clamp(min=1.0)
@@ -157,8 +203,16 @@ def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences
     n_seq = num_sequences if num_sequences is not None else (seq_len > 0).sum().clamp(min=1)
     if cfg.aggregation == "seq-mean-token-mean":
         return m / seq_len[inp.seq_index].clamp(min=1.0) / n_seq
-    lmax = cfg.max_len if cfg.max_len is not None else seq_len.max().clamp(min=1.0)
-    return m / (n_seq * lmax)
+    if cfg.max_len is None:
+        raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len (L_max, the generation budget)")
+    return m / (n_seq * cfg.max_len)
+
+
+def _bounded(log_ratio):
+    """log_ratio limited to +-_MAX_LOG_RATIO in value, its gradient unchanged (straight through)."""
+    live = log_ratio - log_ratio.detach()  # 0, with d/dx = 1; where() keeps an infinite input's nan out
+    return log_ratio.detach().clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO) + torch.where(
+        torch.isfinite(log_ratio), live, torch.zeros_like(live))
 
 
 def _kl(logp, ref_logp, kind):
@@ -166,7 +220,7 @@ def _kl(logp, ref_logp, kind):
         return logp - ref_logp
     if kind == "k2":
         return 0.5 * (logp - ref_logp) ** 2
-    d = ref_logp - logp
+    d = _bounded(ref_logp - logp)  # as the ratio: a gap above ~88 would make exp() inf
     return torch.exp(d) - d - 1
 
 
@@ -201,20 +255,19 @@ def _correction_weight(old, inp: LossInputs, cfg: PolicyLossConfig):
 
 def token_losses(logp: torch.Tensor, entropy: torch.Tensor | None, inp: LossInputs, cfg: PolicyLossConfig):
     """loss_t for every token (before aggregation), and detached per-token metric vectors."""
+    cfg = cfg.resolved()
     old = logp.detach() if inp.old_logp is None else inp.old_logp
     adv = inp.advantages
-    log_ratio = (logp - old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
-    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    ratio = torch.exp(_bounded(logp - old))
     stats = {"ratio": ratio.detach()}
 
     if cfg.name == "cispo":
         loss_t = -ratio.detach().clamp(max=cfg.cispo_eps_max) * adv * logp
         stats["clip_high"] = (ratio.detach() > cfg.cispo_eps_max).float()
     else:
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
         if cfg.name in ("gspo", "gspo-token"):
-            seq_log_ratio = _sequence_mean(logp - old, inp).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-            s = torch.exp(seq_log_ratio)
+            s = torch.exp(_bounded(_sequence_mean(logp - old, inp)))
             if cfg.name == "gspo-token":  # same value, each token carries its own gradient
                 s = s.detach() * torch.exp(logp - logp.detach())
             ratio = s
@@ -291,6 +344,7 @@ class MetricSums:
 def compute_policy_loss(logp, entropy, inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None,
                         num_tokens=None, return_token_stats=False):
     """Aggregate loss from per-token vectors. Returns (loss, metrics); differentiable in logp/entropy."""
+    cfg = cfg.resolved()
     loss_t, stats = token_losses(logp, entropy, inp, cfg)
     w = aggregation_weights(inp, cfg, num_sequences=num_sequences, num_tokens=num_tokens)
     loss = (loss_t * w).sum()

@@ -3,12 +3,26 @@
 Written straight from the spec (log_softmax, gather, ratio, clip, KL), with python loops where that
 makes a formula obvious, so they share no code with the fused path they check. Call them with
 float64 inputs for test references. They materialise [N, V] tensors: never use them at scale.
+
+Decisions the spec leaves open, taken here as in the kernels (kernels/loss_family.py):
+  * a log-ratio x = logp - old (GSPO: its sequence mean; k3: ref - logp) enters exp() bounded to [-20, 20],
+    with d exp / dx = exp(bounded x): the spec's gradient at the bounded ratio (e.g. -A e^20), never 0 or inf;
+  * seq-mean-token-sum-norm needs max_len (L_max, a constant), and the sequence-level aggregations need
+    seq_ids or a 2-D [B, T] layout: a flat vector is never silently one sequence.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
+MAX_LOG_RATIO = 20.0
+
+
+def bounded_exp(x):
+    """exp(x) with x bounded to [-MAX_LOG_RATIO, MAX_LOG_RATIO] in value; the derivative is the value."""
+    xb = x.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    return torch.exp(xb) * (1.0 + (x - x.detach()))
 
 
 def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
@@ -29,15 +43,18 @@ def kl_ref(logp, ref_logp, kind: str):
         return logp - ref_logp
     if kind == "k2":
         return 0.5 * (logp - ref_logp) ** 2
-    if kind == "k3":
-        return torch.exp(d) - d - 1
+    if kind == "k3":  # exp(d) - d - 1 with d bounded as the ratio: d/dlogp = exp(d_bounded) - 1
+        db = d.detach().clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO) + (d - d.detach())
+        return bounded_exp(d) - db - 1
     raise ValueError(kind)
 
 
 def _sequences(mask, seq_ids):
     """List of (sequence id, [positions]) for sequences with at least one masked token."""
-    if seq_ids is None:  # a [B, S] layout: one sequence a row; a flat vector: one sequence
-        rows = mask.shape[0] if mask.dim() >= 2 else 1
+    if seq_ids is None:  # a [B, S] layout: one sequence a row
+        if mask.dim() < 2:
+            raise ValueError("a flat token vector needs seq_ids for a sequence-level formula")
+        rows = mask.shape[0]
         seq_ids = torch.arange(rows).repeat_interleave(mask.numel() // rows)
     mask = mask.reshape(-1)
     seq_ids = seq_ids.reshape(-1)
@@ -50,32 +67,35 @@ def _sequences(mask, seq_ids):
 
 def aggregate_ref(loss_t, mask, seq_ids, aggregation, num_sequences=None, num_tokens=None, max_len=None):
     """The three aggregations of GRPO_SPEC.md, summed the long way over sequences."""
+    if aggregation == "token-mean":
+        mask = mask.reshape(-1).to(loss_t.dtype)
+        n_tok = num_tokens if num_tokens is not None else mask.sum()
+        return (loss_t.reshape(-1) * mask).sum() / n_tok
     seqs = _sequences(mask, seq_ids)
     loss_t, mask = loss_t.reshape(-1), mask.reshape(-1).to(loss_t.dtype)
     n_seq = num_sequences if num_sequences is not None else len(seqs)
-    if aggregation == "token-mean":
-        n_tok = num_tokens if num_tokens is not None else mask.sum()
-        return (loss_t * mask).sum() / n_tok
     if aggregation == "seq-mean-token-mean":
         total = loss_t.new_zeros(())
         for _, pos in seqs:
             idx = torch.tensor(pos)
             total = total + (loss_t[idx] * mask[idx]).sum() / mask[idx].sum()
         return total / n_seq
-    if aggregation == "seq-mean-token-sum-norm":
-        lmax = max_len if max_len is not None else max(mask[torch.tensor(p)].sum() for _, p in seqs)
-        return (loss_t * mask).sum() / (n_seq * lmax)
+    if aggregation == "seq-mean-token-sum-norm":  # L_max: the generation budget, a constant
+        if max_len is None:
+            raise ValueError("seq-mean-token-sum-norm needs max_len")
+        return (loss_t * mask).sum() / (n_seq * max_len)
     raise ValueError(aggregation)
 
 
 def grpo_loss_ref(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low=0.2, eps_high=0.2,
                   dual_clip_c=None, beta=0.0, kl="k3", temperature=1.0, entropy_coef=0.0, rollout_logp=None,
-                  tis_cap=None, aggregation="seq-mean-token-mean", seq_ids=None, num_sequences=None,
-                  num_tokens=None, max_len=None):
-    """GRPO_SPEC.md's clipped surrogate + KL - entropy bonus, with optional TIS, aggregated. Returns the loss."""
+                  tis_cap=None, token_mask_range=None, seq_mask_range=None, aggregation="seq-mean-token-mean",
+                  seq_ids=None, num_sequences=None, num_tokens=None, max_len=None):
+    """GRPO_SPEC.md's clipped surrogate + KL - entropy bonus, with the rollout corrections (TIS, token and
+    sequence masking on exp(old - rollout)), aggregated. Returns the loss."""
     logp, ent = token_logprobs_ref(logits, targets, temperature)
     old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
+    ratio = bounded_exp(logp - old)
     surr = torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages)
     if dual_clip_c is not None:
         surr = torch.where(advantages < 0, torch.max(surr, dual_clip_c * advantages), surr)
@@ -84,6 +104,17 @@ def grpo_loss_ref(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_
         loss_t = loss_t + beta * kl_ref(logp, ref_logp, kl)
     if tis_cap is not None:
         loss_t = loss_t * torch.clamp(torch.exp(old - rollout_logp), max=tis_cap).detach()
+    if token_mask_range is not None:
+        w = torch.exp(old - rollout_logp).detach()
+        loss_t = loss_t * ((w >= token_mask_range[0]) & (w <= token_mask_range[1]))
+    if seq_mask_range is not None:  # the geometric-mean ratio over each sequence's masked tokens
+        keep = torch.ones(mask.numel(), dtype=loss_t.dtype)
+        d = (old - rollout_logp).detach().reshape(-1)
+        for _, pos in _sequences(mask, seq_ids):
+            r = math.exp(sum(float(d[p]) for p in pos) / len(pos))
+            if not seq_mask_range[0] <= r <= seq_mask_range[1]:
+                keep[torch.tensor(pos)] = 0.0
+        loss_t = loss_t * keep.view(loss_t.shape)
     return aggregate_ref(loss_t, mask, seq_ids, aggregation, num_sequences, num_tokens, max_len)
 
 
@@ -98,7 +129,7 @@ def gspo_loss_ref(logits, targets, old_logp, advantages, mask, *, eps_low=3e-4, 
     total = logp.new_zeros(())
     for _, pos in seqs:
         idx = torch.tensor(pos)
-        s = torch.exp(((logp[idx] - old[idx]) * m[idx]).sum() / m[idx].sum())
+        s = bounded_exp(((logp[idx] - old[idx]) * m[idx]).sum() / m[idx].sum())
         a = adv[idx][0]
         if token_level:
             s_t = s.detach() * torch.exp(logp[idx] - logp[idx].detach())

@@ -28,6 +28,7 @@ from parallel.models import (
     offload_to_cpu,
     onload,
     parse_hf_config,
+    unwrap_model,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "freeze",
     "offload_to_cpu",
     "onload",
+    "unwrap_model",
     "load_hf_checkpoint",
     "export_hf_state",
     "save_hf_checkpoint",

@@ -36,13 +36,14 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from parallel.models import ModelInfo, parse_hf_config
+from parallel.models import ModelInfo, parse_hf_config, unwrap_model
 
 __all__ = [
     "hf_tensor_shapes",
     "load_hf_checkpoint",
     "export_hf_state",
     "save_hf_checkpoint",
+    "copy_tokenizer_files",
     "TOKENIZER_FILES",
 ]
 
@@ -55,11 +56,14 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "vocab.txt",
     "tokenizer.model",
+    "tekken.json",
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
 )
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named chat templates, beside the default one
 # Tensors some checkpoints carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -385,6 +389,7 @@ def export_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
     """
     from megatron.core import parallel_state as mpu
 
+    model = unwrap_model(model)
     info = _info(model)
     tp_group = mpu.get_tensor_model_parallel_group()
     tp = mpu.get_tensor_model_parallel_world_size()
@@ -431,6 +436,7 @@ def save_hf_checkpoint(
     from megatron.core import parallel_state as mpu
     from safetensors.torch import save_file
 
+    model = unwrap_model(model)
     info = _info(model)
     writer = mpu.get_model_parallel_group().rank() == 0 and mpu.get_data_parallel_rank() == 0
     out_dir = Path(out_dir)
@@ -487,12 +493,26 @@ def save_hf_checkpoint(
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
     if tokenizer_dir is not None:
-        tokenizer_dir = Path(tokenizer_dir)
-        if not tokenizer_dir.is_dir():
-            raise ValueError(f"tokenizer_dir {tokenizer_dir} is not a directory")
-        for fname in TOKENIZER_FILES:
-            if (tokenizer_dir / fname).is_file():
-                shutil.copy2(tokenizer_dir / fname, out_dir / fname)
+        copy_tokenizer_files(tokenizer_dir, out_dir)
     if dist.is_initialized():
         dist.barrier(group=mpu.get_model_parallel_group())
     return out_dir
+
+
+def copy_tokenizer_files(tokenizer_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files byte for byte (never re-saved from a loaded object, which would rewrite
+    tokenizer_config.json's class and could let a loader rebuild a different tokenizer), so the export is
+    read exactly as the user's model was. Returns the names copied; ValueError if there is no tokenizer."""
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    if not tokenizer_dir.is_dir():
+        raise ValueError(f"tokenizer_dir {tokenizer_dir} is not a directory")
+    copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    if not set(copied) - {"generation_config.json", "chat_template.jinja", "chat_template.json"}:
+        raise ValueError(f"tokenizer_dir {tokenizer_dir} has no tokenizer files "
+                         f"(looked for {', '.join(TOKENIZER_FILES)})")
+    for name in copied:
+        shutil.copy2(tokenizer_dir / name, out_dir / name)
+    if (tokenizer_dir / CHAT_TEMPLATE_DIR).is_dir():
+        shutil.copytree(tokenizer_dir / CHAT_TEMPLATE_DIR, out_dir / CHAT_TEMPLATE_DIR, dirs_exist_ok=True)
+        copied.append(CHAT_TEMPLATE_DIR)
+    return copied

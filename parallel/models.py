@@ -399,6 +399,13 @@ def build_gpt_model(
     return model
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside training wrappers (Megatron DDP, Float16Module): what conversion and checkpoints see."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Reference policy: no gradients, eval mode (dropout off)."""
     for param in model.parameters():

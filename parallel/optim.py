@@ -17,11 +17,13 @@ So on CPU the model must be fp32, and each DP rank keeps the full Adam state.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["wrap_for_training", "build_optimizer", "optimizer_step", "set_learning_rate"]
+__all__ = ["wrap_for_training", "build_optimizer", "optimizer_step", "set_learning_rate", "training_state",
+           "save_sharded_optimizer_state", "load_training_state"]
 
 
 def wrap_for_training(
@@ -185,3 +187,48 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
     """Set the learning rate of every parameter group (for a schedule driven by the trainer)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint state (the engine writes files; what goes in them is decided here)
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_distributed_optimizer(optimizer: Any) -> bool:
+    return any(type(p).__name__ == "DistributedOptimizer" for p in _parts(optimizer))
+
+
+def _sharded_state_name() -> str:
+    """DistributedOptimizer state file of this rank's tensor/pipeline slice (all its DP ranks share it)."""
+    from megatron.core import parallel_state as mpu
+
+    return (f"optimizer_params_tp{mpu.get_tensor_model_parallel_rank():02d}"
+            f"_pp{mpu.get_pipeline_model_parallel_rank():03d}.pt")
+
+
+def training_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    """This rank's model shard and optimizer state (tensors and plain data: loadable with weights_only=True)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def save_sharded_optimizer_state(optimizer: Any, directory: str | Path) -> Path | None:
+    """Megatron's DistributedOptimizer keeps the Adam moments and fp32 master weights sharded over DP ranks,
+    outside `state_dict()`: write them to `directory` (collective over DP; DP rank 0 of each tensor/pipeline
+    slice writes one file). Returns the file if this rank wrote it, None otherwise or for other optimizers.
+    UNVERIFIED without a GPU (the DistributedOptimizer needs CUDA)."""
+    if not _is_distributed_optimizer(optimizer):
+        return None
+    path = Path(directory) / _sharded_state_name()
+    optimizer.save_parameter_state(str(path))
+    return path if path.is_file() else None
+
+
+def load_training_state(model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
+                        directory: str | Path) -> None:
+    """Restore what `training_state` and `save_sharded_optimizer_state` saved (collective for the
+    DistributedOptimizer); any fp32 master copy follows the restored model weights."""
+    model.load_state_dict(state["model"])
+    optimizer.reload_model_params()
+    optimizer.load_state_dict(state["optimizer"])
+    if _is_distributed_optimizer(optimizer):
+        optimizer.load_parameter_state(str(Path(directory) / _sharded_state_name()))

@@ -262,6 +262,34 @@ def nvtx_range(name: str) -> Iterator[None]:
         yield
 
 
+
+class _NvtxTimer:
+    def __init__(self, name: str):
+        self.name = name
+
+    def start(self, barrier: bool = False) -> None:
+        torch.cuda.nvtx.range_push(self.name)
+
+    def stop(self, barrier: bool = False) -> None:
+        torch.cuda.nvtx.range_pop()
+
+
+class _NvtxTimers:
+    """Megatron's `config.timers` hook turned into NVTX ranges, so the forward and backward computations inside
+    the pipeline schedule show up as "forward" / "backward" in Nsight."""
+
+    _RENAME = {"forward-compute": "forward", "backward-compute": "backward"}
+
+    def __call__(self, name: str, log_level: int | None = None) -> _NvtxTimer:
+        return _NvtxTimer(self._RENAME.get(name, name))
+
+
+def install_nvtx_timers(config) -> None:
+    """Give a Megatron model config the NVTX timers (CUDA only; an existing timers object is kept)."""
+    if torch.cuda.is_available() and config.timers is None:
+        config.timers = _NvtxTimers()
+
+
 # ---------------------------------------------------------------------------------------------
 # The CPU shim
 # ---------------------------------------------------------------------------------------------

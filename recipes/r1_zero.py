@@ -21,9 +21,9 @@ if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repositor
 
 import torch.distributed as dist
 
-from engine.config import GRPOConfig, from_dict, load_config, pop_config_arg, read_yaml, run_cli
+from engine.config import (GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml,
+                           run_cli)
 from engine.data import load_prompts
-from engine.trainer import GRPOTrainer
 from kernels import PolicyLossConfig
 from parallel.state import init_parallel
 
@@ -31,11 +31,12 @@ from parallel.state import init_parallel
 TINY_DEFAULT = dataclasses.replace(
     GRPOConfig(),
     rollout=dataclasses.replace(GRPOConfig().rollout, prompts_per_step=16, group_size=8, max_new_tokens=40),
-    loss=PolicyLossConfig(eps_low=0.2, eps_high=0.28, beta=0.001),
+    loss=PolicyLossConfig(beta=0.001),  # clip ranges: each loss's own (GRPO: TINY_GRPO_EPS_HIGH below)
     optim=dataclasses.replace(GRPOConfig().optim, lr=1e-4, warmup_steps=3),
     train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2, eval_every=20,
                               eval_temperature=0.6, eval_top_p=0.95),
 )
+TINY_GRPO_EPS_HIGH = 0.28
 # `--model DIR --data FILE --out DIR --eval-data FILE`: short forms of --model.path, --data.path, --train.out,
 # --data.eval-path
 ALIASES = {"--model": "--model.path", "--data": "--data.path", "--out": "--train.out", "--eval-data": "--data.eval-path"}
@@ -69,11 +70,41 @@ def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
         # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
         tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    if embedded and cfg.loss.name == "grpo" and cfg.loss.eps_high is None:
+        # the tiny world's GRPO clips higher (DAPO); `--loss.name gspo` keeps GSPO's own 3e-4 / 4e-4
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, eps_high=TINY_GRPO_EPS_HIGH))
+    check_ranges(cfg)
     return cfg, embedded
+
+
+def check_paths(cfg: GRPOConfig) -> None:
+    """The files and directories the run reads and writes, checked before anything is built (a ValueError naming
+    the flag and the path). Tokenizer files are left to load_tokenizer, which names the directory."""
+    for flag, path in (("--data", cfg.data.path), ("--eval-data", cfg.data.eval_path)):
+        if path is not None and not Path(path).is_file():
+            what = "is a directory, not a prompt file" if Path(path).is_dir() else "does not exist"
+            raise ValueError(f"{flag} {path}: {what} (a .jsonl or .parquet file of prompts is needed)")
+    if cfg.model.path is not None:
+        model = Path(cfg.model.path)
+        if not model.is_dir():
+            what = "is a file, not a directory" if model.exists() else "does not exist"
+            raise ValueError(f"--model {model}: {what} (an HF model directory with config.json is needed)")
+        if not (model / "config.json").is_file():
+            raise ValueError(f"--model {model}: no config.json in it (an HF model directory is needed)")
+    out = Path(cfg.train.out)
+    for p in (out, *out.parents):  # the run directory, or the first of its parents that exists, must be a directory
+        if p.exists():
+            if not p.is_dir():
+                where = "exists" if p == out else f"is inside {p}, which exists"
+                raise ValueError(f"--out {out}: {where} and is not a directory (--out names the run directory)")
+            break
 
 
 def main(argv: list[str] | None = None):
     cfg, embedded = resolve_config(argv)
+    check_paths(cfg)
+    from engine.trainer import GRPOTrainer  # here: a config mistake is reported without importing Megatron
+
     ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
 
     if embedded:

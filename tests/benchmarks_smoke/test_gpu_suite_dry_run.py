@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import gpu_suite, harness
+from benchmarks import baselines, gpu_suite, runners
 
 SECTIONS = "roofline,correctness,grpo_loss,linear_grpo_loss"
 
@@ -33,7 +33,7 @@ def test_dry_run_writes_complete_results(tmp_path):
         assert r["counted_bytes"] == 3 * 16 * 1000 * 2 + 16 * 48
     assert by_key[("linear_grpo_loss", "fwd+bwd", "ours")]["agrees"] is True
     assert by_key[("linear_grpo_loss", "fwd+bwd", "matmul")]["status"] == "ok"
-    if harness.liger_status().ok:
+    if baselines.liger_status().ok:
         assert by_key[("grpo_loss", "fwd+bwd", "liger")]["agrees"] is True
     # the targets are all listed (values are meaningless on CPU), and the markdown carries them
     assert len(res["targets"]) == 8
@@ -41,14 +41,14 @@ def test_dry_run_writes_complete_results(tmp_path):
 
 
 def test_failing_sub_benchmark_is_recorded_and_suite_goes_on(tmp_path, monkeypatch):
-    real = harness.make_runner
+    real = runners.make_runner
 
     def broken(op, impl, *args, **kwargs):
         if impl == "eager":
             raise RuntimeError("planted failure")
         return real(op, impl, *args, **kwargs)
 
-    monkeypatch.setattr(harness, "make_runner", broken)
+    monkeypatch.setattr(runners, "make_runner", broken)
     rc = gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "roofline,grpo_loss", "--no-liger"])
     res, md = _results(tmp_path)
     assert rc == 1

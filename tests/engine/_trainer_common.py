@@ -79,7 +79,7 @@ def dynamic_sampling_rank_worker(model_dir: str, out: str):
 
     t.rewards.score = score
     try:
-        *_, extra = t.collect()
+        extra = t.collect().metrics
         return extra["dynamic_sampling/rounds"], extra["dynamic_sampling/filler_groups"], t.draws, \
             t.sampler.state_dict()
     finally:

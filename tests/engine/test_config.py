@@ -90,3 +90,96 @@ def test_run_cli_prints_one_line_and_exits_2(capsys, monkeypatch):
     monkeypatch.setenv("R1_DEBUG", "1")
     with pytest.raises(ValueError):
         run_cli(main)
+
+
+def _with(cfg, key, value):
+    import copy
+    import dataclasses
+
+    section, name = key.split(".")
+    if section == "loss":  # past PolicyLossConfig's own checks (kernels/): check_ranges is tested by itself
+        loss = copy.copy(cfg.loss)
+        object.__setattr__(loss, name, value)
+        return dataclasses.replace(cfg, loss=loss)
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def test_defaults_and_the_example_are_in_range():
+    from engine.config import check_ranges
+
+    check_ranges(GRPOConfig())
+    check_ranges(load_yaml(GRPOConfig, EXAMPLE))
+    # limits that are legal: greedy evaluation, an entropy penalty, no clipping, the whole budget as L_c
+    for key, value in (("train.eval_temperature", 0.0), ("loss.entropy_coef", -0.01), ("optim.grad_clip", 0.0),
+                       ("reward.overlong_buffer", 256), ("reward.num_workers", 0), ("rollout.top_k", -1),
+                       ("loss.token_mask_range", (0.5, 1.0)), ("train.steps", 0), ("loss.eps_low", None),
+                       ("loss.eps_low", 0.0)):
+        check_ranges(_with(GRPOConfig(), key, value))
+
+
+@pytest.mark.parametrize("key,value,flag", [
+    ("loss.beta", -0.5, "--loss.beta=-0.5: must be >= 0"),
+    ("loss.beta", float("nan"), "--loss.beta=nan: must be >= 0"),
+    ("loss.eps_low", 1.0, "--loss.eps-low=1.0: must be in [0, 1)"),
+    ("loss.eps_high", -0.1, "--loss.eps-high=-0.1"),
+    ("loss.dual_clip_c", 1.0, "--loss.dual-clip-c=1.0: must be > 1"),
+    ("loss.cispo_eps_max", 0.0, "--loss.cispo-eps-max=0.0"),
+    ("loss.tis_cap", 0.0, "--loss.tis-cap=0.0"),
+    ("loss.entropy_coef", float("inf"), "--loss.entropy-coef=inf: must be finite"),
+    ("loss.max_len", 0, "--loss.max-len=0"),
+    ("loss.seq_mask_range", (1.5, 2.0), "--loss.seq-mask-range=(1.5, 2.0): must be (lo, hi) with 0 <= lo <= 1 <= hi"),
+    ("loss.token_mask_range", (0.0, 0.9), "--loss.token-mask-range=(0.0, 0.9)"),
+    ("rollout.group_size", 0, "--rollout.group-size=0: must be >= 1"),
+    ("rollout.prompts_per_step", 0, "--rollout.prompts-per-step=0"),
+    ("rollout.temperature", 0.0, "--rollout.temperature=0.0: must be > 0"),
+    ("rollout.top_p", 1.5, "--rollout.top-p=1.5: must be in (0, 1]"),
+    ("rollout.top_p", 0.0, "--rollout.top-p=0.0"),
+    ("rollout.top_k", 0, "--rollout.top-k=0: must be -1"),
+    ("rollout.max_new_tokens", 0, "--rollout.max-new-tokens=0"),
+    ("rollout.stop_strings", ("",), "--rollout.stop-strings"),
+    ("rollout.gpu_memory_utilization", 1.5, "--rollout.gpu-memory-utilization=1.5"),
+    ("rollout.num_threads", 0, "--rollout.num-threads=0"),
+    ("reward.timeout_s", 0.0, "--reward.timeout-s=0.0: must be > 0"),
+    ("reward.num_workers", -1, "--reward.num-workers=-1"),
+    ("reward.overlong_buffer", 300, "--reward.overlong-buffer=300: must be None/0 (off) or 1..--rollout.max-new"),
+    ("reward.weights", {"accuracy": float("nan")}, "--reward.weights="),
+    ("optim.lr", 0.0, "--optim.lr=0.0: must be > 0"),
+    ("optim.lr", -1e-6, "--optim.lr=-1e-06"),
+    ("optim.weight_decay", -0.1, "--optim.weight-decay=-0.1"),
+    ("optim.grad_clip", -1.0, "--optim.grad-clip=-1.0"),
+    ("optim.warmup_steps", -1, "--optim.warmup-steps=-1"),
+    ("optim.betas", (0.9, 1.0), "--optim.betas=(0.9, 1.0): must be two numbers in [0, 1)"),
+    ("algo.mini_batches", 0, "--algo.mini-batches=0"),
+    ("algo.epochs_per_batch", 0, "--algo.epochs-per-batch=0"),
+    ("algo.num_microbatches", 0, "--algo.num-microbatches=0"),
+    ("algo.max_sampling_rounds", 0, "--algo.max-sampling-rounds=0"),
+    ("algo.max_tokens_per_row", 0, "--algo.max-tokens-per-row=0"),
+    ("data.max_prompt_tokens", 0, "--data.max-prompt-tokens=0"),
+    ("model.tensor_parallel", 0, "--model.tensor-parallel=0"),
+    ("train.steps", -1, "--train.steps=-1"),
+    ("train.seed", -1, "--train.seed=-1"),
+    ("train.save_every", -1, "--train.save-every=-1"),
+    ("train.eval_every", -2, "--train.eval-every=-2"),
+    ("train.eval_samples", 0, "--train.eval-samples=0"),
+    ("train.eval_temperature", -0.1, "--train.eval-temperature=-0.1"),
+    ("train.eval_top_p", 0.0, "--train.eval-top-p=0.0"),
+    ("train.eval_size", 0, "--train.eval-size=0"),
+    ("train.keep_checkpoints", 0, "--train.keep-checkpoints=0: must be >= 1"),
+])
+def test_out_of_range_values_name_their_flag(key, value, flag):
+    from engine.config import check_ranges
+
+    with pytest.raises(ValueError) as err:
+        check_ranges(_with(GRPOConfig(), key, value))
+    assert str(err.value).startswith(flag), str(err.value)
+
+
+def test_rloo_needs_two_samples_a_group():
+    import dataclasses
+
+    from engine.config import check_ranges
+
+    cfg = _with(GRPOConfig(), "rollout.group_size", 1)
+    check_ranges(cfg)  # GRPO (and distillation) accept a group of one
+    with pytest.raises(ValueError, match="--rollout.group-size=1: must be >= 2 with --algo.estimator rloo"):
+        check_ranges(dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, estimator="rloo")))

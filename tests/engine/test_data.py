@@ -6,7 +6,7 @@ import sys
 import types
 
 import pytest
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from engine.data import (
@@ -32,6 +32,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
         vocab.setdefault(ch, len(vocab))
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    raw.decoder = decoders.Fuse()  # decode joins characters back without spaces (PromptDataset checks it)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}" \
                               "{% if add_generation_prompt %}<assistant>{% endif %}"

@@ -94,3 +94,32 @@ def test_phase_timer_accumulates_and_resets():
     assert 0.04 <= metrics["time/rollout"] < 1.0 and metrics["time/train"] >= 0
     timer.reset()
     assert timer.metrics() == {}
+
+
+def test_truncate_after_drops_later_steps_in_jsonl_and_tensorboard(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path) as crashed:
+        crashed.log(0, {"eval/pass@1": 0.1})  # the "before" score: must survive
+        for step in range(1, 6):
+            crashed.log(step, {"x": float(step)})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "x"')  # the line a crash cut short
+    # a resume from the checkpoint at step 3 redoes steps 4..
+    with MetricsLogger(tmp_path) as resumed:
+        assert resumed.truncate_after(3) == 3
+        resumed.log(4, {"x": 40.0})
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("x")) for r in lines] == [(0, None), (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(s.step, s.value) for s in events.Scalars("x")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert [s.step for s in events.Scalars("eval/pass@1")] == [0]
+
+
+def test_truncate_after_refuses_a_corrupt_line_in_the_middle(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "x": 1.0}\nnot json\n{"step": 2, "x": 2.0}\n')
+    with MetricsLogger(tmp_path, use_tensorboard=False) as logger:
+        with pytest.raises(ValueError, match=r"metrics.jsonl, line 2: not a metrics record"):
+            logger.truncate_after(1)

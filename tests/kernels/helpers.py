@@ -55,3 +55,25 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+def reference_logits(hidden64: torch.Tensor, weight64: torch.Tensor, dtype) -> torch.Tensor:
+    """float64 logits hidden @ weight.T for the references of the lm_head-fused op. With bf16 inputs the fused op
+    multiplies in bf16, so the values are the bf16 product's (rounded by the matmul) while the gradient is the
+    float64 product's: the float64 loss of the logits the op really sees."""
+    z = hidden64 @ weight64.T
+    if dtype == torch.float32:
+        return z
+    rounded = (hidden64.detach().to(dtype) @ weight64.detach().to(dtype).T).double()
+    return z + (rounded - z).detach()
+
+
+def away_from_bounds(old: torch.Tensor, logp: torch.Tensor, bounds, margin: float = 0.06) -> torch.Tensor:
+    """old log-probs moved so that no ratio exp(logp - old) lies within `margin` (in log) of a clip bound: with
+    rounded (bf16) logits a ratio on a bound could fall on either side in the op and in the reference."""
+    import math
+
+    for b in bounds:
+        near = ((logp.double() - old.double()) - math.log(b)).abs() < margin
+        old = torch.where(near, old - 2 * margin, old)
+    return old

@@ -38,7 +38,8 @@ def run_both(logits, targets, ours, ref):
 @pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
 def test_grpo_each_aggregation_and_kl(aggregation, kl):
     logits, targets, old, ref, _, adv, mask = make_batch(temperature=0.6)
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, temperature=0.6, aggregation=aggregation)
+    # max_len: a generation budget above the rows' length (only seq-mean-token-sum-norm reads it)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, temperature=0.6, aggregation=aggregation, max_len=S + 4)
     loss, loss_ref, g, g_ref, _ = run_both(
         logits, targets,
         lambda z: grpo_loss(z, targets, old, ref, adv, mask, **kw),
@@ -180,14 +181,14 @@ def test_rollout_token_and_sequence_masking():
     lp, _ = token_logprobs_ref(z64, targets, 1.0)
     ratio = torch.exp(lp - old.double())
     surr = torch.min(ratio * adv.double(), ratio.clamp(0.8, 1.2) * adv.double())
-    ref_loss = aggregate_ref(-surr * keep, mask.double(), None, "seq-mean-token-mean",
-                             num_sequences=None)
-    # aggregate_ref with seq_ids=None treats the flat vector as one sequence: pass explicit rows instead
-    seq_ids = torch.arange(6).repeat_interleave(8)
-    ref_loss = aggregate_ref(-surr * keep, mask.double(), seq_ids, "seq-mean-token-mean")
+    ref_loss = aggregate_ref(-surr * keep, mask.double(), None, "seq-mean-token-mean")  # [B, S]: a sequence a row
     ref_loss.backward()
     assert_close(loss, ref_loss, TOL[torch.float32], "loss")
     assert_close(z.grad, z64.grad, TOL[torch.float32], "dlogits")
+    # the reference's own masking options (used by test_linear_grpo) give the hand-built result
+    ref_opts = grpo_loss_ref(logits.double(), targets, old.double(), None, adv.double(), mask.double(),
+                             rollout_logp=rollout.double(), token_mask_range=(0.5, 2.0), seq_mask_range=(0.5, 2.0))
+    assert_close(ref_opts, ref_loss.detach(), 1e-12, "reference masking options")
 
 
 @pytest.mark.parametrize(
@@ -200,6 +201,7 @@ def test_rollout_token_and_sequence_masking():
         (dict(beta=0.1, ref=None), "ref_logp"),
         (dict(tis_cap=0.0), "tis_cap"),
         (dict(max_len=0), "max_len"),
+        (dict(aggregation="seq-mean-token-sum-norm"), "needs max_len"),
     ],
 )
 def test_bad_config_raises(kwargs, match):

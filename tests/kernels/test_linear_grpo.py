@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from kernels import PolicyLossConfig, linear_grpo_loss, linear_policy_loss
-from kernels.reference import grpo_loss_ref, gspo_loss_ref
-from tests.kernels.helpers import TOL, assert_close, perturbed_vectors
+from torch.utils.flop_counter import FlopCounterMode
+
+from kernels.reference import grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
+from tests.kernels.helpers import TOL, assert_close, away_from_bounds, perturbed_vectors, reference_logits
 
 N, H, V = 29, 48, 389
 
@@ -35,22 +37,18 @@ def test_linear_grpo_matches_reference(dtype, chunk_size):
     hidden, weight, targets, old, ref, rollout, adv, mask, seq_ids = make(dtype, 0.7)
     kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, temperature=0.7, entropy_coef=0.01, dual_clip_c=3.0,
               tis_cap=2.0)
+    # bf16 logits are rounded by the matmul itself and the clip is not smooth: the reference takes the rounded
+    # product's values, and no ratio sits on a clip bound (the two could round it to different sides)
+    with torch.no_grad():
+        lp = token_logprobs_ref(reference_logits(hidden.double(), weight.double(), dtype), targets, 0.7)[0]
+    old = away_from_bounds(old, lp, (0.8, 1.28, 3.0))
     loss, gh, gw = grads_of(lambda h, w: linear_grpo_loss(h, w, targets, old, ref, adv, mask, rollout_logp=rollout,
                                                           seq_ids=seq_ids, chunk_size=chunk_size, **kw),
                             hidden, weight)
-    if dtype == torch.float32:
-        loss_ref, gh_ref, gw_ref = grads_of(
-            lambda h, w: grpo_loss_ref(h @ w.T, targets, old.double(), ref.double(), adv.double(), mask.double(),
-                                       rollout_logp=rollout.double(), seq_ids=seq_ids, **kw),
-            hidden.double(), weight.double())
-    else:
-        # bf16 logits are rounded by the matmul itself, and the clip makes the loss non-smooth: compare with the
-        # unfused op on the same bf16 logits (itself checked against float64 in test_grpo_loss.py)
-        from kernels import grpo_loss
-
-        loss_ref, gh_ref, gw_ref = grads_of(
-            lambda h, w: grpo_loss(h @ w.T, targets, old, ref, adv, mask, rollout_logp=rollout, seq_ids=seq_ids, **kw),
-            hidden, weight)
+    loss_ref, gh_ref, gw_ref = grads_of(
+        lambda h, w: grpo_loss_ref(reference_logits(h, w, dtype), targets, old.double(), ref.double(), adv.double(),
+                                   mask.double(), rollout_logp=rollout.double(), seq_ids=seq_ids, **kw),
+        hidden.double(), weight.double())
     assert_close(loss, loss_ref, TOL[dtype], "loss")
     assert_close(gh, gh_ref, TOL[dtype], "dhidden")
     assert_close(gw, gw_ref, TOL[dtype], "dweight")
@@ -99,16 +97,22 @@ def test_bad_shapes_raise():
 
 def test_sequence_masking_spans_chunks():
     """Sequence masking averages over a whole sequence: a chunk boundary inside a sequence must not matter."""
-    from kernels import policy_loss
-
     hidden, weight, targets, old, _, rollout, adv, mask, seq_ids = make()
     rollout[7:14] = old[7:14] - 1.2  # sequence 1 drifts: its geometric-mean ratio leaves [0.5, 2]
-    cfg = PolicyLossConfig(seq_mask_range=(0.5, 2.0))
+    on = mask[7:14].bool()
+    assert on.any() and torch.exp((old[7:14] - rollout[7:14]).double()[on].mean()) > 2.0
+    cfg = PolicyLossConfig(seq_mask_range=(0.5, 2.0), token_mask_range=(0.4, 2.5))
     assert not cfg.token_separable
-    kw = dict(old_logp=old, ref_logp=None, advantages=adv, mask=mask, config=cfg, rollout_logp=rollout,
-              seq_ids=seq_ids)
-    fused, gh, gw = grads_of(lambda h, w: linear_policy_loss(h, w, targets, chunk_size=5, **kw), hidden, weight)
-    plain, gh_ref, gw_ref = grads_of(lambda h, w: policy_loss(h @ w.T, targets, **kw), hidden, weight)
+    fused, gh, gw = grads_of(lambda h, w: linear_policy_loss(
+        h, w, targets, old_logp=old, ref_logp=None, advantages=adv, mask=mask, config=cfg, rollout_logp=rollout,
+        seq_ids=seq_ids, chunk_size=5), hidden, weight)
+    plain, gh_ref, gw_ref = grads_of(lambda h, w: grpo_loss_ref(
+        h @ w.T, targets, old.double(), None, adv.double(), mask.double(), rollout_logp=rollout.double(),
+        seq_mask_range=(0.5, 2.0), token_mask_range=(0.4, 2.5), seq_ids=seq_ids), hidden.double(), weight.double())
+    # the masking changes the result: without it the loss differs
+    unmasked = grpo_loss_ref(hidden.double() @ weight.double().T, targets, old.double(), None, adv.double(),
+                             mask.double(), seq_ids=seq_ids)
+    assert (unmasked - plain).abs() > 1e-3
     assert_close(fused, plain, TOL[torch.float32], "loss")
     assert_close(gh, gh_ref, TOL[torch.float32], "dhidden")
     assert_close(gw, gw_ref, TOL[torch.float32], "dweight")
@@ -130,8 +134,24 @@ def test_grad_output_scales_in_place_and_a_second_backward_is_refused():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
-    # only the hidden states need a gradient (the weight frozen): dW is never computed
-    h = hidden.clone().requires_grad_(True)
-    loss, _ = linear_grpo_loss(h, weight, targets, old, ref, adv, mask, **kw)
-    loss.backward()
-    assert_close(h.grad, gh_ref / -2.5, TOL[torch.float32], "dhidden, frozen weight")
+
+
+@pytest.mark.parametrize("trainable", ["both", "hidden", "weight"])
+def test_a_frozen_input_gets_no_gradient_gemm(trainable):
+    """A frozen lm_head (or frozen hidden states) costs no gradient GEMM: counted FLOPs, one chunk (one mm each)."""
+    hidden, weight, targets, old, ref, _, adv, mask, seq_ids = make(torch.float32)
+    h = hidden.clone().requires_grad_(trainable in ("both", "hidden"))
+    w = weight.clone().requires_grad_(trainable in ("both", "weight"))
+    with FlopCounterMode(display=False) as flops:
+        loss, _ = linear_grpo_loss(h, w, targets, old, ref, adv, mask, beta=0.04, seq_ids=seq_ids, chunk_size=N)
+        loss.backward()
+    gemm = 2 * N * H * V
+    assert flops.get_total_flops() == (3 if trainable == "both" else 2) * gemm
+    _, gh_ref, gw_ref = grads_of(
+        lambda h, w: grpo_loss_ref(h @ w.T, targets, old.double(), ref.double(), adv.double(), mask.double(),
+                                   beta=0.04, seq_ids=seq_ids), hidden.double(), weight.double())
+    if h.requires_grad:
+        assert_close(h.grad, gh_ref, TOL[torch.float32], "dhidden")
+    if w.requires_grad:
+        assert_close(w.grad, gw_ref, TOL[torch.float32], "dweight")
+    assert (h.grad is None) != h.requires_grad and (w.grad is None) != w.requires_grad

@@ -37,22 +37,20 @@ def _hf_state(model, names) -> dict[str, torch.Tensor]:
 def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_microbatches: int,
                 aggregation: str, fused_lm_head: bool = False) -> dict:
     import kernels
+    from engine.batch import rl_rows, with_logprobs
+    from engine.objectives import policy_objective
     from parallel import build_gpt_model, init_parallel
     from parallel.convert import load_hf_checkpoint
     from parallel.optim import build_optimizer, wrap_for_training
-    from parallel.step import TrainBatch, logprobs, train_step
+    from parallel.step import logprobs, train_step
 
     state = init_parallel(tensor_parallel=tp, pipeline_parallel=pp)
     dp_group = state.dp_group
-    batch = TrainBatch.from_sequences(
-        spec["prompts"], spec["completions"], advantages=spec["advantages"],
-        rollout_logp=spec["rollout_logp"], pack=pack, max_tokens_per_row=spec["max_tokens_per_row"],
-    )
+    batch = rl_rows(spec["prompts"], spec["completions"], torch.as_tensor(spec["advantages"]),
+                    rollout_logp=spec["rollout_logp"], pack=pack, max_tokens_per_row=spec["max_tokens_per_row"])
     local = batch.shard(state.dp_rank, state.dp_size)
-    local = local.with_logprobs(
-        old_logp=local.scatter_completion_values(spec["old_logp"]),
-        ref_logp=local.scatter_completion_values(spec["ref_logp"]),
-    )
+    local = with_logprobs(local, old_logp=local.scatter_completion_values(spec["old_logp"]),
+                          ref_logp=local.scatter_completion_values(spec["ref_logp"]))
 
     model = build_gpt_model(hf_dir)
     load_hf_checkpoint(model, hf_dir)
@@ -69,7 +67,7 @@ def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_micro
     optimizer = build_optimizer(ddp, lr=spec["lr"], eps=spec["adam_eps"], weight_decay=0.0,
                                 grad_clip=spec["grad_clip"])
     config = kernels.PolicyLossConfig(**spec["loss"], aggregation=aggregation)
-    out["metrics"] = train_step(ddp, optimizer, local, config, temperature=temperature,
+    out["metrics"] = train_step(ddp, optimizer, local, policy_objective(config, temperature),
                                 num_microbatches=num_microbatches, fused_lm_head=fused_lm_head)
     after = _hf_state(model, names)
     out["delta"] = {k: after[k] - before[k] for k in before}

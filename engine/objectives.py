@@ -1,0 +1,46 @@
+"""Every training objective as a loss function that `parallel.train_step` runs.
+
+    metrics = train_step(model, optimizer, rows, policy_objective(cfg.loss, temperature), fused_lm_head=True)
+
+An objective is `loss_fn(micro_batch, out) -> (loss, metrics)` (parallel.step.LossFn): it reads its per-token
+vectors from the micro-batch's extras (engine.batch names them), calls one `kernels` op on the logits, or on
+the hidden states and output weight when `out.fused` (the lm_head fused with the loss: no [tokens x vocab]
+tensor), and divides by the step's global counts in `out` so the gradient does not depend on the split into
+micro-batches and data-parallel ranks.
+"""
+from __future__ import annotations
+
+import torch
+
+import kernels
+from engine.batch import ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP
+from kernels import PolicyLossConfig
+from parallel.rows import PackedRows
+from parallel.step import LossFn, ModelOutput
+
+
+def _run_kernel(mb: PackedRows, out: ModelOutput, config: PolicyLossConfig, temperature: float,
+                vectors: dict[str, torch.Tensor | None]):
+    """The one place where a micro-batch and a ModelOutput become a kernels call."""
+    common = dict(config=config, temperature=temperature, mask=mb.loss_mask, seq_ids=mb.seq_ids,
+                  num_sequences=out.num_sequences, num_tokens=out.num_tokens, tp_group=out.tp_group,
+                  vocab_start=out.vocab_start, **vectors)
+    if out.fused:
+        return kernels.linear_policy_loss(out.hidden, out.weight, mb.targets, **common)
+    # the logits are the output layer's fresh output, needed by nothing after the loss: the gradient pass
+    # overwrites them instead of allocating a second [b, S, V/tp] buffer
+    return kernels.policy_loss(out.logits, mb.targets, inplace_backward=True, **common)
+
+
+def policy_objective(config: PolicyLossConfig, temperature: float = 1.0) -> LossFn:
+    """The policy-loss family (GRPO, GSPO, CISPO, ... : config.name) on an RL batch (engine.batch.rl_rows):
+    advantages, and old / reference / rollout log-probs where the loss needs them."""
+
+    def loss_fn(mb: PackedRows, out: ModelOutput):
+        if config.beta != 0.0 and REF_LOGP not in mb.extras:
+            raise ValueError(f"loss.beta={config.beta} needs reference log-probs in the batch "
+                             f"(engine.batch.with_logprobs(rows, ref_logp=...))")
+        vectors = {name: mb.extras.get(name) for name in (OLD_LOGP, REF_LOGP, ROLLOUT_LOGP)}
+        return _run_kernel(mb, out, config, temperature, {"advantages": mb.extras[ADVANTAGES], **vectors})
+
+    return loss_fn
