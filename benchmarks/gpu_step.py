@@ -87,7 +87,8 @@ def parity(cfg: dict, device, batch_args) -> dict:
     losses = []
     for model in (fp32, bf16):
         logits = model(batch.tokens, batch.position_ids, batch.attention_mask())
-        loss, _ = policy_loss(logits, batch.targets, old_logp=lp32, ref_logp=None, advantages=batch.extras["advantages"],
+        loss, _ = policy_loss(logits, batch.targets, old_logp=lp32, ref_logp=None,
+                              advantages=batch.extras["advantages"],
                               mask=batch.loss_mask, config=cfg_loss, temperature=0.7, seq_ids=batch.seq_ids)
         losses.append(loss.item())
     out["loss_fp32"], out["loss_bf16"] = losses

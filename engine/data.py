@@ -200,7 +200,7 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, path: str | Path) -> N
                          f"{vocab_size}; tokenizer and model do not match")
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def _tokenizer_class_named(model_dir: Path) -> Any:
@@ -232,8 +232,8 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer files (looked for {', '.join(_TOKENIZER_FILES)})")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{model_dir}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})")
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if (model_dir / "tokenizer.json").is_file():

@@ -32,6 +32,7 @@ from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from engine.config import GRPOConfig, check_ranges, to_dict
 from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
 from engine.metrics import MetricsLogger, PhaseTimer
+from engine.preflight import check_layout, check_lengths, check_teacher
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout.base import RolloutBatch, SamplingParams
 from kernels import distillation_advantages
@@ -54,7 +55,7 @@ def _build_rollout_engine(cfg: GRPOConfig, model_dir: Path, tokenizer, device):
         from engine.rollout.vllm import VLLMRolloutEngine
 
         return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                 dtype=cfg.model.dtype, seed=cfg.train.seed)
+                                 dtype=cfg.model.dtype, seed=cfg.train.seed, tokenizer=tokenizer)
     from engine.rollout.hf import HFRolloutEngine
 
     return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[cfg.model.dtype],
@@ -87,7 +88,7 @@ class GRPOTrainer:
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
         dtype = _DTYPES[cfg.model.dtype]
 
-        self._check_layout(cfg)
+        check_layout(cfg, self.ps.dp_size)
         # everything a config or data mistake can break is checked before the models are built
         # accuracy and format are always scored (weight 0 if not trained on) for the metrics
         reward_weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
@@ -96,12 +97,10 @@ class GRPOTrainer:
         self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
                          if len(eval_examples) else None)
         longest = max(len(it.prompt_ids) for ds in (self.train_set, self.eval_set) if ds for it in ds.items)
-        if longest + cfg.rollout.max_new_tokens > info.max_position_embeddings:
-            raise ValueError(f"the longest prompt ({longest} tokens) + rollout.max_new_tokens "
-                             f"({cfg.rollout.max_new_tokens}) exceeds the model's max_position_embeddings "
-                             f"({info.max_position_embeddings}, {self.model_dir / 'config.json'}): lower "
-                             f"rollout.max_new_tokens or data.max_prompt_tokens")
-        teacher_dir = self._check_teacher(cfg.algo.teacher, info, longest) if cfg.algo.teacher is not None else None
+        check_lengths(cfg, info, longest, self.model_dir)
+        teacher_dir = None
+        if cfg.algo.teacher is not None:
+            teacher_dir = check_teacher(cfg, cfg.algo.teacher, self.tokenizer, self.model_dir, info, longest)
         self.out = Path(cfg.train.out)
         ckpt = latest_checkpoint(self.out)
         if ckpt is not None and not cfg.train.resume:
@@ -152,41 +151,6 @@ class GRPOTrainer:
             dropped = self.logger.truncate_after(self.step if ckpt is not None else -1)  # no checkpoint: start over
             if dropped:
                 print(f"{self.logger.path}: dropped {dropped} line(s) logged after the checkpoint", flush=True)
-
-    def _check_layout(self, cfg: GRPOConfig) -> None:
-        """Settings that would otherwise fail on one rank while the others wait in a collective."""
-        dp, r, a = self.ps.dp_size, cfg.rollout, cfg.algo
-        if r.prompts_per_step % dp:
-            raise ValueError(f"rollout.prompts_per_step={r.prompts_per_step} must be a multiple of the "
-                             f"data-parallel size {dp}")
-        if r.prompts_per_step // dp * r.group_size < a.mini_batches:
-            raise ValueError(f"algo.mini_batches={a.mini_batches} exceeds the {r.prompts_per_step // dp * r.group_size} "
-                             f"completions each data-parallel rank gets per step")
-        if a.max_tokens_per_row is not None and cfg.data.max_prompt_tokens + r.max_new_tokens > a.max_tokens_per_row:
-            raise ValueError(f"algo.max_tokens_per_row={a.max_tokens_per_row} is shorter than the longest sequence: "
-                             f"data.max_prompt_tokens + rollout.max_new_tokens = "
-                             f"{cfg.data.max_prompt_tokens + r.max_new_tokens}")
-
-    def _check_teacher(self, path: str, student, longest_prompt: int) -> Path:
-        """The teacher scores the student's token ids: it must exist, share the student's tokenizer, cover every
-        id the student can sample, and fit the longest prompt + generation budget."""
-        teacher_dir = Path(path)
-        if not (teacher_dir / "config.json").is_file():
-            raise ValueError(f"algo.teacher: {teacher_dir} has no config.json (an HF model directory is needed)")
-        teacher_vocab = load_tokenizer(teacher_dir).get_vocab()
-        if teacher_vocab != self.tokenizer.get_vocab():
-            raise ValueError(f"algo.teacher: the tokenizer of {teacher_dir} differs from the student's "
-                             f"({self.model_dir}); on-policy distillation scores the student's token ids with the "
-                             f"teacher, so both need one tokenizer")
-        info = models.parse_hf_config(teacher_dir / "config.json", self.cfg.model.tensor_parallel)
-        if info.vocab_size < student.vocab_size:
-            raise ValueError(f"algo.teacher: {teacher_dir} has vocab_size {info.vocab_size}, fewer than the "
-                             f"student's {student.vocab_size}: the student can sample ids the teacher cannot score")
-        need = longest_prompt + self.cfg.rollout.max_new_tokens
-        if need > info.max_position_embeddings:
-            raise ValueError(f"algo.teacher: {teacher_dir} has max_position_embeddings {info.max_position_embeddings}"
-                             f", shorter than the longest prompt + rollout.max_new_tokens ({need})")
-        return teacher_dir
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _mp_broadcast(self, payload):
@@ -399,23 +363,22 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
-        """Held-out pass@1 (mean accuracy over k samples a question) and format rate."""
+        """Held-out pass@1 (mean accuracy over k samples a question), pass@k and format rate, by engine.eval (the
+        code recipes/eval.py runs; cons@k is left to it: its math-verify grouping would stall training)."""
+        from engine.eval import gather_results, sample_questions, summarize
+
         if self.eval_set is None:
             return {}
         items = [self.eval_set[i] for i in range(len(self.eval_set))][: limit or self.cfg.train.eval_size]
-        k = self.cfg.train.eval_samples
         if len(items) < self.ps.dp_size:
             raise ValueError(f"held-out set has {len(items)} questions, fewer than the {self.ps.dp_size} "
                              f"data-parallel ranks")
-        mine = items[self.ps.dp_rank::self.ps.dp_size]
-        _, scores = self.generate_and_score(mine, k, self.sampling_params(seed=self.cfg.train.seed + 7,
-                                                                          eval_mode=True))
-        sums = torch.tensor([sum(scores.components["accuracy"]), sum(scores.components["format"]),
-                             float(len(scores.total))], dtype=torch.float64, device=self.device)
-        if self.ps.dp_size > 1:
-            dist.all_reduce(sums, group=self.ps.dp_group)
-        sums = sums.cpu()
-        return {"eval/pass@1": (sums[0] / sums[2]).item(), "eval/format_rate": (sums[1] / sums[2]).item()}
+        params = self.sampling_params(seed=self.cfg.train.seed + 7, eval_mode=True)
+        local = sample_questions(self.generate_and_score, items, self.cfg.train.eval_samples, params,
+                                 dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size)  # same samples for any DP
+        summary = summarize(gather_results(local, self.ps.dp_group if self.ps.dp_size > 1 else None))
+        keys = [k for k in summary if k.startswith("pass@")] + ["format_rate", "truncated_frac", "length/mean"]
+        return {f"eval/{k}": summary[k] for k in keys}
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self, on_step=None) -> list[dict[str, float]]:

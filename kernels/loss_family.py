@@ -78,7 +78,9 @@ class PolicyLossConfig:
     seq_mask_range: tuple[float, float] | None = None
     """Rollout correction: drop sequences whose geometric-mean ratio exp(mean(old - rollout)) leaves [lo, hi]."""
 
-    def __post_init__(self):
+    def validate(self) -> None:
+        """ValueError for a value outside its range. Run by every loss call (prepare_inputs), not at
+        construction, so that a command-line parser building the config first can report the flag itself."""
         if self.name not in LOSSES:
             raise ValueError(f"PolicyLossConfig.name: unknown loss {self.name!r}; choose one of {LOSSES}")
         if self.aggregation is not None and self.aggregation not in AGGREGATIONS:
@@ -131,20 +133,21 @@ class LossInputs:
     ref_logp: torch.Tensor | None
     advantages: torch.Tensor
     mask: torch.Tensor
-    seq_index: torch.Tensor  # segment index in [0, num_segments): one per run of equal sequence ids
+    seq_ids: torch.Tensor  # the caller's seq_ids renumbered 0, 1, ... in order (one number per run of equal ids)
     rollout_logp: torch.Tensor | None = None
-    num_segments: int = 1  # an upper bound (the token count): buffers sized by it need no host sync
+    max_sequences: int = 1  # a bound on len(unique(seq_ids)) (the token count): buffers sized by it need no host sync
 
     def chunk(self, sl: slice) -> "LossInputs":
         pick = lambda t: None if t is None else t[sl]  # noqa: E731
         return LossInputs(pick(self.old_logp), pick(self.ref_logp), self.advantages[sl], self.mask[sl],
-                          self.seq_index[sl], pick(self.rollout_logp), self.num_segments)
+                          self.seq_ids[sl], pick(self.rollout_logp), self.max_sequences)
 
 
 def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages, mask, seq_ids=None,
                    rollout_logp=None, config: PolicyLossConfig | None = None) -> LossInputs:
     """Check the per-token vectors against the token shape (and `config`'s needs) and flatten them to fp32 [N]."""
     if config is not None:
+        config.validate()
         config = config.resolved()
         if config.aggregation == "seq-mean-token-sum-norm" and config.max_len is None:
             raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len: Dr. GRPO's L_max is a constant "
@@ -186,10 +189,10 @@ def prepare_inputs(shape: torch.Size, device, *, old_logp, ref_logp, advantages,
     starts = torch.ones(n, dtype=torch.long, device=device)
     if n > 1:
         starts[1:] = (seq_ids[1:] != seq_ids[:-1]).long()
-    seq_index = torch.cumsum(starts, 0) - 1
+    dense_ids = torch.cumsum(starts, 0) - 1
     return LossInputs(vec("old_logp", old_logp, False), vec("ref_logp", ref_logp, False),
-                      vec("advantages", advantages), mask_f, seq_index, vec("rollout_logp", rollout_logp, False),
-                      num_segments=max(n, 1))
+                      vec("advantages", advantages), mask_f, dense_ids, vec("rollout_logp", rollout_logp, False),
+                      max_sequences=max(n, 1))
 
 
 def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences=None, num_tokens=None) -> torch.Tensor:
@@ -199,10 +202,10 @@ def aggregation_weights(inp: LossInputs, cfg: PolicyLossConfig, *, num_sequences
     if cfg.aggregation == "token-mean":
         n_tok = num_tokens if num_tokens is not None else m.sum().clamp(min=1.0)
         return m / n_tok
-    seq_len = torch.zeros(inp.num_segments, device=m.device).index_add_(0, inp.seq_index, m)
+    seq_len = torch.zeros(inp.max_sequences, device=m.device).index_add_(0, inp.seq_ids, m)
     n_seq = num_sequences if num_sequences is not None else (seq_len > 0).sum().clamp(min=1)
     if cfg.aggregation == "seq-mean-token-mean":
-        return m / seq_len[inp.seq_index].clamp(min=1.0) / n_seq
+        return m / seq_len[inp.seq_ids].clamp(min=1.0) / n_seq
     if cfg.max_len is None:
         raise ValueError("aggregation='seq-mean-token-sum-norm' needs max_len (L_max, the generation budget)")
     return m / (n_seq * cfg.max_len)
@@ -226,10 +229,10 @@ def _kl(logp, ref_logp, kind):
 
 def _sequence_mean(values, inp: LossInputs):
     """Per-token value of mean over its sequence's masked tokens."""
-    n = inp.num_segments
-    tot = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, inp.seq_index, values * inp.mask)
-    cnt = torch.zeros(n, device=values.device).index_add_(0, inp.seq_index, inp.mask).clamp(min=1.0)
-    return (tot / cnt)[inp.seq_index]
+    n = inp.max_sequences
+    tot = torch.zeros(n, device=values.device, dtype=values.dtype).index_add(0, inp.seq_ids, values * inp.mask)
+    cnt = torch.zeros(n, device=values.device).index_add_(0, inp.seq_ids, inp.mask).clamp(min=1.0)
+    return (tot / cnt)[inp.seq_ids]
 
 
 def _correction_weight(old, inp: LossInputs, cfg: PolicyLossConfig):

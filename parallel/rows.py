@@ -5,7 +5,7 @@
 Position t of a row predicts `targets[t]` (the next token of the same sequence); `loss_mask[t] = 1` where that
 target is trained on. `seq_ids[t]` is the index of the sequence position t belongs to (-1 on padding): it is THE
 name for "which sequence" everywhere (attention blocks, the kernels' sequence-level aggregations, per-sequence
-values). Any other per-token tensor the caller needs (an objective's advantages, old or reference log-probs, ...)
+values). Any other per-token tensor the caller needs (an objective's per-token weights, log-probs of other models, ...)
 rides in `extras`: carried through `to`, `rows`, `split`, `shard` and padding without being interpreted here.
 Building rows from token lists (packing) is the caller's business (engine.batch).
 """

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from engine.config import (GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml,
                            run_cli)
-from engine.data import load_prompts
+from engine.data import TOKENIZER_FILES, load_prompts
 from kernels import PolicyLossConfig
 from parallel.state import init_parallel
 
@@ -79,7 +79,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
 
 def check_paths(cfg: GRPOConfig) -> None:
     """The files and directories the run reads and writes, checked before anything is built (a ValueError naming
-    the flag and the path). Tokenizer files are left to load_tokenizer, which names the directory."""
+    the flag and the path). Whether the tokenizer files load and round-trip is load_tokenizer's check."""
     for flag, path in (("--data", cfg.data.path), ("--eval-data", cfg.data.eval_path)):
         if path is not None and not Path(path).is_file():
             what = "is a directory, not a prompt file" if Path(path).is_dir() else "does not exist"
@@ -91,6 +91,8 @@ def check_paths(cfg: GRPOConfig) -> None:
             raise ValueError(f"--model {model}: {what} (an HF model directory with config.json is needed)")
         if not (model / "config.json").is_file():
             raise ValueError(f"--model {model}: no config.json in it (an HF model directory is needed)")
+        if not any((model / name).is_file() for name in TOKENIZER_FILES):
+            raise ValueError(f"--model {model}: no tokenizer files in it (looked for {', '.join(TOKENIZER_FILES)})")
     out = Path(cfg.train.out)
     for p in (out, *out.parents):  # the run directory, or the first of its parents that exists, must be a directory
         if p.exists():

@@ -45,6 +45,21 @@ def _import_vllm():
     return vllm
 
 
+# Spaces, newlines, digits, tags and non-ASCII: what a tokenizer rebuilt from the model type gets wrong first.
+_PROBE = "Q: 82+57\nA:  <think> 8+5 = 13, carry 1 </think>\n<answer> 139 </answer>\tÜber 東京"
+
+
+def check_same_tokenizer(engine_tokenizer: Any, tokenizer: Any, model_dir: str | Path) -> None:
+    """vLLM loads its tokenizer from the model directory by its own rules: it must give the trainer's ids (its stop
+    strings are matched on its own detokenisation), or the run stops here with one line."""
+    ours = list(tokenizer.encode(_PROBE, add_special_tokens=False))
+    theirs = list(engine_tokenizer.encode(_PROBE, add_special_tokens=False))
+    if ours != theirs:
+        raise ValueError(f"{model_dir}: vLLM's tokenizer ({type(engine_tokenizer).__name__}) gives other ids than the "
+                         f"model's own tokenizer files ({type(tokenizer).__name__}) for {_PROBE!r}: {theirs[:12]} "
+                         f"vs {ours[:12]}; pass vLLM the tokenizer explicitly (tokenizer_mode / tokenizer)")
+
+
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
     """Runs inside a vLLM worker (collective_rpc passes the worker first)."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -60,7 +75,7 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(
         self, model_dir: str | Path, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
         enable_sleep_mode: bool = True, sleep_level: int = 1, max_model_len: int | None = None,
-        enforce_eager: bool = False, seed: int = 0, **llm_kwargs: Any,
+        enforce_eager: bool = False, seed: int = 0, tokenizer: Any = None, **llm_kwargs: Any,
     ):
         vllm = _import_vllm()
         self._vllm = vllm
@@ -77,6 +92,9 @@ class VLLMRolloutEngine(RolloutEngine):
         self._weights_awake = True
         self._kv_cache_awake = True
         self._warned_truncation = False
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            check_same_tokenizer(self.llm.get_tokenizer(), tokenizer, model_dir)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -119,7 +137,10 @@ class VLLMRolloutEngine(RolloutEngine):
                 logp = [position[token].logprob for position, token in zip(completion.logprobs, ids)]
                 batch_prompts.append(list(prompt_ids[i]))
                 completion_ids.append(ids)
-                texts.append(completion.text)
+                # the text the rewards read comes from the trainer's tokenizer (the user's files, checked at
+                # load), whatever tokenizer class vLLM built for itself
+                texts.append(completion.text if self.tokenizer is None else
+                             self.tokenizer.decode(ids, skip_special_tokens=True))
                 logps.append(torch.tensor(logp, dtype=torch.float32))
                 reasons.append(completion.finish_reason)
         return RolloutBatch(prompt_ids=batch_prompts, completion_ids=completion_ids, completion_text=texts,

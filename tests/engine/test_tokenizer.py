@@ -263,3 +263,16 @@ def test_a_run_trains_on_the_prompts_as_written(tmp_path, model_type, tokenizer_
             assert [trainer.tokenizer.decode(item.prompt_ids) for item in dataset.items] == texts
     finally:
         trainer.close()
+
+
+def test_vllm_backend_refuses_a_tokenizer_other_than_the_files(tmp_path):
+    """vLLM builds its own tokenizer from the directory (AutoTokenizer rules): the engine compares its ids with the
+    trainer's on a probe and stops with one line when they differ (the check runs without vLLM installed)."""
+    from engine.rollout.vllm import check_same_tokenizer
+
+    model_dir = write_model_dir(tmp_path / "m", "qwen2")
+    ours = load_tokenizer(model_dir)
+    check_same_tokenizer(load_tokenizer(model_dir), ours, model_dir)  # the same files: accepted
+    with pytest.raises(ValueError, match=r"m: vLLM's tokenizer \(Qwen2Tokenizer\) gives other ids") as err:
+        check_same_tokenizer(old_loader(model_dir), ours, model_dir)
+    assert "\n" not in str(err.value).replace("\\n", "")

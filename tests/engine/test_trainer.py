@@ -231,7 +231,7 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(model_dir, tmp_pa
         u, v = [0, 0, 0, 0], [1, 0, 0, 1]  # uniform (dropped) and informative (kept) groups of G=4
         seen = _scripted_rewards(t, [[v, u, [0, 1, 1, 1], u], [u, [1, 1, 0, 0], u, u], [v, v, v, v]])
         step = t.collect()
-        rollout, scores, rewards, minis, extra = step.rollout, step.scores, step.rewards, step.minis, step.metrics
+        rewards, minis, extra = step.rewards, step.minis, step.metrics
         assert len(seen) == max_rounds and t.draws == max_rounds
         assert extra["dynamic_sampling/rounds"] == max_rounds
         # the metrics describe the first round as sampled: two of its four groups were uniform

@@ -77,3 +77,16 @@ def away_from_bounds(old: torch.Tensor, logp: torch.Tensor, bounds, margin: floa
         near = ((logp.double() - old.double()) - math.log(b)).abs() < margin
         old = torch.where(near, old - 2 * margin, old)
     return old
+
+
+def run_both(logits, targets, ours, ref):
+    """(loss, loss_ref, dlogits, dlogits_ref, metrics) of our op (under poisoned allocations) and a float64
+    reference on the same logits."""
+    z = logits.clone().requires_grad_(True)
+    with poisoned_allocations():
+        loss, metrics = ours(z)
+        loss.backward()
+    z64 = logits.double().requires_grad_(True)
+    loss_ref = ref(z64)
+    loss_ref.backward()
+    return loss, loss_ref, z.grad, z64.grad, metrics

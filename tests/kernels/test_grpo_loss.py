@@ -5,7 +5,8 @@ import torch
 from kernels import PolicyLossConfig, grpo_loss, policy_loss
 from kernels.reference import (aggregate_ref, cispo_loss_ref, grpo_loss_ref, gspo_loss_ref, kl_ref,
                                token_logprobs_ref)
-from tests.kernels.helpers import TOL, assert_close, perturbed_vectors, poisoned_allocations, random_logits
+from tests.kernels.helpers import (TOL, assert_close, perturbed_vectors, random_logits,
+                                   run_both)
 
 B, S, V = 4, 9, 517  # four sequences of nine positions, an odd vocabulary
 
@@ -21,17 +22,6 @@ def make_batch(dtype=torch.float32, temperature=1.0, b=B, s=S, v=V):
     mask[:, 0] = 0.0  # prompt position
     mask[min(2, b - 1)] = 0.0  # a fully masked sequence
     return logits, targets, old, ref, rollout, adv, mask
-
-
-def run_both(logits, targets, ours, ref):
-    z = logits.clone().requires_grad_(True)
-    with poisoned_allocations():
-        loss, metrics = ours(z)
-        loss.backward()
-    z64 = logits.double().requires_grad_(True)
-    loss_ref = ref(z64)
-    loss_ref.backward()
-    return loss, loss_ref, z.grad, z64.grad, metrics
 
 
 @pytest.mark.parametrize("aggregation", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])

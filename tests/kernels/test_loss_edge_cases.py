@@ -7,21 +7,10 @@ import torch
 
 from kernels import PolicyLossConfig, grpo_loss, linear_grpo_loss, linear_policy_loss, policy_loss
 from kernels.reference import MAX_LOG_RATIO, grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
-from tests.kernels.helpers import TOL, assert_close, poisoned_allocations, random_logits, reference_logits
+from tests.kernels.helpers import (TOL, assert_close, random_logits, reference_logits,
+                                   run_both)
 
 SUM_NORM = "seq-mean-token-sum-norm"
-
-
-def both(logits, targets, ours, ref):
-    """(loss, loss_ref, dlogits, dlogits_ref, metrics) of our op (poisoned allocations) and a float64 reference."""
-    z = logits.clone().requires_grad_(True)
-    with poisoned_allocations():
-        loss, metrics = ours(z)
-        loss.backward()
-    z64 = logits.double().requires_grad_(True)
-    loss_ref = ref(z64)
-    loss_ref.backward()
-    return loss, loss_ref, z.grad, z64.grad, metrics
 
 
 def rows_close(g, g_ref, rows, tol, what):
@@ -101,7 +90,7 @@ def test_k3_at_a_log_ratio_gap_of_100_is_finite_and_matches_the_reference():
     adv, mask = torch.randn(b, 1).expand(b, s).contiguous(), torch.ones(b, s)
     mask[:, 0] = 0.0
     kw = dict(beta=0.04, kl="k3", aggregation="token-mean")
-    loss, loss_ref, g, g_ref, metrics = both(
+    loss, loss_ref, g, g_ref, metrics = run_both(
         logits, targets,
         lambda z: grpo_loss(z, targets, old, ref, adv, mask, return_token_stats=True, **kw),
         lambda z: grpo_loss_ref(z, targets, old.double(), ref.double(), adv.double(), mask.double(), **kw))
@@ -137,7 +126,7 @@ def test_a_log_ratio_of_25_keeps_the_unclipped_gradient(dtype):
     mask = torch.ones(b, s)
     mask[:, 0] = 0.0
     kw = dict(eps_low=0.2, eps_high=0.28, aggregation="token-mean")
-    loss, loss_ref, g, g_ref, _ = both(
+    loss, loss_ref, g, g_ref, _ = run_both(
         logits, targets, lambda z: grpo_loss(z, targets, old, None, adv, mask, **kw),
         lambda z: grpo_loss_ref(z, targets, old.double(), None, adv.double(), mask.double(), **kw))
     bound = math.exp(MAX_LOG_RATIO)
@@ -177,7 +166,7 @@ def test_dual_clip_binds_on_a_known_share_logits(dtype):
     old, dual = dual_clip_inputs(lp, adv, mask)
     ref = (lp + 0.2 * torch.randn(b, s)).float()
     kw = dict(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, beta=0.04, temperature=0.8)
-    loss, loss_ref, g, g_ref, metrics = both(
+    loss, loss_ref, g, g_ref, metrics = run_both(
         logits, targets, lambda z: grpo_loss(z, targets, old, ref, adv, mask, **kw),
         lambda z: grpo_loss_ref(z, targets, old.double(), ref.double(), adv.double(), mask.double(), **kw))
     assert dual.sum() > 0
@@ -279,3 +268,17 @@ def test_token_level_losses_accept_flat_tokens():
     ref = grpo_loss_ref(logits.double(), targets, old.double(), None, adv.double(), mask.double(),
                         aggregation="token-mean")
     assert_close(loss, ref, TOL[torch.float32], "token-mean, flat")
+
+
+@pytest.mark.parametrize("bad, message", [(dict(tis_cap=0.0), "tis_cap must be > 0"),
+                                          (dict(dual_clip_c=1.0), "dual_clip_c must be > 1"),
+                                          (dict(eps_low=-0.1), "eps_low/eps_high must be >= 0")])
+def test_out_of_range_config_is_refused_by_the_loss_call(bad, message):
+    """A config is checked when a loss runs (a CLI parser builds it first and names the flag itself)."""
+    config = PolicyLossConfig(**bad)  # constructing is allowed
+    logits = torch.randn(2, 3, 7)
+    targets = torch.randint(0, 7, (2, 3))
+    vec = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=message):
+        policy_loss(logits, targets, old_logp=vec, ref_logp=None, advantages=vec, mask=torch.ones(2, 3),
+                    config=config, rollout_logp=vec)
