@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
-from engine.config import run_cli
+from tests.recipes.helpers import one_error_line
 from recipes.r1_zero import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -17,16 +16,7 @@ TRAIN = str(TINY / "data" / "train.jsonl")
 
 
 def _one_error_line(capsys, argv) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("R1_DEBUG", raising=False)
+    return one_error_line(capsys, main, argv)
 
 
 def test_negative_kl_coefficient(capsys, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import run_cli
+from tests.recipes.helpers import one_error_line
 from recipes.eval import expand_args, main, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,17 +14,8 @@ BASE = ROOT / "recipes" / "tiny" / "base"
 EVAL = str(ROOT / "recipes" / "tiny" / "data" / "eval.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch):
-    monkeypatch.delenv("R1_DEBUG", raising=False)
-
-
 def _one_error_line(capsys, argv) -> str:
-    assert run_cli(main, argv) == 2
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
+    return one_error_line(capsys, main, argv)
 
 
 def _copy_model(tmp_path, drop):
