@@ -17,18 +17,18 @@ answer region, normalised; None when there is none, it is empty or over MAX_ANSW
 truncation (hit the token budget), format reward and, when scored, language consistency.
 
 cons@k: the k final answers are grouped into classes of the accuracy reward's equivalence. Identical normalised
-strings share a class at no cost; each other distinct string is then compared only with the representatives of
-the classes found so far (the class's first answer, held fixed as math-verify's `gold`), integers locally and
-the rest through `EquivalenceJudge` (a reward worker pool: every call under the reward timeout; a timed-out
-comparison counts as "not equivalent"). It joins the first class it is equivalent to. The majority class is the
-largest; a tie goes to the class whose first member came first in sample order (deterministic: the sample order
-is fixed by the seed). A question counts as solved when a member of the majority class was scored correct by the
-accuracy reward. Samples without an extractable answer do not vote; a question where none has one is unsolved.
+strings share a class at no cost; each other distinct string is then compared only with the representatives of the
+classes found so far (the class's first answer, held fixed as math-verify's `gold`), locally where no parse is
+needed (integers, giant answers: accuracy.verdict_without_parsing) and the rest through `EquivalenceJudge` (a
+reward worker pool: every call under the reward timeout; a timed-out comparison counts as "not equivalent"). It
+joins the first class it is equivalent to. The majority class is the largest; a tie goes to the class whose first
+member came first in sample order (deterministic: the sample order is fixed by the seed). A question counts as
+solved when a member of the majority class was scored correct by the accuracy reward. Samples without an
+extractable answer do not vote; a question where none has one is unsolved.
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -40,11 +40,10 @@ from engine.rewards.accuracy import (
     answers_equivalent,
     extract_final_answers,
     normalize_answer,
+    verdict_without_parsing,
 )
 from engine.rewards.compose import RewardComposer, RewardSpec
 from engine.rollout.base import SamplingParams
-
-_INTEGER = re.compile(r"[-+]?\d+")
 
 
 @dataclass
@@ -146,13 +145,6 @@ class EquivalenceJudge:
         self.close()
 
 
-def _cheap_verdict(rep: str, cand: str) -> bool | None:
-    """The verdict without math-verify where it is certain (both integers), else None."""
-    if _INTEGER.fullmatch(rep) and _INTEGER.fullmatch(cand):
-        return int(rep) == int(cand)
-    return None
-
-
 def equivalence_classes(answer_lists: Sequence[Sequence[str | None]], judge: Judge) -> list[list[list[int]]]:
     """For each question, its answers' classes as lists of sample indices, classes in order of first appearance.
     Distinct normalised strings are merged round by round over all questions at once (one judge call a round),
@@ -173,7 +165,7 @@ def equivalence_classes(answer_lists: Sequence[Sequence[str | None]], judge: Jud
                 continue
             cand = question_keys[step][0]
             for c, (rep, _) in enumerate(classes[q]):
-                cheap = _cheap_verdict(rep, cand)
+                cheap = verdict_without_parsing(rep, cand)
                 if cheap is None:
                     pairs.append((rep, cand))
                     owners.append((q, c))

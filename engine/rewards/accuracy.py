@@ -146,10 +146,9 @@ def _parse(answer: str, use_timeout: bool) -> tuple:
     return tuple(parse(text, parsing_timeout=timeout))
 
 
-def answers_equivalent(gold: str, pred: str) -> bool:
-    """Whether `pred` is mathematically equivalent to `gold` (asymmetric like math-verify's verify:
-    pass the reference, or the answer held fixed, as `gold`). Empty answers are never equivalent."""
-    gold, pred = normalize_answer(gold), normalize_answer(pred)
+def verdict_without_parsing(gold: str, pred: str) -> bool | None:
+    """The equivalence of two normalised answers where no math parse is needed (an empty one, equal strings, two
+    integers, one too large for sympy), or None: then only math-verify can tell."""
     if not gold or not pred:
         return False
     if gold == pred:
@@ -158,6 +157,16 @@ def answers_equivalent(gold: str, pred: str) -> bool:
         return int(gold) == int(pred)
     if _is_giant(gold) or _is_giant(pred):
         return False  # already compared as strings above; sympy could hang on these
+    return None
+
+
+def answers_equivalent(gold: str, pred: str) -> bool:
+    """Whether `pred` is mathematically equivalent to `gold` (asymmetric like math-verify's verify:
+    pass the reference, or the answer held fixed, as `gold`). Empty answers are never equivalent."""
+    gold, pred = normalize_answer(gold), normalize_answer(pred)
+    verdict = verdict_without_parsing(gold, pred)
+    if verdict is not None:
+        return verdict
     # math-verify's timeouts use SIGALRM, which only the main thread may set; elsewhere the caller
     # (the RewardComposer's worker pool) enforces the time limit.
     return _math_verify_equivalent(gold, pred, _in_main_thread())
