@@ -67,7 +67,8 @@ class MetricsLogger:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")
-        if self._writer is not None:
+        # log() writes the jsonl line before the TensorBoard event, so nothing dropped here means nothing to purge
+        if self._writer is not None and kept != lines:
             self._writer.close()
             self._writer = self._open_writer(purge_step=step + 1)
         return len(lines) - len(kept)
