@@ -6,8 +6,45 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import GRPOConfig
-from engine.data import load_tokenizer
+from engine.data import TOKENIZER_FILES, load_tokenizer
 from parallel import models
+
+
+def check_prompt_file(flag: str, path: str | Path) -> None:
+    """A prompt file the user named: it must be a file (load_prompts checks what is in it)."""
+    if not Path(path).is_file():
+        what = "is a directory, not a prompt file" if Path(path).is_dir() else "does not exist"
+        raise ValueError(f"{flag} {path}: {what} (a .jsonl or .parquet file of prompts is needed)")
+
+
+def check_model_dir(flag: str, path: str | Path, need_weights: bool = False) -> None:
+    """An HF model directory the user named: a directory with config.json, tokenizer files and (need_weights)
+    weight files, each missing piece named in one line. Whether the tokenizer loads and round-trips is
+    load_tokenizer's and PromptDataset's check."""
+    model = Path(path)
+    if not model.is_dir():
+        what = "is a file, not a directory" if model.exists() else "does not exist"
+        raise ValueError(f"{flag} {model}: {what} (an HF model directory with config.json is needed)")
+    if not (model / "config.json").is_file():
+        raise ValueError(f"{flag} {model}: no config.json in it (an HF model directory is needed)")
+    if need_weights and not any(any(model.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ValueError(f"{flag} {model}: no weights in it (looked for {', '.join(WEIGHT_FILES)})")
+    if not any((model / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{flag} {model}: no tokenizer files in it (looked for {', '.join(TOKENIZER_FILES)})")
+
+
+def check_out_dir(flag: str, path: str | Path) -> None:
+    """An output directory: it, or the first of its parents that exists, must be a directory."""
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "exists" if p == out else f"is inside {p}, which exists"
+                raise ValueError(f"{flag} {out}: {where} and is not a directory ({flag} names a directory)")
+            return
+
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
 def check_layout(cfg: GRPOConfig, dp: int) -> None:

@@ -28,18 +28,20 @@ import torch
 import torch.distributed as dist
 
 from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
+from engine.batch import ADVANTAGES, OLD_LOGP, rl_rows, with_logprobs
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import GRPOConfig, check_ranges, to_dict
 from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
+from engine.eval import gather_results, sample_questions, summarize
 from engine.metrics import MetricsLogger, PhaseTimer
+from engine.objectives import policy_objective
 from engine.preflight import check_layout, check_lengths, check_teacher
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
+from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
 from kernels import distillation_advantages
 from parallel import convert, models, state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
-from engine.batch import ADVANTAGES, OLD_LOGP, rl_rows, with_logprobs
-from engine.objectives import policy_objective
 from parallel.rows import PackedRows
 from parallel.step import logprobs, train_step
 
@@ -48,18 +50,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CURVES = ("accuracy", "format_rate", "eval/pass@1", "eval/format_rate", "reward/mean", "response_length/mean",
           "train/kl", "train/entropy", "train/grad_norm", "train/clip_low", "train/clip_high", "train/mismatch_abs",
           "time/step", "throughput/tokens_per_s")
-
-
-def _build_rollout_engine(cfg: GRPOConfig, model_dir: Path, tokenizer, device):
-    if cfg.rollout.backend == "vllm":
-        from engine.rollout.vllm import VLLMRolloutEngine
-
-        return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                 dtype=cfg.model.dtype, seed=cfg.train.seed, tokenizer=tokenizer)
-    from engine.rollout.hf import HFRolloutEngine
-
-    return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[cfg.model.dtype],
-                           num_threads=cfg.rollout.num_threads)
 
 
 @dataclass
@@ -133,7 +123,10 @@ class GRPOTrainer:
 
         self.rollout_engine = self.rewards = None
         if self.is_leader:
-            self.rollout_engine = _build_rollout_engine(cfg, self.model_dir, self.tokenizer, self.device)
+            r = cfg.rollout
+            self.rollout_engine = build_rollout_engine(
+                r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
+                seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
             self.rewards = build_reward_composer(reward_weights, language=cfg.reward.language,
                                                  num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
         # every rank draws the same global batch; DP replicas take interleaved shares of it
@@ -365,8 +358,6 @@ class GRPOTrainer:
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
         """Held-out pass@1 (mean accuracy over k samples a question), pass@k and format rate, by engine.eval (the
         code recipes/eval.py runs; cons@k is left to it: its math-verify grouping would stall training)."""
-        from engine.eval import gather_results, sample_questions, summarize
-
         if self.eval_set is None:
             return {}
         items = [self.eval_set[i] for i in range(len(self.eval_set))][: limit or self.cfg.train.eval_size]

@@ -23,11 +23,11 @@ if __package__ in (None, ""):  # `python recipes/eval.py`: make the repository i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import RolloutConfig, load_config, run_cli
-from engine.data import TEMPLATES, TOKENIZER_FILES, load_prompts
+from engine.data import TEMPLATES, load_prompts
+from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from recipes.tiny.settings import TINY_DEFAULT
 
-_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
-TINY_RUN = Path("outputs/r1_zero_tiny")  # recipes/r1_zero.py's embedded default writes here
-TINY_MAX_NEW_TOKENS = 40  # the embedded default's generation budget (recipes/r1_zero.py TINY_DEFAULT)
+TINY_RUN = Path(TINY_DEFAULT.train.out)  # where recipes/r1_zero.py's embedded default writes its run
 
 
 @dataclass
@@ -118,7 +118,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
     cfg = load_config(EvalConfig, expand_args(list(sys.argv[1:] if argv is None else argv)), description=HELP)
     embedded = not cfg.models
     if cfg.rollout.max_new_tokens is None:
-        budget = TINY_MAX_NEW_TOKENS if embedded else RolloutConfig().max_new_tokens
+        budget = (TINY_DEFAULT.rollout if embedded else RolloutConfig()).max_new_tokens
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=budget))
     r, d = cfg.rollout, cfg.data
     checks = [("--k", cfg.k, cfg.k >= 1, ">= 1 (samples per question)"),
@@ -143,21 +143,13 @@ def resolve_config(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
 def resolve_model(path: str | Path) -> Path:
     """The HF directory to load: `path` itself, or a run directory's hf/ export; a ValueError naming the problem."""
     model = Path(path)
-    if not model.is_dir():
-        raise ValueError(f"--model {model}: {'is a file, not a directory' if model.exists() else 'does not exist'}"
-                         " (an HF model directory or a run directory with hf/ is needed)")
-    if not (model / "config.json").is_file():
+    if model.is_dir() and not (model / "config.json").is_file():
         if (model / "hf" / "config.json").is_file():
             model = model / "hf"
         elif (model / "checkpoints").is_dir() or (model / "metrics.jsonl").is_file():
             raise ValueError(f"--model {model}: a run directory without an hf/ export (runs write it at the end "
                              f"unless --train.no-export-hf)")
-        else:
-            raise ValueError(f"--model {model}: no config.json in it (an HF model directory is needed)")
-    if not any(any(model.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-        raise ValueError(f"--model {model}: no weights in it (looked for {', '.join(_WEIGHT_PATTERNS)})")
-    if not any((model / name).is_file() for name in TOKENIZER_FILES):
-        raise ValueError(f"--model {model}: no tokenizer files in it (looked for {', '.join(TOKENIZER_FILES)})")
+    check_model_dir("--model", model, need_weights=True)
     return model
 
 
@@ -178,26 +170,10 @@ def models_and_data(cfg: EvalConfig, embedded: bool):
 
         paths = [str(DATA_DIR / "eval.jsonl")]
     for path in paths:
-        if not Path(path).is_file():
-            what = "is a directory, not a prompt file" if Path(path).is_dir() else "does not exist"
-            raise ValueError(f"--data {path}: {what} (a .jsonl or .parquet file of prompts is needed)")
+        check_prompt_file("--data", path)
     stems = [Path(p).stem for p in paths]
     names = [stem if stems.count(stem) == 1 else p for stem, p in zip(stems, paths)]
     return models, list(zip(names, paths))
-
-
-def _build_engine(cfg: EvalConfig, model_dir: Path, tokenizer, device):
-    import torch
-
-    if cfg.rollout.backend == "vllm":
-        from engine.rollout.vllm import VLLMRolloutEngine
-
-        return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                                 dtype=cfg.rollout.dtype, seed=cfg.seed, tokenizer=tokenizer)
-    from engine.rollout.hf import HFRolloutEngine
-
-    return HFRolloutEngine(str(model_dir), tokenizer, device=device, num_threads=cfg.rollout.num_threads,
-                           dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rollout.dtype])
 
 
 def _columns(summary: dict) -> list[tuple[str, str]]:
@@ -251,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     models, datasets = models_and_data(cfg, embedded)
     examples = {name: load_prompts(path, cfg.data.prompt_key, cfg.data.answer_key) for name, path in datasets}
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+    check_out_dir("--out", out)
 
     import torch
 
@@ -265,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         summarize,
     )
     from engine.rewards import build_reward_composer
-    from engine.rollout.base import SamplingParams
+    from engine.rollout import SamplingParams, build_rollout_engine
 
     dp_rank, dp_size, group, device = 0, 1, None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank is a data-parallel replica
@@ -285,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
             vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
             if isinstance(vocab, int):
                 check_tokenizer_fits(tokenizer, vocab, model_dir)
-            engine = _build_engine(cfg, model_dir, tokenizer, device)
+            engine = build_rollout_engine(r.backend, model_dir, tokenizer, device=device, dtype=r.dtype, seed=cfg.seed,
+                                          gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
             report[name] = {"path": str(model_dir), "datasets": {}}
             with build_reward_composer({"accuracy": 1.0, "format": 0.0, "language": 0.0},
                                        language=cfg.reward.language, num_workers=cfg.reward.num_workers,

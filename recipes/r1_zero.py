@@ -23,20 +23,11 @@ import torch.distributed as dist
 
 from engine.config import (GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml,
                            run_cli)
-from engine.data import TOKENIZER_FILES, load_prompts
-from kernels import PolicyLossConfig
+from engine.data import load_prompts
+from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from parallel.state import init_parallel
+from recipes.tiny.settings import TINY_DEFAULT, TINY_GRPO_EPS_HIGH
 
-# The embedded default's settings (measured on 2 CPU cores): 16 prompts x 8 samples a step.
-TINY_DEFAULT = dataclasses.replace(
-    GRPOConfig(),
-    rollout=dataclasses.replace(GRPOConfig().rollout, prompts_per_step=16, group_size=8, max_new_tokens=40),
-    loss=PolicyLossConfig(beta=0.001),  # clip ranges: each loss's own (GRPO: TINY_GRPO_EPS_HIGH below)
-    optim=dataclasses.replace(GRPOConfig().optim, lr=1e-4, warmup_steps=3),
-    train=dataclasses.replace(GRPOConfig().train, steps=60, out="outputs/r1_zero_tiny", eval_samples=2, eval_every=20,
-                              eval_temperature=0.6, eval_top_p=0.95),
-)
-TINY_GRPO_EPS_HIGH = 0.28
 # `--model DIR --data FILE --out DIR --eval-data FILE`: short forms of --model.path, --data.path, --train.out,
 # --data.eval-path
 ALIASES = {"--model": "--model.path", "--data": "--data.path", "--out": "--train.out", "--eval-data": "--data.eval-path"}
@@ -79,27 +70,13 @@ def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
 
 def check_paths(cfg: GRPOConfig) -> None:
     """The files and directories the run reads and writes, checked before anything is built (a ValueError naming
-    the flag and the path). Whether the tokenizer files load and round-trip is load_tokenizer's check."""
+    the flag and the path)."""
     for flag, path in (("--data", cfg.data.path), ("--eval-data", cfg.data.eval_path)):
-        if path is not None and not Path(path).is_file():
-            what = "is a directory, not a prompt file" if Path(path).is_dir() else "does not exist"
-            raise ValueError(f"{flag} {path}: {what} (a .jsonl or .parquet file of prompts is needed)")
+        if path is not None:
+            check_prompt_file(flag, path)
     if cfg.model.path is not None:
-        model = Path(cfg.model.path)
-        if not model.is_dir():
-            what = "is a file, not a directory" if model.exists() else "does not exist"
-            raise ValueError(f"--model {model}: {what} (an HF model directory with config.json is needed)")
-        if not (model / "config.json").is_file():
-            raise ValueError(f"--model {model}: no config.json in it (an HF model directory is needed)")
-        if not any((model / name).is_file() for name in TOKENIZER_FILES):
-            raise ValueError(f"--model {model}: no tokenizer files in it (looked for {', '.join(TOKENIZER_FILES)})")
-    out = Path(cfg.train.out)
-    for p in (out, *out.parents):  # the run directory, or the first of its parents that exists, must be a directory
-        if p.exists():
-            if not p.is_dir():
-                where = "exists" if p == out else f"is inside {p}, which exists"
-                raise ValueError(f"--out {out}: {where} and is not a directory (--out names the run directory)")
-            break
+        check_model_dir("--model", cfg.model.path)
+    check_out_dir("--out", cfg.train.out)
 
 
 def main(argv: list[str] | None = None):

@@ -3,7 +3,29 @@
 `HFRolloutEngine` (transformers, CPU or one GPU) is the reference and the CPU default; `VLLMRolloutEngine`
 (colocated vLLM) is the fast path on GPUs and is imported lazily from engine.rollout.vllm.
 """
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
 from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 from engine.rollout.hf import HFRolloutEngine
 
-__all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams", "HFRolloutEngine"]
+__all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams", "HFRolloutEngine", "build_rollout_engine"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_rollout_engine(backend: Literal["hf", "vllm"], model_dir: str | Path, tokenizer: Any, *,
+                         device: torch.device, dtype: Literal["float32", "bfloat16"], seed: int,
+                         gpu_memory_utilization: float, num_threads: int | None) -> RolloutEngine:
+    """The rollout engine of `backend` on `model_dir`, using the caller's tokenizer object (the trainer's and the
+    evaluation's one tokenizer). vLLM's options are used by vllm only, num_threads by hf only."""
+    if backend == "vllm":
+        from engine.rollout.vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                                 seed=seed, tokenizer=tokenizer)
+    return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[dtype], num_threads=num_threads)
