@@ -9,7 +9,7 @@ no padding between them; positions restart at 0 for every sequence and attention
 (parallel.rows). Loss positions are the completion tokens: completion token j of a sequence with a p-token
 prompt sits at p + j and is predicted by position p + j - 1.
 
-The RL per-token vectors ride in `PackedRows.extras` under the names the objectives read (RL_VECTORS):
+The RL per-token vectors ride in `PackedRows.extras` under the names the objectives read:
 advantages (one number per sequence broadcast to its completion tokens, or one per token), and the old,
 reference and rollout log-probs, all 0 outside the loss positions.
 """
@@ -23,7 +23,7 @@ import torch
 from parallel.rows import PackedRows
 
 ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP = "advantages", "old_logp", "ref_logp", "rollout_logp"
-RL_VECTORS = (ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP)
+LOGPROB_VECTORS = (OLD_LOGP, REF_LOGP, ROLLOUT_LOGP)  # log-probs of the sampled tokens under other policies
 
 
 def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -141,7 +141,7 @@ def with_logprobs(rows: PackedRows, **vectors: torch.Tensor | None) -> PackedRow
     trained on; e.g. `with_logprobs(rows, ref_logp=parallel.logprobs(reference, rows))`."""
     changes = {}
     for name, value in vectors.items():
-        if name not in (OLD_LOGP, REF_LOGP, ROLLOUT_LOGP):
+        if name not in LOGPROB_VECTORS:
             raise ValueError(f"with_logprobs: unknown vector {name!r}; expected old_logp, ref_logp or rollout_logp")
         if value is None:
             continue

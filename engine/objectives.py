@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from engine.batch import ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP
+from engine.batch import ADVANTAGES, LOGPROB_VECTORS, REF_LOGP
 from kernels import PolicyLossConfig
 from parallel.rows import PackedRows
 from parallel.step import LossFn, ModelOutput
@@ -40,7 +40,7 @@ def policy_objective(config: PolicyLossConfig, temperature: float = 1.0) -> Loss
         if config.beta != 0.0 and REF_LOGP not in mb.extras:
             raise ValueError(f"loss.beta={config.beta} needs reference log-probs in the batch "
                              f"(engine.batch.with_logprobs(rows, ref_logp=...))")
-        vectors = {name: mb.extras.get(name) for name in (OLD_LOGP, REF_LOGP, ROLLOUT_LOGP)}
+        vectors = {name: mb.extras.get(name) for name in LOGPROB_VECTORS}
         return _run_kernel(mb, out, config, temperature, {"advantages": mb.extras[ADVANTAGES], **vectors})
 
     return loss_fn
