@@ -92,6 +92,12 @@ class RewardConfig:
     """Reward worker processes (math-verify is CPU-bound; 0: score in the trainer's process)."""
     timeout_s: float = 10.0
     """Per-completion reward timeout; a timed-out completion scores 0 and is counted."""
+    models: dict[str, str] = field(default_factory=dict)
+    """Reward models for general prompts (R1's all-scenario RL): name -> HF AutoModelForSequenceClassification
+    dir, run on the rollout device. Weight: reward.weights[name] (default 1). Reasoning prompts keep the rules."""
+    model_scope: dict[str, Literal["summary", "response"]] = field(default_factory=dict)
+    """name -> what the reward model reads after the prompt: summary (helpfulness, the default: the text after
+    the readable format's summary marker) or response (harmlessness: the whole response)."""
 
 
 @dataclass
@@ -226,6 +232,9 @@ def check_ranges(cfg: GRPOConfig) -> None:
          f"None/0 (off) or 1..--rollout.max-new-tokens ({r.max_new_tokens}): the last L_c tokens of the budget"),
         ("reward.num_workers", rw.num_workers >= 0, ">= 0 (0: score in this process)"),
         ("reward.timeout_s", at_least(rw.timeout_s, 0) and rw.timeout_s > 0, "> 0 seconds"),
+        ("reward.model_scope", set(rw.model_scope) <= set(rw.models)
+         and set(rw.model_scope.values()) <= {"summary", "response"},
+         "name -> summary|response for names given in --reward.models"),
         ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
         ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
         ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),

@@ -54,12 +54,14 @@ def apply_template(question: str, template: str = "r1-zero", tokenizer: Any = No
 
 @dataclass(frozen=True)
 class PromptExample:
-    """One dataset row. index: 0-based position among the file's examples; source: "file:row" of its origin."""
+    """One dataset row. index: 0-based position among the file's examples; source: "file:row" of its origin;
+    kind: "reasoning" (rule rewards against the reference answer) or "general" (reward models, no reference)."""
 
     prompt: str
     answer: str | None
     index: int
     source: str
+    kind: str = "reasoning"
 
 
 def _reference_problem(answer: str) -> str | None:
@@ -79,7 +81,7 @@ def _reference_problem(answer: str) -> str | None:
 
 def _row_to_example(
     record: Any, *, path: Path, row: int, row_word: str, index: int, prompt_key: str, answer_key: str,
-    require_answer: bool,
+    require_answer: bool, kind: str = "reasoning",
 ) -> PromptExample:
     where = f"{path}, {row_word} {row}"
     if not isinstance(record, dict):
@@ -108,7 +110,7 @@ def _row_to_example(
         if problem:
             raise ValueError(f"{where}: field {answer_key!r} cannot be used as a reference answer: {problem} "
                              f"(got {answer[:80]!r})")
-    return PromptExample(prompt=prompt, answer=answer, index=index, source=f"{path}:{row}")
+    return PromptExample(prompt=prompt, answer=answer, index=index, source=f"{path}:{row}", kind=kind)
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -144,13 +146,18 @@ def _read_parquet(path: Path, columns: Sequence[str]) -> list[tuple[int, Any]]:
 
 def load_prompts(
     path: str | Path, prompt_key: str = "prompt", answer_key: str = "answer", require_answer: bool = True,
+    kind: str = "reasoning",
 ) -> list[PromptExample]:
     """Read and validate a prompt file (.jsonl or .parquet).
 
     Each row needs a non-empty string `prompt_key`; `answer_key` must be a string or number (numbers are
     kept as their text) and, unless require_answer=False, present. Blank jsonl lines are skipped.
-    Raises ValueError naming the file, row and field for the first bad row.
+    Raises ValueError naming the file, row and field for the first bad row. kind="general": prompts for the
+    reward models (R1's all-scenario RL), read without answers.
     """
+    if kind not in ("reasoning", "general"):
+        raise ValueError(f"load_prompts: kind must be 'reasoning' or 'general', got {kind!r}")
+    require_answer = require_answer and kind == "reasoning"
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
@@ -163,7 +170,7 @@ def load_prompts(
         raise ValueError(f"{path}: unsupported prompt file type {suffix!r}; expected .jsonl or .parquet")
     examples = [
         _row_to_example(record, path=path, row=row, row_word=row_word, index=index, prompt_key=prompt_key,
-                        answer_key=answer_key, require_answer=require_answer)
+                        answer_key=answer_key, require_answer=require_answer, kind=kind)
         for index, (row, record) in enumerate(rows)
     ]
     if not examples:

@@ -1,6 +1,7 @@
 """Every training objective as a loss function that `parallel.train_step` runs.
 
     metrics = train_step(model, optimizer, rows, policy_objective(cfg.loss, temperature), fused_lm_head=True)
+    metrics = train_step(model, optimizer, pack_sequences(prompts, completions), sft_objective())   # SFT
 
 An objective is `loss_fn(micro_batch, out) -> (loss, metrics)` (parallel.step.LossFn): it reads its per-token
 vectors from the micro-batch's extras (engine.batch names them), calls one `kernels` op on the logits, or on
@@ -42,5 +43,26 @@ def policy_objective(config: PolicyLossConfig, temperature: float = 1.0) -> Loss
                              f"(engine.batch.with_logprobs(rows, ref_logp=...))")
         vectors = {name: mb.extras.get(name) for name in LOGPROB_VECTORS}
         return _run_kernel(mb, out, config, temperature, {"advantages": mb.extras[ADVANTAGES], **vectors})
+
+    return loss_fn
+
+
+# SFT as a member of the policy-loss family (GRPO_SPEC.md "The other objectives"): CISPO's loss_t = -sg(min(ratio,
+# cap)) * A * logp with no old log-probs (ratio exactly 1, below any cap) and A = 1 is -logp; token-mean with the
+# step's global token count gives -sum_t m_t logp_t / sum_t m_t. No KL, no entropy term, temperature 1.
+_SFT_LOSS = PolicyLossConfig(name="cispo", aggregation="token-mean", beta=0.0, entropy_coef=0.0)
+
+
+def sft_objective() -> LossFn:
+    """Supervised fine-tuning: the mean negative log-likelihood of the loss positions (the completion tokens,
+    engine.batch.pack_sequences) over the whole step, through the same kernels call as the policy losses, so the
+    fused lm_head applies and no [tokens x vocab] tensor exists. train_step's "loss" is then the step's mean NLL;
+    the metrics keep the entropy (the policy family's ratio / clip statistics are constant here)."""
+
+    def loss_fn(mb: PackedRows, out: ModelOutput):
+        # A = 1 on the loss positions: the loss mask itself (the kernels weight by the mask anyway)
+        loss, metrics = _run_kernel(mb, out, _SFT_LOSS, 1.0, {"advantages": mb.loss_mask, "old_logp": None,
+                                                              "ref_logp": None, "rollout_logp": None})
+        return loss, {k: v for k, v in metrics.items() if k == "entropy"}
 
     return loss_fn

@@ -19,6 +19,7 @@ pool; it broadcasts the rollout to the other ranks of its group.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,10 @@ from engine.preflight import check_layout, check_lengths, check_teacher
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
+from engine.scoring import RolloutScorer, build_reward_models, check_reward_models
 from kernels import distillation_advantages
-from parallel import convert, models, state as pstate
+from parallel import convert, models
+from parallel import state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
 from parallel.rows import PackedRows
 from parallel.step import logprobs, train_step
@@ -81,8 +84,11 @@ class GRPOTrainer:
         check_layout(cfg, self.ps.dp_size)
         # everything a config or data mistake can break is checked before the models are built
         # accuracy and format are always scored (weight 0 if not trained on) for the metrics
-        reward_weights = {"accuracy": 0.0, "format": 0.0, **cfg.reward.weights}
+        # reward.weights names rule rewards and reward models (reward.models); the rules score reasoning prompts
+        reward_weights = {"accuracy": 0.0, "format": 0.0,
+                          **{k: v for k, v in cfg.reward.weights.items() if k not in cfg.reward.models}}
         check_reward_weights(reward_weights, cfg.reward.language)
+        check_reward_models(cfg.reward.models, [*train_examples, *eval_examples])
         self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
         self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
                          if len(eval_examples) else None)
@@ -127,8 +133,10 @@ class GRPOTrainer:
             self.rollout_engine = build_rollout_engine(
                 r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
                 seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
-            self.rewards = build_reward_composer(reward_weights, language=cfg.reward.language,
-                                                 num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+            rules = build_reward_composer(reward_weights, language=cfg.reward.language,
+                                          num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+            self.rewards = RolloutScorer(rules, build_reward_models(cfg.reward, self.device, dtype),
+                                         {k: cfg.reward.weights.get(k, 1.0) for k in cfg.reward.models})
         # every rank draws the same global batch; DP replicas take interleaved shares of it
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
         self.step = 0
@@ -167,8 +175,9 @@ class GRPOTrainer:
         if self.is_leader:
             try:
                 rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
-                refs = [it.example.answer for it in items for _ in range(n)]
-                payload = (rollout, self.rewards.score(rollout.completion_text, refs))
+                rows = [it for it in items for _ in range(n)]
+                payload = (rollout, self.rewards.score([it.example.kind for it in rows], [it.text for it in rows],
+                                                       rollout.completion_text, [it.example.answer for it in rows]))
             except Exception as err:  # tell the other ranks, or they would wait in the broadcast forever
                 payload = err
         payload = self._mp_broadcast(payload)
@@ -335,10 +344,10 @@ class GRPOTrainer:
             "reward/timeouts": float(scores.num_timeouts),
             "optim/lr": lr,
         }
+        counts = {}  # a component's mean is over the rows of its kind (NaN elsewhere): sums and counts, DP-reduced
         for name, values in scores.components.items():
-            m[f"reward/{name}"] = sum(values) / len(values)
-        m["accuracy"] = m["reward/accuracy"]
-        m["format_rate"] = m["reward/format"]
+            kept = [v for v in values if not math.isnan(v)]
+            m[f"reward/{name}"], counts[f"reward/{name}"] = sum(kept), float(len(kept))
         for key in updates[0]:
             m[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
         m.update(self.timer.metrics(prefix="time/"))
@@ -347,12 +356,22 @@ class GRPOTrainer:
         m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
         m["throughput/rollout_tokens_per_s"] = self._generated_tokens / max(m.get("time/rollout", 1e-9), 1e-9)
         m.update(step.metrics)  # the same keys on every rank (they follow the config)
+        keys, count_keys = sorted(m), sorted(counts)
+        t = torch.tensor([m[k] for k in keys] + [counts[k] for k in count_keys], dtype=torch.float64)
         if self.ps.dp_size > 1:  # average over data-parallel replicas
-            keys = sorted(m)
-            t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device)
+            t = t.to(self.device)
             dist.all_reduce(t, group=self.ps.dp_group)
-            m = dict(zip(keys, (t / self.ps.dp_size).cpu().tolist()))
-        return m
+            t = t.cpu()
+        values = dict(zip(keys, (t[:len(keys)] / self.ps.dp_size).tolist()))
+        for k, c in zip(count_keys, t[len(keys):].tolist()):
+            if c > 0:
+                values[k] = values[k] * self.ps.dp_size / c
+            else:
+                del values[k]  # no row of this kind in the step
+        for short, key in (("accuracy", "reward/accuracy"), ("format_rate", "reward/format")):
+            if key in values:  # over the reasoning rows
+                values[short] = values[key]
+        return values
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
@@ -389,7 +408,8 @@ class GRPOTrainer:
                 self.logger.log(self.step, metrics)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(acc=f"{metrics['accuracy']:.2f}", fmt=f"{metrics['format_rate']:.2f}",
+                progress.set_postfix(acc=f"{metrics.get('accuracy', math.nan):.2f}",
+                                     fmt=f"{metrics.get('format_rate', math.nan):.2f}",
                                      kl=f"{metrics.get('train/kl', 0.0):.1e}")
             if on_step is not None:
                 on_step(self, metrics)

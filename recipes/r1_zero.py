@@ -21,8 +21,7 @@ if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repositor
 
 import torch.distributed as dist
 
-from engine.config import (GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml,
-                           run_cli)
+from engine.config import GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml, run_cli
 from engine.data import load_prompts
 from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from parallel.state import init_parallel

@@ -4,7 +4,7 @@ from engine.rewards.accuracy import accuracy_reward, answers_equivalent, extract
 from engine.rewards.compose import (REWARDS, RewardComposer, RewardOutput, RewardSpec, build_reward_composer,
                                    check_reward_weights)
 from engine.rewards.format import format_reward
-from engine.rewards.language import count_words_by_language, language_consistency_reward
+from engine.rewards.language import chain_of_thought, count_words_by_language, language_consistency_reward
 
 __all__ = [
     "REWARDS",
@@ -14,6 +14,7 @@ __all__ = [
     "accuracy_reward",
     "answers_equivalent",
     "build_reward_composer",
+    "chain_of_thought",
     "check_reward_weights",
     "count_words_by_language",
     "extract_final_answers",

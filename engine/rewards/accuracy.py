@@ -1,7 +1,9 @@
 """Accuracy reward: is the completion's final answer mathematically equivalent to the reference?
 
-Candidates come from the answer part of the completion only: the text after the last `</think>`
-(the whole completion when it has no think tags); reasoning inside `<think>` never counts. They are
+Candidates come from the answer part of the completion only: in R1's readable layout (engine/readable.py) the
+summary, the text after the last `<|summary|>` (none when the completion has a `<|reasoning|>` but no summary: it
+was cut off in its reasoning); otherwise the text after the last `</think>` (the whole completion when it has no
+think tags); reasoning inside `<think>` never counts. They are
 the contents of every `\\boxed{...}` / `\\fbox{...}` there and of every `<answer>...</answer>` section
 that holds no box. The last candidate is the final answer.
 
@@ -28,6 +30,8 @@ import threading
 
 from math_verify import parse, verify
 
+from engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
+
 MAX_ANSWER_CHARS = 1000  # longer answers score 0 (also keeps sympy away from 100k-digit strings)
 MAX_DISTINCT_ANSWERS = 8  # more distinct candidates than this score 0 without being compared
 MATH_VERIFY_TIMEOUT_S = 2  # math-verify's own signal-based timeout (whole seconds), main thread only
@@ -49,8 +53,13 @@ _BIG_FACTORIAL = re.compile(r"(?:\d{5,}|[)}\]])\s*!")
 
 # --------------------------------------------------------------------------- extraction
 def _answer_region(completion: str) -> str:
-    """The part of a completion that may hold the final answer: after the last `</think>`, and before
-    an unterminated `<think>` (a completion cut off inside its reasoning has no answer)."""
+    """The part of a completion that may hold the final answer. Readable layout: after the last summary marker and
+    before a reasoning marker that follows it; a completion cut off in its reasoning (a reasoning marker, no
+    summary) has none. R1-Zero tags: after the last `</think>`, and before an unterminated `<think>`."""
+    if SUMMARY_TOKEN in completion:
+        return completion.rsplit(SUMMARY_TOKEN, 1)[1].split(REASONING_TOKEN, 1)[0]
+    if REASONING_TOKEN in completion:
+        return ""
     if "</think>" in completion:
         completion = completion.rsplit("</think>", 1)[1]
     return completion.split("<think>", 1)[0]

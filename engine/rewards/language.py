@@ -7,13 +7,17 @@ Words are classified by Unicode script, no language model involved:
 - a run of letters of any other script (Cyrillic, Arabic, ...) is one word of neither language;
 - neutral, never counted: digits, punctuation, whitespace, math spans ($...$, \\(...\\), \\[...\\]),
   LaTeX commands (\\frac, \\cdot), math symbols and Greek letters (used as math variables).
-The chain of thought is the `<think>` block (all of them, an unterminated one runs to the end, and text
-before a `</think>` with no opening tag counts, as when the template pre-fills `<think>`); with no think
-tags it is the whole completion. No countable word gives 1.0: nothing is inconsistent.
+The chain of thought (`chain_of_thought`) is, in R1's readable layout (engine/readable.py), the text between
+`<|reasoning|>` and `<|summary|>`; with R1-Zero tags, the `<think>` block. In both, every such block counts, an
+unterminated one runs to the end, and text before a closing marker with no opening one counts (the template
+pre-filled the opening marker). With neither it is the whole completion. No countable word gives 1.0: nothing is
+inconsistent.
 """
 from __future__ import annotations
 
 import re
+
+from engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
 
 SUPPORTED_LANGUAGES = ("en", "zh")
 
@@ -37,18 +41,30 @@ _WORD = re.compile(
 )
 _MATH_SPAN = re.compile(r"\$\$.*?\$\$|(?<!\\)\$.*?(?<!\\)\$|\\\(.*?\\\)|\\\[.*?\\\]", re.DOTALL)
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
-_THINK_BLOCK = re.compile(r"<think>(.*?)(?:</think>|\Z)", re.DOTALL)
+_THINK = ("<think>", "</think>")
+_READABLE = (REASONING_TOKEN, SUMMARY_TOKEN)
+_BLOCK = {markers: re.compile(re.escape(markers[0]) + r"(.*?)(?:" + re.escape(markers[1]) + r"|\Z)", re.DOTALL)
+          for markers in (_THINK, _READABLE)}
 
 
-def _chain_of_thought(completion: str) -> str:
-    if "<think>" not in completion and "</think>" not in completion:
-        return completion
+def _blocks(completion: str, markers: tuple[str, str]) -> str:
+    """Every opening...closing block (an unterminated one runs to the end), plus the text before a first closing
+    marker that no opening one precedes, joined by newlines."""
+    opening, closing = markers
     parts = []
-    first_close, first_open = completion.find("</think>"), completion.find("<think>")
+    first_close, first_open = completion.find(closing), completion.find(opening)
     if first_close != -1 and (first_open == -1 or first_close < first_open):
-        parts.append(completion[:first_close])  # the template pre-filled the opening tag
-    parts.extend(_THINK_BLOCK.findall(completion))
+        parts.append(completion[:first_close])  # the template pre-filled the opening marker
+    parts.extend(_BLOCK[markers].findall(completion))
     return "\n".join(parts)
+
+
+def chain_of_thought(completion: str) -> str:
+    """The reasoning part of a completion: readable layout first, then R1-Zero tags, else all of it."""
+    for markers in (_READABLE, _THINK):
+        if markers[0] in completion or markers[1] in completion:
+            return _blocks(completion, markers)
+    return completion
 
 
 def count_words_by_language(text: str) -> dict[str, int]:
@@ -68,6 +84,6 @@ def language_consistency_reward(completion: str, target_language: str = "en") ->
             f"language_consistency_reward: unsupported target_language {target_language!r}; "
             f"supported: {', '.join(SUPPORTED_LANGUAGES)}"
         )
-    counts = count_words_by_language(_chain_of_thought(completion))
+    counts = count_words_by_language(chain_of_thought(completion))
     total = sum(counts.values())
     return 1.0 if total == 0 else counts[target_language] / total

@@ -11,10 +11,11 @@ untruncated log-prob of every sampled token and exact control of stopping:
    completions.
 
 Stopping conventions (the same as vLLM with include_stop_str_in_output=True): an EOS token is kept in
-completion_ids (the policy must learn to emit it) and left out of completion_text (decoded with
-skip_special_tokens); a stop string ends the completion at the token that completes it, and the text
-is cut right after the stop string (kept: the format reward needs the closing </answer>). The last
-token may carry a few characters past the stop string; the ids keep that token, the text does not.
+completion_ids (the policy must learn to emit it) and left out of completion_text (EOS and padding ids
+are dropped, other special tokens kept); a stop string ends the completion at the token that completes
+it, and the text is cut right after the stop string (kept: the format reward needs the closing
+</answer>). The last token may carry a few characters past the stop string; the ids keep that token,
+the text does not.
 """
 from __future__ import annotations
 
@@ -153,7 +154,11 @@ class HFRolloutEngine(RolloutEngine):
         return out.logits[:, -1].float()
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Completion text: EOS and padding ids dropped, every other special token kept (the readable format's
+        markers, engine/readable.py, are special tokens the rewards must see)."""
+        dropped = self.eos_token_ids | _as_id_set(getattr(self.tokenizer, "eos_token_id", None)) \
+            | _as_id_set(getattr(self.tokenizer, "pad_token_id", None))
+        return self.tokenizer.decode([t for t in ids if t not in dropped], skip_special_tokens=False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
         if self.num_threads is None:

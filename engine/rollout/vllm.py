@@ -60,6 +60,17 @@ def check_same_tokenizer(engine_tokenizer: Any, tokenizer: Any, model_dir: str |
                          f"vs {ours[:12]}; pass vLLM the tokenizer explicitly (tokenizer_mode / tokenizer)")
 
 
+def _text_ids(ids: list[int], completion: Any, tokenizer: Any) -> list[int]:
+    """The ids whose text the rewards read: the EOS that ended the completion (finish_reason "stop" with no stop
+    string or stop token as stop_reason) and the tokenizer's EOS / padding ids dropped, other special tokens kept,
+    as HFRolloutEngine decodes."""
+    if ids and completion.finish_reason == "stop" and getattr(completion, "stop_reason", None) is None:
+        ids = ids[:-1]
+    dropped = {t for t in (getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "pad_token_id", None))
+               if isinstance(t, int)}
+    return [t for t in ids if t not in dropped]
+
+
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
     """Runs inside a vLLM worker (collective_rpc passes the worker first)."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -102,7 +113,9 @@ class VLLMRolloutEngine(RolloutEngine):
         return self._vllm.SamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=params.max_new_tokens, stop=list(params.stop_strings) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=seed)
+            include_stop_str_in_output=True, logprobs=0, seed=seed,
+            # keep special tokens other than EOS in the text (the readable format's markers, engine/readable.py)
+            skip_special_tokens=False, spaces_between_special_tokens=False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
         check_prompts(prompt_ids, n)
@@ -140,7 +153,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 # the text the rewards read comes from the trainer's tokenizer (the user's files, checked at
                 # load), whatever tokenizer class vLLM built for itself
                 texts.append(completion.text if self.tokenizer is None else
-                             self.tokenizer.decode(ids, skip_special_tokens=True))
+                             self.tokenizer.decode(_text_ids(ids, completion, self.tokenizer), skip_special_tokens=False))
                 logps.append(torch.tensor(logp, dtype=torch.float32))
                 reasons.append(completion.finish_reason)
         return RolloutBatch(prompt_ids=batch_prompts, completion_ids=completion_ids, completion_text=texts,

@@ -13,6 +13,7 @@ from engine.rewards import (
     RewardSpec,
     accuracy_reward,
     build_reward_composer,
+    chain_of_thought,
     count_words_by_language,
     extract_final_answers,
     format_reward,
@@ -235,6 +236,83 @@ def test_language_word_counts_and_bad_target():
     assert count_words_by_language("I 爱 math, да!") == {"zh": 1, "en": 2, "other": 1}
     with pytest.raises(ValueError, match="fr"):
         language_consistency_reward("bonjour", "fr")
+
+
+# --------------------------------------------------------------------------- the readable layout (R1 cold start)
+R, S = "<|reasoning|>", "<|summary|>"
+
+READABLE_EXTRACTION_CASES = [
+    (rf"{R}try \boxed{{3}}{S}So \boxed{{4}}.", ["4"]),  # the reasoning's box is not a candidate
+    (rf"{R}r{S}<answer>5</answer>", ["5"]),
+    (rf"{R}r{S}a \boxed{{1}}{S}b \boxed{{2}}", ["2"]),  # after the last summary marker
+    (rf"{R}r{S}\boxed{{1}}{R}more \boxed{{2}}", ["1"]),  # a new reasoning after the summary is not summary
+    (rf"{R}cut off in the reasoning \boxed{{7}}", []),  # no summary: no answer
+    (rf"pre-filled reasoning \boxed{{6}}{S} \boxed{{8}}", ["8"]),  # the template wrote the first marker
+    (rf"<think>\boxed{{1}}</think>{S}\boxed{{2}}", ["2"]),
+]
+
+
+@pytest.mark.parametrize("completion, expected", READABLE_EXTRACTION_CASES)
+def test_extract_final_answers_readable(completion, expected):
+    assert extract_final_answers(completion) == expected
+
+
+def test_accuracy_readable():
+    assert accuracy_reward(rf"{R}4+4=8{S} The answer is \boxed{{8}}.", "8") == 1.0
+    assert accuracy_reward(rf"{R}it is \boxed{{8}}{S} The answer is \boxed{{9}}.", "8") == 0.0
+    assert accuracy_reward(rf"{R}it is \boxed{{8}}", "8") == 0.0  # truncated in its reasoning
+    assert accuracy_reward(rf"{R}r{S}\boxed{{8}} or \boxed{{9}}", "8") == 0.0  # hedging, as in the tag layout
+
+
+READABLE_FORMAT_CASES = [
+    (rf"{R}r{S}So \boxed{{5}}.", 1.0),
+    (f" \n{R}\nreasoning\n{S}\nThe answer is \\boxed{{5}}.\n", 1.0),  # whitespace before the marker
+    (rf"{R}r{S}<answer>5</answer>", 1.0),  # an <answer> section in the summary holds the answer too
+    (rf"{R}{S}\boxed{{5}}", 1.0),  # empty reasoning is allowed, as with the tags
+    (rf"{R}r{S}", 0.0),  # blank summary
+    (f"{R}r{S}  \n", 0.0),
+    (rf"{R}r{S}The answer is 5.", 0.0),  # no final answer candidate in the summary
+    (rf"{R}r{S}So \boxed{{}}.", 0.0),  # an empty box is no answer
+    (rf"{R}r{S}<answer> </answer>", 0.0),
+    (rf"{R}r \boxed{{5}}", 0.0),  # no summary marker (cut off)
+    (rf"{S}\boxed{{5}}", 0.0),  # no reasoning marker
+    (rf"{S}\boxed{{5}}{R}r", 0.0),  # wrong order
+    (rf"{R}a{R}b{S}\boxed{{5}}", 0.0),  # a marker twice
+    (rf"{R}r{S}\boxed{{5}}{S}\boxed{{5}}", 0.0),
+    (rf"Sure! {R}r{S}\boxed{{5}}", 0.0),  # text before the reasoning marker
+    (rf"{R}<think>r</think>{S}\boxed{{5}}", 0.0),  # R1-Zero tags mixed in
+    (rf"{R}r{S}<think>x</think>\boxed{{5}}", 0.0),
+    (rf"{R}r <answer>5</answer>{S}\boxed{{5}}", 0.0),  # an answer section inside the reasoning
+    (rf"<think>r</think><answer>{S}5</answer>", 0.0),  # a marker inside the tag layout
+    (rf"<think>{R}r</think><answer>5</answer>", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, expected", READABLE_FORMAT_CASES)
+def test_format_reward_readable(completion, expected):
+    assert format_reward(completion) == expected
+
+
+READABLE_LANGUAGE_CASES = [
+    # completion, fraction "en" (of the chain of thought: between the markers)
+    (f"{R}Let me add 我们{S}答案是 \\boxed{{5}}", 3 / 5),  # the summary's words do not count
+    (f"{R}all english here{S}全部中文", 1.0),
+    (f"{R}first 一{S}s{R}second 二{S}t", 2 / 4),  # every reasoning block
+    (f"{R}cut off 中", 2 / 3),  # unterminated: to the end
+    (f"pre-filled 中文{S}summary", 1 / 3),  # the template wrote the reasoning marker
+    (f"{R}<think>english</think> words{S}中", 1.0),  # the readable markers win over think tags
+]
+
+
+@pytest.mark.parametrize("completion, expected_en", READABLE_LANGUAGE_CASES)
+def test_language_consistency_readable(completion, expected_en):
+    assert language_consistency_reward(completion, "en") == pytest.approx(expected_en, abs=1e-12)
+
+
+def test_chain_of_thought_layouts():
+    assert chain_of_thought(f"{R} reasoning {S} summary") == " reasoning "
+    assert chain_of_thought("<think>a</think><answer>b</answer>") == "a"
+    assert chain_of_thought("no layout") == "no layout"
 
 
 # --------------------------------------------------------------------------- compose

@@ -1,0 +1,110 @@
+"""One batch, two kinds of rows: rule rewards score the reasoning prompts, reward models the general ones (R1's
+all-scenario RL, GRPO_SPEC.md).
+
+    scorer = RolloutScorer(rules, reward_models, weights={"accuracy": 1, "format": 0.5, "helpfulness": 1})
+    out = scorer.score(kinds, prompt_texts, completions, references)   # a RewardOutput over every row
+
+A row's kind comes from its prompt (engine.data.PromptExample.kind). Reasoning rows get the rule composer's
+weighted total; general rows the weighted sum of the reward models' scores. Components that do not apply to a row
+are NaN in `components` (so a metric is the mean over the rows it describes: `nanmean`), never 0: an accuracy of 0
+on a greeting would read as a wrong answer. Groups never mix kinds (one prompt, G completions), so the group
+normalisation of the advantages puts rule rewards and reward-model scores on one scale per group.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from engine.rewards.compose import RewardComposer, RewardOutput
+
+KINDS = ("reasoning", "general")
+NAN = float("nan")
+
+
+class RolloutScorer:
+    def __init__(self, rules: RewardComposer, reward_models=None, weights: Mapping[str, float] | None = None):
+        """rules: the rule-reward composer (reasoning rows); reward_models: an engine.reward_model.RewardModelSet
+        or None; weights: reward-model name -> weight (default 1)."""
+        self.rules = rules
+        self.reward_models = reward_models
+        self.weights = dict(weights or {})
+
+    def score(self, kinds: Sequence[str], prompts: Sequence[str], completions: Sequence[str],
+              references: Sequence[str | None]) -> RewardOutput:
+        n = len(completions)
+        if not len(kinds) == len(prompts) == len(references) == n:
+            raise ValueError(f"RolloutScorer.score: {len(kinds)} kinds, {len(prompts)} prompts, {n} completions and "
+                             f"{len(references)} references")
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"RolloutScorer.score: unknown row kind(s) {unknown}; expected {KINDS}")
+        reasoning = [i for i, k in enumerate(kinds) if k == "reasoning"]
+        general = [i for i, k in enumerate(kinds) if k == "general"]
+        if len(reasoning) == n:  # the R1-Zero case: the rule composer's output as it is
+            return self.rules.score(completions, references)
+        total = [0.0] * n
+        components: dict[str, list[float]] = {}
+        out = RewardOutput(total=total, components=components)
+        if reasoning:
+            rules = self.rules.score([completions[i] for i in reasoning], [references[i] for i in reasoning])
+            for name, values in rules.components.items():
+                full = components.setdefault(name, [NAN] * n)
+                for i, v in zip(reasoning, values):
+                    full[i] = v
+            for i, v in zip(reasoning, rules.total):
+                total[i] = v
+            out.num_errors, out.num_timeouts = rules.num_errors, rules.num_timeouts
+            out.error_messages = list(rules.error_messages)
+        else:
+            for name in getattr(self.rules, "specs", ()):  # the rule components exist (all NaN): same metric keys
+                components[name.name] = [NAN] * n
+        if general:
+            if self.reward_models is None:
+                raise ValueError("general prompts (no reference answer) need a reward model: --reward.models "
+                                 "NAME=HF_DIR (an AutoModelForSequenceClassification checkpoint)")
+            scores = self.reward_models.score([prompts[i] for i in general], [completions[i] for i in general])
+            for name, values in scores.items():
+                full = components.setdefault(name, [NAN] * n)
+                weight = float(self.weights.get(name, 1.0))
+                for i, v in zip(general, values):
+                    if not math.isfinite(v):
+                        raise ValueError(f"reward model {name!r} returned a non-finite score {v}")
+                    full[i] = v
+                    total[i] += weight * v
+        return out
+
+    def close(self) -> None:
+        self.rules.close()
+        if self.reward_models is not None:
+            self.reward_models.close()
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """Mean over the rows a component describes (NaN: not this row's kind); NaN when it describes none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else NAN
+
+
+def check_reward_models(models: Mapping[str, str], examples: Sequence) -> None:
+    """Before anything is built: every reward-model dir is a sequence-classification checkpoint, and general
+    prompts come with at least one reward model (a ValueError naming the flag, path or file otherwise)."""
+    from engine.reward_model import check_reward_model_dir
+
+    for name, path in models.items():
+        check_reward_model_dir(f"--reward.models {name}", path)
+    general = [e for e in examples if getattr(e, "kind", "reasoning") == "general"]
+    if general and not models:
+        raise ValueError(f"{general[0].source}: a general prompt (no reference answer) but no reward model to score "
+                         f"it: give --reward.models NAME HF_DIR")
+
+
+def build_reward_models(reward_config, device, dtype):
+    """The RewardModelSet of reward_config.models (None when there are none), on the rollout device."""
+    if not reward_config.models:
+        return None
+    from engine.reward_model import RewardModelSet, RewardModelSpec
+
+    specs = [RewardModelSpec(name=name, path=path, weight=float(reward_config.weights.get(name, 1.0)),
+                             scope=reward_config.model_scope.get(name, "summary"))
+             for name, path in reward_config.models.items()]
+    return RewardModelSet(specs, device=device, dtype=dtype)

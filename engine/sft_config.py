@@ -1,0 +1,116 @@
+"""Typed configuration of supervised fine-tuning (engine.sft): the same dataclass / YAML / command-line machinery
+as engine.config (`load_config(SFTConfig)`), and its range checks naming the flag.
+
+    python recipes/r1.py sft --config sft.yaml --train.batch-size 64 --optim.lr 2e-5
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.config import ModelConfig, _flag
+
+
+@dataclass
+class SFTDataConfig:
+    path: str | None = None
+    """Examples (.jsonl), one object a line with a prompt and a completion."""
+    prompt_key: str = "prompt"
+    """Field of each row holding the question (templated like the RL prompts)."""
+    completion_key: str = "completion"
+    """Field of each row holding the text the model learns to write after the templated prompt (the eos token is
+    appended: the model also learns to stop)."""
+    template: str = "r1-zero"
+    """r1-zero | chat | none | a custom string with {prompt} (engine.data.apply_template)."""
+    max_tokens: int = 1024
+    """Longer examples (templated prompt + completion + eos) are skipped and counted, never truncated."""
+
+
+@dataclass
+class SFTOptimConfig:
+    lr: float = 1e-5
+    """Peak Adam learning rate (after the warm-up; a cosine decay to lr * min_lr_ratio follows)."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (over every TP/PP/DP shard; 0: none)."""
+    warmup_steps: int = 0
+    """Linear warm-up over this many optimizer steps (lr * (s + 1) / warmup_steps)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of all optimizer steps (rounded up), instead of warmup_steps (set at most one)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio on the last step (1: a constant lr after the warm-up)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SFTTrainConfig:
+    epochs: int = 2
+    """Passes over the examples (each in a fresh order drawn from (seed, epoch))."""
+    batch_size: int = 32
+    """Sequences per optimizer step over all data-parallel ranks (the last batch of an epoch may be smaller)."""
+    max_tokens_per_row: int | None = None
+    """Sequence-packing row length (None: the step's longest sequence)."""
+    num_microbatches: int = 1
+    """Gradient-accumulation micro-batches per optimizer step."""
+    fused_lm_head: bool = True
+    """Run the lm_head matmul fused with the loss (chunked over tokens): the logits never exist in training."""
+    seed: int = 1234
+    out: str = "outputs/sft"
+    """Run directory: checkpoints/, metrics.jsonl, tensorboard/, curves.png, hf/."""
+    save_every: int = 0
+    """Checkpoint every k steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints (the older ones beyond the newest k are deleted)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in `out` when there is one (with --train.no-resume an `out` that
+    holds a checkpoint is an error: nothing is overwritten)."""
+    export_hf: bool = True
+    """Write an HF checkpoint (safetensors + config + tokenizer) to out/hf at the end."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+
+
+def check_sft_ranges(cfg: SFTConfig) -> None:
+    """Every field with a valid range, checked before anything is built: a ValueError naming the first bad one as
+    its command-line flag (YAML: the same section.key), e.g. "--optim.lr=0.0: must be > 0"."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+
+    def at_least(x, low):  # a number >= low (NaN and inf fail)
+        return x is not None and not isinstance(x, bool) and math.isfinite(x) and x >= low
+
+    checks = [
+        ("model.tensor_parallel", m.tensor_parallel >= 1, ">= 1"),
+        ("model.pipeline_parallel", m.pipeline_parallel >= 1, ">= 1"),
+        ("data.max_tokens", d.max_tokens >= 2, ">= 2 (a prompt token and the eos at least)"),
+        ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
+        ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
+        ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),
+        ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+        ("optim.warmup_ratio", at_least(o.warmup_ratio, 0) and o.warmup_ratio <= 1, "in [0, 1]"),
+        ("optim.warmup_ratio", o.warmup_ratio == 0 or o.warmup_steps == 0,
+         f"0 when --optim.warmup-steps is set ({o.warmup_steps}): give one of the two"),
+        ("optim.min_lr_ratio", at_least(o.min_lr_ratio, 0) and o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.betas", len(o.betas) == 2 and all(at_least(b, 0) and b < 1 for b in o.betas),
+         "two numbers in [0, 1) (Adam's moment decay rates)"),
+        ("train.epochs", t.epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size >= 1, ">= 1"),
+        ("train.max_tokens_per_row", t.max_tokens_per_row is None or t.max_tokens_per_row >= 2,
+         ">= 2 (or None: the step's longest sequence)"),
+        ("train.num_microbatches", t.num_microbatches >= 1, ">= 1"),
+        ("train.seed", 0 <= t.seed < 2**31, "in [0, 2**31)"),
+        ("train.save_every", t.save_every >= 0, ">= 0 (0: only at the end)"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ValueError(f"{_flag(key)}={value!r}: must be {rule}")

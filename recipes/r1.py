@@ -1,0 +1,132 @@
+"""DeepSeek-R1, the four stages as one command (GRPO_SPEC.md, "The R1 pipeline"):
+
+  1. cold start      SFT of the base model on long chains of thought in the readable format
+                     (<|reasoning|>...<|summary|>..., two new special tokens, embeddings resized);
+  2. reasoning RL    GRPO with accuracy + format + language-consistency rewards;
+  3. rejection SFT   k samples a reasoning prompt from the stage-2 model, the correct and clean ones kept, plus
+                     non-reasoning SFT data: SFT of the *base* model on the union;
+  4. all-scenario RL GRPO on reasoning prompts (rule rewards) and general prompts (reward models) in one batch.
+
+    torchrun --nproc_per_node=8 recipes/r1.py --model /models/Qwen2.5-7B --out runs/r1 --data.cold-start cs.jsonl \
+        --data.reasoning math.jsonl --data.general-sft chat_sft.jsonl --data.general chat.jsonl \
+        --all-scenario-rl.reward.models helpfulness /models/rm-helpful --model.tensor-parallel 2
+    python recipes/r1.py                              # the embedded tiny world: all four stages on a CPU laptop
+
+Each stage writes its run (checkpoints, metrics, curves) and an HF checkpoint to --out/stage_N, is evaluated on the
+same held-out sets, and records that in --out/stage_N/stage.json; a rerun skips finished stages and resumes the
+interrupted one. --from-stage N starts at stage N (stage N-1's model must be there), --until-stage N stops after it.
+The run ends with one table (results.md, results.png) of every stage's numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python recipes/r1.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
+from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from engine.sft_config import check_sft_ranges
+from recipes.r1_config import STAGES, R1Config, R1Data
+
+HELP = ("DeepSeek-R1's four stages. Without a model (--model DIR, or model.path in the YAML) the embedded tiny world "
+        "runs, and the defaults shown here are its settings. Each stage's model, data and out are set by the recipe.")
+
+
+def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
+    from recipes.tiny.r1_settings import tiny_r1
+
+    args = [("--model.path" + a[len("--model"):]) if a == "--model" or a.startswith("--model=") else a
+            for a in (sys.argv[1:] if argv is None else argv)]
+    path, args = pop_config_arg(args)
+    yaml_data = read_yaml(path) if path else {}
+    named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) \
+        or (yaml_data.get("model") or {}).get("path")
+    embedded = not named
+    cfg = load_config(R1Config, ([f"--config={path}"] if path else []) + args,
+                      default=tiny_r1() if embedded else R1Config(), description=HELP)
+    if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
+        # `torchrun --nproc_per_node=2 recipes/r1.py`: the tiny model is split over every rank (TP)
+        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    if not 1 <= cfg.from_stage <= cfg.until_stage <= 4:
+        raise ValueError(f"--from-stage {cfg.from_stage} --until-stage {cfg.until_stage}: need 1 <= from <= until <= 4")
+    for section in ("cold_start", "sft"):
+        _checked(section, check_sft_ranges, getattr(cfg, section))
+    for section in ("reasoning_rl", "all_scenario_rl"):
+        _checked(section, check_ranges, getattr(cfg, section))
+    return cfg, embedded
+
+
+def _checked(section: str, check, config) -> None:
+    """A stage's own range check, its flag named as this recipe spells it (--optim.lr -> --cold-start.optim.lr)."""
+    try:
+        check(config)
+    except ValueError as err:
+        raise ValueError(str(err).replace("--", f"--{section.replace('_', '-')}.", 1)) from None
+
+
+def data_files(cfg: R1Config, embedded: bool) -> R1Data:
+    """The data files of the run (the tiny world's where none is given), checked to exist."""
+    d = cfg.data
+    if embedded:
+        from recipes.tiny.corpus import DATA_DIR
+        from recipes.tiny.r1_world import R1_DATA_DIR
+
+        tiny = {"cold_start": R1_DATA_DIR / "cold_start.jsonl", "reasoning": DATA_DIR / "train.jsonl",
+                "general_sft": R1_DATA_DIR / "general_sft.jsonl", "general": R1_DATA_DIR / "general_train.jsonl",
+                "preferences": R1_DATA_DIR / "preferences.jsonl", "eval_reasoning": DATA_DIR / "eval.jsonl",
+                "eval_general": R1_DATA_DIR / "general_eval.jsonl"}
+        d = dataclasses.replace(d, **{k: getattr(d, k) or str(v) for k, v in tiny.items()})
+    needed = {"cold_start": 1, "reasoning": 2, "general_sft": 3}
+    for key, stage in needed.items():
+        if getattr(d, key) is None and cfg.from_stage <= stage <= cfg.until_stage:
+            raise ValueError(f"--data.{key.replace('_', '-')} FILE is required for stage {stage} ({STAGES[stage]})")
+    if cfg.until_stage >= 4 and d.general is not None and not cfg.all_scenario_rl.reward.models and d.preferences is None:
+        raise ValueError("stage 4 scores --data.general with reward models: give --all-scenario-rl.reward.models "
+                         "NAME HF_DIR, or --data.preferences FILE to train one")
+    for key in ("cold_start", "reasoning", "general_sft", "general", "preferences", "eval_reasoning", "eval_general"):
+        if getattr(d, key) is not None:
+            check_prompt_file(f"--data.{key.replace('_', '-')}", getattr(d, key))
+    return d
+
+
+def main(argv: list[str] | None = None):
+    cfg, embedded = resolve_config(argv)
+    if cfg.model.path is not None:
+        check_model_dir("--model", cfg.model.path)
+    check_out_dir("--out", cfg.out)
+    data = data_files(cfg, embedded)
+    from transformers.utils import logging as hf_logging
+
+    from parallel.state import init_parallel
+    from recipes.r1_stages import Pipeline
+
+    hf_logging.disable_progress_bar()  # every stage loads a few checkpoints: their bars would bury the stages' own
+
+    ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.reasoning_rl.train.seed)
+    if embedded:
+        import torch.distributed as dist
+
+        from recipes.tiny.pretrain import ensure_base_model
+
+        if ps.is_main:
+            ensure_base_model()  # the committed checkpoint, or pretrain it (~7 minutes on 2 cores)
+        dist.barrier()
+        base = ensure_base_model()
+    else:
+        base = Path(cfg.model.path)
+    pipeline = Pipeline(cfg, data, base, ps, tiny=embedded)
+    pipeline.run()
+    if ps.is_main:
+        table = pipeline.report()
+        print(f"\n{table}\nwrote {Path(cfg.out) / 'results.md'}, {Path(cfg.out) / 'results.png'}", flush=True)
+    return json.loads((Path(cfg.out) / "results.json").read_text()) if ps.is_main else None
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

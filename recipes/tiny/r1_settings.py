@@ -1,0 +1,54 @@
+"""The embedded default of recipes/r1.py: the four stages on the tiny world (recipes/tiny/r1_world.py), sized for
+2 CPU cores. Only what differs from each component's defaults is set here."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+
+from engine.config import GRPOConfig
+from engine.model_eval import EvalSettings
+from engine.rejection import RejectionConfig
+from engine.reward_model_train import RewardModelTrainConfig
+from engine.sft_config import SFTConfig
+from kernels import PolicyLossConfig
+from recipes.tiny.r1_world import R1_TEMPLATE
+from recipes.tiny.settings import TINY_GRPO_EPS_HIGH
+
+MAX_NEW_TOKENS = 48  # a readable-format completion is ~35 tokens (a language-mixed one ~40)
+
+
+def _sft(lr: float, epochs: int) -> SFTConfig:
+    base = SFTConfig()
+    return replace(base, optim=replace(base.optim, lr=lr, warmup_steps=5, min_lr_ratio=0.1),
+                   train=replace(base.train, epochs=epochs, batch_size=32))
+
+
+def _rl(steps: int, weights: dict[str, float]) -> GRPOConfig:
+    base = GRPOConfig()
+    return replace(
+        base,
+        rollout=replace(base.rollout, prompts_per_step=16, group_size=8, max_new_tokens=MAX_NEW_TOKENS,
+                        stop_strings=()),  # the readable format ends with the eos, not a closing tag
+        reward=replace(base.reward, weights=weights),
+        loss=PolicyLossConfig(beta=0.001, eps_high=TINY_GRPO_EPS_HIGH),
+        optim=replace(base.optim, lr=1e-4, warmup_steps=3),
+        train=replace(base.train, steps=steps, eval_size=None),
+    )
+
+
+def tiny_r1():
+    from recipes.r1_config import R1Config, R1Data
+
+    return R1Config(
+        data=R1Data(template=R1_TEMPLATE, rejection_prompts=400, general_fraction=0.25),
+        out="outputs/r1_tiny",
+        language_ablation=True,
+        cold_start=_sft(lr=2e-3, epochs=10),
+        # R1's stage 2: accuracy + format + language consistency, summed
+        reasoning_rl=_rl(40, {"accuracy": 1.0, "format": 0.5, "language": 1.0}),
+        rejection=RejectionConfig(samples_per_prompt=4, max_per_prompt=2, max_new_tokens=MAX_NEW_TOKENS),
+        sft=_sft(lr=2e-3, epochs=8),
+        reward_model=dataclasses.replace(RewardModelTrainConfig(), lr=1e-3, epochs=3),
+        all_scenario_rl=_rl(30, {"accuracy": 1.0, "format": 0.5, "language": 1.0, "helpfulness": 1.0}),
+        eval=EvalSettings(samples=4, max_new_tokens=MAX_NEW_TOKENS, template=R1_TEMPLATE),
+    )
