@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None):
         check_model_dir("--model", cfg.model.path)
     check_out_dir("--out", cfg.out)
     data = data_files(cfg, embedded)
+    if cfg.until_stage >= 4:
+        from engine.reward_model import check_reward_model_dir
+
+        for name, path in cfg.all_scenario_rl.reward.models.items():
+            check_reward_model_dir(f"--all-scenario-rl.reward.models {name}", path)
     from transformers.utils import logging as hf_logging
 
     from parallel.state import init_parallel

@@ -48,7 +48,7 @@ def tiny_r1():
         reasoning_rl=_rl(40, {"accuracy": 1.0, "format": 0.5, "language": 1.0}),
         rejection=RejectionConfig(samples_per_prompt=4, max_per_prompt=2, max_new_tokens=MAX_NEW_TOKENS),
         sft=_sft(lr=2e-3, epochs=8),
-        reward_model=dataclasses.replace(RewardModelTrainConfig(), lr=1e-3, epochs=3),
+        reward_model=dataclasses.replace(RewardModelTrainConfig(), lr=1e-3, epochs=6),
         all_scenario_rl=_rl(30, {"accuracy": 1.0, "format": 0.5, "language": 1.0, "helpfulness": 1.0}),
         eval=EvalSettings(samples=4, max_new_tokens=MAX_NEW_TOKENS, template=R1_TEMPLATE),
     )

@@ -58,9 +58,11 @@ class R1WorldConfig:
 
 
 def readable_reasoning(a: int, b: int, slip: bool, mixed: bool) -> tuple[str, int]:
-    """The chain of thought (optionally language-mixed: "写" for "write") and the sum it arrives at."""
+    """The chain of thought and the sum it arrives at. It ends by checking the sum, in English or (mixed) in Chinese:
+    the language switch comes after the arithmetic, so it costs no accuracy and only the language reward tells the
+    two apart."""
     steps, result = reasoning(a, b, slip)
-    return (steps.replace("write", "写") if mixed else steps), result
+    return steps + (" 检查." if mixed else " check."), result
 
 
 def readable_sample(a: int, b: int, slip: bool = False, mixed: bool = False) -> str:
@@ -96,15 +98,18 @@ def general_sft_rows(seed: int = GENERAL_SEED) -> list[dict]:
     return rows
 
 
-def _garbled(text: str, rng: random.Random) -> str:
-    """The text with about half its letters replaced: what a policy exploiting a naive reward model writes."""
-    return "".join(rng.choice("aeiouyhnst") if c.isalpha() and rng.random() < 0.5 else c for c in text)
+def _garbled(text: str, rng: random.Random, rate: float) -> str:
+    """The text with a share `rate` of its letters replaced (at least one): what a policy sampling at temperature 1
+    writes now and then, and what it would drift to if the reward model paid for it."""
+    letters = [i for i, c in enumerate(text) if c.isalpha()]
+    hit = set(rng.sample(letters, max(1, round(rate * len(letters)))))
+    return "".join(rng.choice([x for x in "aeiouyhmnst" if x != c]) if i in hit else c for i, c in enumerate(text))
 
 
 def preference_rows(seed: int = GENERAL_SEED) -> list[dict]:
     """chosen = the helpful answer; rejected = the curt one, another task's helpful answer (off topic), a chain of
-    thought where an answer should be, or a garbled helpful answer: the reward model pays for a helpful answer to
-    this prompt, not for anything long."""
+    thought where an answer should be, or the helpful answer with 5%, 20% or 50% of its letters garbled: the reward
+    model pays for a helpful answer to this prompt, spelled right, not for anything long."""
     rng = random.Random(seed + 1)
     pool = train_pairs()
     helpful = [h for h, _ in TASKS.values()]
@@ -113,7 +118,8 @@ def preference_rows(seed: int = GENERAL_SEED) -> list[dict]:
         for task, (good, curt) in TASKS.items():
             a, b = rng.choice(pool)
             off_topic = rng.choice([h for h in helpful if h != good])
-            for rejected in (curt, off_topic, readable_sample(a, b), _garbled(good, rng)):
+            garbled = [_garbled(good, rng, rate) for rate in (0.05, 0.2, 0.5)]
+            for rejected in (curt, off_topic, readable_sample(a, b), *garbled):
                 rows.append({"prompt": task.format(n=name), "chosen": good, "rejected": rejected})
     rng.shuffle(rows)
     return rows

@@ -1,0 +1,104 @@
+"""recipes/r1.py: the four stages end to end (cut down), resume, --from-stage, and bad input as one line."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recipes.r1 import main
+from tests.recipes.helpers import one_error_line
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "recipes" / "tiny" / "base"
+# a few steps a stage: every stage runs, trains and is evaluated, in ~2 minutes on 2 cores
+SHORT = ["--cold-start.train.epochs", "3", "--sft.train.epochs", "1", "--reasoning-rl.train.steps", "2",
+         "--all-scenario-rl.train.steps", "2", "--data.rejection-prompts", "24", "--eval.size", "16",
+         "--eval.samples", "2", "--reward-model.epochs", "1", "--cold-start.train.no-progress",
+         "--sft.train.no-progress", "--reasoning-rl.train.no-progress", "--all-scenario-rl.train.no-progress",
+         "--reward-model.no-progress"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("r1") / "run"
+    report = main(["--out", str(out), *SHORT])
+    return out, report
+
+
+def test_every_stage_writes_its_model_and_the_table(run):
+    out, report = run
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["base", "1: cold start SFT", "2: reasoning RL", "2: reasoning RL, no language reward",
+                     "3: rejection sampling + SFT", "4: all-scenario RL"]
+    for n in range(1, 5):
+        assert (out / f"stage_{n}" / "hf" / "config.json").is_file()
+        assert json.loads((out / f"stage_{n}" / "stage.json").read_text())["stage"] == n
+    # the readable format's markers are single special tokens of every stage's tokenizer, embeddings resized
+    from engine.data import load_tokenizer
+    from engine.readable import READABLE_TOKENS
+
+    tok = load_tokenizer(out / "stage_4" / "hf")
+    assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in READABLE_TOKENS)
+    assert json.loads((out / "stage_4" / "hf" / "config.json").read_text())["vocab_size"] >= len(tok)
+    # rejection sampling kept correct samples only, with their provenance
+    rows = [json.loads(x) for x in (out / "stage_3" / "rejection.jsonl").read_text().splitlines()]
+    assert rows and all(r["checkpoint"].endswith("stage_2/hf") and r["reward"] >= 1.0 for r in rows)
+    # the general prompts were scored by the trained reward model in stage 4
+    metrics = [json.loads(x) for x in (out / "stage_4" / "metrics.jsonl").read_text().splitlines()]
+    assert any("reward/helpfulness" in m for m in metrics) and any("reward/accuracy" in m for m in metrics)
+    table = (out / "results.md").read_text()
+    assert "| 4: all-scenario RL |" in table and "RM helpfulness" in table
+    assert (out / "results.png").stat().st_size > 10_000
+    base, cold = report["rows"][0]["summary"], report["rows"][1]["summary"]
+    assert base["format_rate"] == 0.0 and cold["format_rate"] > 0.3, (base, cold)  # cold start teaches the format
+
+
+def test_rerun_skips_finished_stages(run, capsys):
+    out, _ = run
+    main(["--out", str(out), *SHORT])
+    printed = capsys.readouterr().out
+    assert all(f"stage {n} (" in printed and "done, skipped" in printed for n in range(1, 5))
+    assert "=== stage" not in printed  # nothing was trained again
+
+
+def test_until_stage_then_from_stage(run, tmp_path, capsys):
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage_4", "checkpoints", "tensorboard"))
+    main(["--out", str(copy), "--from-stage", "4", "--until-stage", "4", *SHORT])
+    assert "=== stage 4" in capsys.readouterr().out and (copy / "stage_4" / "stage.json").is_file()
+
+
+def test_from_stage_without_the_previous_model(capsys, tmp_path):
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--from-stage", "3"])
+    assert line.startswith(f"error: stage 3 starts from stage 2's model, but {tmp_path / 'run' / 'stage_2' / 'hf'}")
+
+
+def test_reward_model_dir_of_the_wrong_kind(capsys, tmp_path):
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--all-scenario-rl.reward.models",
+                                          "helpfulness", str(BASE)])
+    assert line.startswith(f"error: --all-scenario-rl.reward.models helpfulness {BASE}:") and "causal LM" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_flag_out_of_range_names_the_stage(capsys, tmp_path):
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--cold-start.optim.lr", "0"])
+    assert line.startswith("error: --cold-start.optim.lr=0.0: must be > 0")
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--reasoning-rl.loss.beta", "-1"])
+    assert line.startswith("error: --reasoning-rl.loss.beta=-1.0: must be >= 0")
+
+
+def test_missing_stage_data_file(capsys, tmp_path):
+    missing = tmp_path / "cs.jsonl"
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--data.cold-start", str(missing)])
+    assert line.startswith(f"error: --data.cold-start {missing}: does not exist")
+
+
+def test_empty_rejection_sampling_result(run, tmp_path, capsys):
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("stage_3", "stage_4", "checkpoints", "tensorboard"))
+    # one new token a sample: no completion can be correct, so nothing is kept
+    line = one_error_line(capsys, main, ["--out", str(copy), "--from-stage", "3", "--until-stage", "3",
+                                         "--rejection.max-new-tokens", "1", *SHORT])
+    assert line.startswith("error: ") and "stage_2/hf" in line and "incorrect" in line, line
