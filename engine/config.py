@@ -98,6 +98,17 @@ class RewardConfig:
     model_scope: dict[str, Literal["summary", "response"]] = field(default_factory=dict)
     """name -> what the reward model reads after the prompt: summary (helpfulness, the default: the text after
     the readable format's summary marker) or response (harmlessness: the whole response)."""
+    code_test_timeout_s: float = 2.0
+    """Code prompts: wall-clock limit of one test run of the program (its CPU limit: the same, rounded up)."""
+    code_timeout_s: float = 60.0
+    """Code prompts: the most judging one completion may take (compile + every test); tests it cuts off fail."""
+    code_memory_mb: int = 512
+    """Code prompts: the program's address-space limit."""
+    code_workers: int | None = None
+    """Reward workers when the data has code prompts (at least reward.num_workers; None: the cores)."""
+    allow_unsandboxed_code: bool = False
+    """Judge code prompts even where only the pure-Python rlimits fallback runs (no C compiler, or no isolation the
+    launcher can get here): NOT a sandbox, a hostile program can read and write your files and use the network."""
 
 
 @dataclass
@@ -232,6 +243,11 @@ def check_ranges(cfg: GRPOConfig) -> None:
          f"None/0 (off) or 1..--rollout.max-new-tokens ({r.max_new_tokens}): the last L_c tokens of the budget"),
         ("reward.num_workers", rw.num_workers >= 0, ">= 0 (0: score in this process)"),
         ("reward.timeout_s", at_least(rw.timeout_s, 0) and rw.timeout_s > 0, "> 0 seconds"),
+        ("reward.code_test_timeout_s", at_least(rw.code_test_timeout_s, 0) and rw.code_test_timeout_s > 0, "> 0"),
+        ("reward.code_timeout_s", at_least(rw.code_timeout_s, rw.code_test_timeout_s),
+         ">= --reward.code-test-timeout-s (one completion's budget holds at least one test)"),
+        ("reward.code_memory_mb", rw.code_memory_mb >= 64, ">= 64 (an interpreter alone maps tens of MB)"),
+        ("reward.code_workers", opt(rw.code_workers, 1), ">= 1 (or None: the cores)"),
         ("reward.model_scope", set(rw.model_scope) <= set(rw.models)
          and set(rw.model_scope.values()) <= {"summary", "response"},
          "name -> summary|response for names given in --reward.models"),

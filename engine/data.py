@@ -8,6 +8,7 @@ parquet) and the field, because a silently skipped or mangled prompt is a silent
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -55,13 +56,25 @@ def apply_template(question: str, template: str = "r1-zero", tokenizer: Any = No
 @dataclass(frozen=True)
 class PromptExample:
     """One dataset row. index: 0-based position among the file's examples; source: "file:row" of its origin;
-    kind: "reasoning" (rule rewards against the reference answer) or "general" (reward models, no reference)."""
+    kind: "reasoning" (rule rewards against the reference answer), "general" (reward models, no reference) or "code"
+    (the program in the completion is judged against `tests`, (stdin, expected stdout) pairs, and/or `test_code`)."""
 
     prompt: str
     answer: str | None
     index: int
     source: str
     kind: str = "reasoning"
+    tests: tuple[tuple[str, str], ...] = ()
+    test_code: str | None = None
+
+    @property
+    def reference(self):
+        """What the row's rewards check against: the answer, or for a code row its engine.rewards.code.CodeTests."""
+        if self.kind != "code":
+            return self.answer
+        from engine.rewards.code import CodeTests
+
+        return CodeTests(io=self.tests, test_code=self.test_code)
 
 
 def _reference_problem(answer: str) -> str | None:
@@ -113,6 +126,20 @@ def _row_to_example(
     return PromptExample(prompt=prompt, answer=answer, index=index, source=f"{path}:{row}", kind=kind)
 
 
+CODE_FIELDS = ("tests", "test_code")  # a row with either is a code prompt
+
+
+def _row(record: Any, *, path: Path, row: int, row_word: str, kind: str, **keys) -> PromptExample:
+    """A row as an example; a row with `tests` or `test_code` is a code prompt (no reference answer needed)."""
+    if isinstance(record, dict) and any(record.get(name) is not None for name in CODE_FIELDS):
+        example = _row_to_example(record, path=path, row=row, row_word=row_word, **{**keys, "require_answer": False})
+        from engine.rewards.code import parse_code_tests
+
+        tests, test_code = parse_code_tests(record, f"{path}, {row_word} {row}")
+        return dataclasses.replace(example, kind="code", tests=tests, test_code=test_code)
+    return _row_to_example(record, path=path, row=row, row_word=row_word, kind=kind, **keys)
+
+
 def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(1-based line number, parsed object) for each non-blank line. Decodes per line so errors name the line."""
     rows = []
@@ -153,7 +180,8 @@ def load_prompts(
     Each row needs a non-empty string `prompt_key`; `answer_key` must be a string or number (numbers are
     kept as their text) and, unless require_answer=False, present. Blank jsonl lines are skipped.
     Raises ValueError naming the file, row and field for the first bad row. kind="general": prompts for the
-    reward models (R1's all-scenario RL), read without answers.
+    reward models (R1's all-scenario RL), read without answers. Rows with `tests` (a list of {"stdin", "stdout"},
+    or that list as JSON text) or `test_code` are code prompts (kind "code") in any file.
     """
     if kind not in ("reasoning", "general"):
         raise ValueError(f"load_prompts: kind must be 'reasoning' or 'general', got {kind!r}")
@@ -165,12 +193,12 @@ def load_prompts(
     if suffix == ".jsonl":
         rows, row_word = _read_jsonl(path), "line"
     elif suffix == ".parquet":
-        rows, row_word = _read_parquet(path, [prompt_key, answer_key]), "row"
+        rows, row_word = _read_parquet(path, [prompt_key, answer_key, *CODE_FIELDS]), "row"
     else:
         raise ValueError(f"{path}: unsupported prompt file type {suffix!r}; expected .jsonl or .parquet")
     examples = [
-        _row_to_example(record, path=path, row=row, row_word=row_word, index=index, prompt_key=prompt_key,
-                        answer_key=answer_key, require_answer=require_answer, kind=kind)
+        _row(record, path=path, row=row, row_word=row_word, index=index, prompt_key=prompt_key,
+             answer_key=answer_key, require_answer=require_answer, kind=kind)
         for index, (row, record) in enumerate(rows)
     ]
     if not examples:

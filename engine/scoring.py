@@ -1,24 +1,28 @@
-"""One batch, two kinds of rows: rule rewards score the reasoning prompts, reward models the general ones (R1's
-all-scenario RL, GRPO_SPEC.md).
+"""One batch, three kinds of rows: rule rewards score the reasoning prompts, the same rules with the sandboxed code
+judge in place of accuracy score the code prompts, reward models the general ones (R1's all-scenario RL, GRPO_SPEC.md).
 
     scorer = RolloutScorer(rules, reward_models, weights={"accuracy": 1, "format": 0.5, "helpfulness": 1})
     out = scorer.score(kinds, prompt_texts, completions, references)   # a RewardOutput over every row
 
-A row's kind comes from its prompt (engine.data.PromptExample.kind). Reasoning rows get the rule composer's
-weighted total; general rows the weighted sum of the reward models' scores. Components that do not apply to a row
-are NaN in `components` (so a metric is the mean over the rows it describes: `nanmean`), never 0: an accuracy of 0
-on a greeting would read as a wrong answer. Groups never mix kinds (one prompt, G completions), so the group
-normalisation of the advantages puts rule rewards and reward-model scores on one scale per group.
+A row's kind comes from its prompt (engine.data.PromptExample.kind; its reference: PromptExample.reference). Reasoning
+rows get the rule composer's weighted total; code rows the same without accuracy and with the composer's "code"
+component (its pass fraction joins the components as code_pass_frac); general rows the weighted sum of the reward
+models' scores. Components that do not apply to a row are NaN in `components` (so a metric is the mean over the
+rows it describes: `nanmean`), never 0: an accuracy of 0 on a greeting would read as a wrong answer. Groups never
+mix kinds (one prompt, G completions), so the group normalisation of the advantages puts rule rewards and reward-model
+scores on one scale per group.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 from engine.rewards.compose import RewardComposer, RewardOutput
 
-KINDS = ("reasoning", "general")
+KINDS = ("reasoning", "general", "code")
 NAN = float("nan")
+_NOT_FOR = {"reasoning": {"code"}, "code": {"accuracy"}}  # rule components a kind of row is not scored with
 
 
 class RolloutScorer:
@@ -38,15 +42,23 @@ class RolloutScorer:
         unknown = sorted(set(kinds) - set(KINDS))
         if unknown:
             raise ValueError(f"RolloutScorer.score: unknown row kind(s) {unknown}; expected {KINDS}")
-        reasoning = [i for i, k in enumerate(kinds) if k == "reasoning"]
+        reasoning = [i for i, k in enumerate(kinds) if k != "general"]  # the rule composer's rows (code rows too)
         general = [i for i, k in enumerate(kinds) if k == "general"]
+        names = [spec.name for spec in getattr(self.rules, "specs", ())]
+        if "code" in kinds and "code" not in names:
+            raise ValueError("code prompts (rows with tests) need the code reward in the rule composer: "
+                             "build_reward_composer(..., code_judge=make_code_judge())")
+        select = None
+        if "code" in names:  # each row scored with its kind's components only
+            select = [{x for x in names if x not in _NOT_FOR[kinds[i]]} for i in reasoning]
         if len(reasoning) == n:  # the R1-Zero case: the rule composer's output as it is
-            return self.rules.score(completions, references)
+            return self.rules.score(completions, references, select=select)
         total = [0.0] * n
         components: dict[str, list[float]] = {}
         out = RewardOutput(total=total, components=components)
         if reasoning:
-            rules = self.rules.score([completions[i] for i in reasoning], [references[i] for i in reasoning])
+            rules = self.rules.score([completions[i] for i in reasoning], [references[i] for i in reasoning],
+                                     select=select)
             for name, values in rules.components.items():
                 full = components.setdefault(name, [NAN] * n)
                 for i, v in zip(reasoning, values):
@@ -96,6 +108,29 @@ def check_reward_models(models: Mapping[str, str], examples: Sequence) -> None:
     if general and not models:
         raise ValueError(f"{general[0].source}: a general prompt (no reference answer) but no reward model to score "
                          f"it: give --reward.models NAME HF_DIR")
+
+
+def build_code_judge(reward_config, examples: Sequence):
+    """The code reward's judge when `examples` hold code prompts (None otherwise), checked before anything is built:
+    a ValueError naming the first code prompt's file:row when this machine has no sandbox that can contain a program
+    and --reward.allow-unsandboxed-code is off."""
+    code = [e for e in examples if getattr(e, "kind", "reasoning") == "code"]
+    if not code:
+        return None
+    from engine.rewards.code import CodeLimits, make_code_judge
+
+    rw = reward_config
+    limits = CodeLimits(test_timeout_s=rw.code_test_timeout_s, memory_mb=rw.code_memory_mb,
+                        completion_timeout_s=rw.code_timeout_s)
+    return make_code_judge(limits, allow_unsandboxed=rw.allow_unsandboxed_code, where=f"{code[0].source} (a code prompt)")
+
+
+def reward_workers(reward_config, code_judge) -> int:
+    """Reward worker processes: reward.num_workers, raised to reward.code_workers (None: the cores) with code prompts
+    (the judge is CPU-bound, one completion per worker); 0 stays 0 (inline scoring)."""
+    if code_judge is None or reward_config.num_workers == 0:
+        return reward_config.num_workers
+    return max(reward_config.num_workers, reward_config.code_workers or len(os.sched_getaffinity(0)))
 
 
 def build_reward_models(reward_config, device, dtype):

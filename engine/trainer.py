@@ -40,7 +40,7 @@ from engine.preflight import check_layout, check_lengths, check_teacher
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
-from engine.scoring import RolloutScorer, build_reward_models, check_reward_models
+from engine.scoring import RolloutScorer, build_code_judge, build_reward_models, check_reward_models, reward_workers
 from kernels import distillation_advantages
 from parallel import convert, models
 from parallel import state as pstate
@@ -89,6 +89,9 @@ class GRPOTrainer:
                           **{k: v for k, v in cfg.reward.weights.items() if k not in cfg.reward.models}}
         check_reward_weights(reward_weights, cfg.reward.language)
         check_reward_models(cfg.reward.models, [*train_examples, *eval_examples])
+        code_judge = build_code_judge(cfg.reward, [*train_examples, *eval_examples])  # None: no code prompts
+        if code_judge is not None:  # code rows: the code reward stands in for accuracy, at its weight unless given
+            reward_weights.setdefault("code", reward_weights["accuracy"])
         self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
         self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
                          if len(eval_examples) else None)
@@ -133,8 +136,9 @@ class GRPOTrainer:
             self.rollout_engine = build_rollout_engine(
                 r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
                 seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
-            rules = build_reward_composer(reward_weights, language=cfg.reward.language,
-                                          num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+            rules = build_reward_composer(reward_weights, language=cfg.reward.language, code_judge=code_judge,
+                                          num_workers=reward_workers(cfg.reward, code_judge),
+                                          timeout_s=cfg.reward.timeout_s)
             self.rewards = RolloutScorer(rules, build_reward_models(cfg.reward, self.device, dtype),
                                          {k: cfg.reward.weights.get(k, 1.0) for k in cfg.reward.models})
         # every rank draws the same global batch; DP replicas take interleaved shares of it
@@ -177,7 +181,7 @@ class GRPOTrainer:
                 rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
                 rows = [it for it in items for _ in range(n)]
                 payload = (rollout, self.rewards.score([it.example.kind for it in rows], [it.text for it in rows],
-                                                       rollout.completion_text, [it.example.answer for it in rows]))
+                                                       rollout.completion_text, [it.example.reference for it in rows]))
             except Exception as err:  # tell the other ranks, or they would wait in the broadcast forever
                 payload = err
         payload = self._mp_broadcast(payload)

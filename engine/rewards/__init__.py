@@ -1,6 +1,8 @@
-"""Rule-based rewards as in DeepSeek-R1-Zero (accuracy, format, language consistency) and the composer
-that adds them up, weighted, in a pool of worker processes with a per-sample timeout."""
+"""Rule-based rewards as in DeepSeek-R1-Zero (accuracy, format, language consistency), R1's code reward (the
+program passes the row's tests in the sandboxed judge), and the composer that adds them up, weighted, in a pool of
+worker processes with a per-sample timeout."""
 from engine.rewards.accuracy import accuracy_reward, answers_equivalent, extract_final_answers, normalize_answer
+from engine.rewards.code import CodeJudge, CodeLimits, CodeTests, code_reward, make_code_judge
 from engine.rewards.compose import (REWARDS, RewardComposer, RewardOutput, RewardSpec, build_reward_composer,
                                    check_reward_weights)
 from engine.rewards.format import format_reward
@@ -8,6 +10,9 @@ from engine.rewards.language import chain_of_thought, count_words_by_language, l
 
 __all__ = [
     "REWARDS",
+    "CodeJudge",
+    "CodeLimits",
+    "CodeTests",
     "RewardComposer",
     "RewardOutput",
     "RewardSpec",
@@ -16,9 +21,11 @@ __all__ = [
     "build_reward_composer",
     "chain_of_thought",
     "check_reward_weights",
+    "code_reward",
     "count_words_by_language",
     "extract_final_answers",
     "format_reward",
     "language_consistency_reward",
+    "make_code_judge",
     "normalize_answer",
 ]

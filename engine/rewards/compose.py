@@ -3,9 +3,12 @@
     with build_reward_composer({"accuracy": 1.0, "format": 0.5}) as composer:
         out = composer.score(completions, references)     # out.total[i] = sum_k w_k * component_k[i]
 
-Each (component, completion) pair is one task. A task that raises, returns a non-finite value, or
+Each (component, completion) pair is one task; `score(..., select=)` limits a row to some components (the others
+are NaN for it: a code row has no accuracy). A component may return (value, {metric: number}) to report per-row
+metrics beside its value (the code reward's pass fraction): they join `components` (NaN on other rows) and add
+nothing to the total. A task that raises, returns a non-finite value, or
 crashes its worker scores 0 and counts in `num_errors`; one that runs past `timeout_s` scores 0 and
-counts in `num_timeouts`: its worker is killed (a hang in C code, e.g. sympy on a giant integer,
+counts in `num_timeouts` (a spec may set its own timeout: the code judge's budget): its worker is killed (a hang in C code, e.g. sympy on a giant integer,
 cannot be interrupted any other way) and a fresh one is spawned. Workers stay alive between calls,
 so their imports (sympy, math-verify) and parse caches are paid for once. `num_workers=0` runs
 everything inline in the calling process, without timeouts (tests, debugging).
@@ -23,6 +26,7 @@ from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
 from engine.rewards.accuracy import accuracy_reward
+from engine.rewards.code import CodeJudge, code_reward
 from engine.rewards.format import format_reward
 from engine.rewards.language import SUPPORTED_LANGUAGES, language_consistency_reward
 
@@ -44,12 +48,20 @@ def language_component(completion: str, reference: str | None = None, *, target_
     return language_consistency_reward(completion, target_language)
 
 
+def code_component(completion: str, reference, *, judge: CodeJudge | None = None) -> tuple[float, dict[str, float]]:
+    """reference: the row's engine.rewards.code.CodeTests; judge None: probed in this process."""
+    return code_reward(completion, reference, judge)
+
+
 REWARDS: dict[str, Callable[..., float]] = {
     "accuracy": accuracy_component,
     "format": format_component,
     "language": language_component,
+    "code": code_component,
 }
-_NEEDS_REFERENCE = {"accuracy"}
+_NEEDS_REFERENCE = {"accuracy", "code"}
+CODE_TIMEOUT_SLACK_S = 30.0  # the code task's timeout: the judge's completion budget plus this (launcher start-up)
+NAN = float("nan")
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class RewardSpec:
     fn: Callable[[str, str | None], float]
     weight: float
     needs_reference: bool = False  # score() rejects a None reference up front instead of scoring 0
+    timeout_s: float | None = None  # None: the composer's
 
 
 @dataclass
@@ -94,11 +107,15 @@ def _worker_main(conn, fns) -> None:
             conn.send((task_id, False, f"{type(exc).__name__}: {exc}"))
 
 
-def _checked(value) -> float:
+def _checked(value) -> tuple[float, dict[str, float]]:
+    """(value, extra metrics) from a component's number or (number, {metric: number})."""
+    extras = {}
+    if isinstance(value, tuple):
+        value, extras = value
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"reward returned a non-finite value {value}")
-    return value
+    return value, {str(k): float(v) for k, v in extras.items()}
 
 
 class _Worker:
@@ -147,6 +164,7 @@ class RewardComposer:
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self._fns = [spec.fn for spec in specs]
+        self._timeouts = [float(spec.timeout_s or timeout_s) for spec in specs]
         self._workers: list[_Worker] = []
         self._closed = False
         if num_workers > 0:
@@ -162,24 +180,29 @@ class RewardComposer:
             self._workers = [_Worker(self._context, self._fns) for _ in range(num_workers)]
 
     # ---- public API
-    def score(self, completions: Sequence[str], references: Sequence[str | None]) -> RewardOutput:
+    def score(self, completions: Sequence[str], references: Sequence, select=None) -> RewardOutput:
+        """select: per row, the names of the components to score it with (None: all of them, every row)."""
         if self._closed:
             raise RuntimeError("RewardComposer.score called after close()")
         if len(completions) != len(references):
             raise ValueError(
                 f"RewardComposer.score: {len(completions)} completions but {len(references)} references"
             )
-        for spec in self.specs:
+        n = len(completions)
+        if select is not None and len(select) != n:
+            raise ValueError(f"RewardComposer.score: {n} completions but {len(select)} rows in select")
+        chosen = [[select is None or spec.name in select[i] for spec in self.specs] for i in range(n)]
+        for k, spec in enumerate(self.specs):
             if spec.needs_reference:
-                missing = [i for i, reference in enumerate(references) if reference is None]
+                missing = [i for i, reference in enumerate(references) if reference is None and chosen[i][k]]
                 if missing:
                     raise ValueError(
                         f"RewardComposer.score: reward {spec.name!r} needs a reference, but references"
                         f"{missing[:10]} are None"
                     )
-        values = [[0.0] * len(completions) for _ in self.specs]
-        tally = {"errors": 0, "timeouts": 0, "messages": []}
-        tasks = [(k, i) for i in range(len(completions)) for k in range(len(self.specs))]
+        values = [[0.0 if chosen[i][k] else NAN for i in range(n)] for k in range(len(self.specs))]
+        tally = {"errors": 0, "timeouts": 0, "messages": [], "extras": {}, "n": n}
+        tasks = [(k, i) for i in range(n) for k in range(len(self.specs)) if chosen[i][k]]
         if self.num_workers == 0:
             self._run_inline(tasks, completions, references, values, tally)
         else:
@@ -192,12 +215,11 @@ class RewardComposer:
                     if worker.task is not None:
                         self._replace(index)
                 raise
-        total = [
-            sum(spec.weight * values[k][i] for k, spec in enumerate(self.specs)) for i in range(len(completions))
-        ]
+        total = [sum(spec.weight * values[k][i] for k, spec in enumerate(self.specs) if chosen[i][k])
+                 for i in range(n)]
         return RewardOutput(
             total=total,
-            components={spec.name: values[k] for k, spec in enumerate(self.specs)},
+            components={**{spec.name: values[k] for k, spec in enumerate(self.specs)}, **tally["extras"]},
             num_errors=tally["errors"],
             num_timeouts=tally["timeouts"],
             error_messages=tally["messages"],
@@ -230,10 +252,16 @@ class RewardComposer:
         if len(tally["messages"]) < MAX_ERROR_MESSAGES:
             tally["messages"].append(message)
 
+    @staticmethod
+    def _record(values, tally, k: int, i: int, result: tuple[float, dict[str, float]]) -> None:
+        values[k][i] = result[0]
+        for name, value in result[1].items():
+            tally["extras"].setdefault(name, [NAN] * tally["n"])[i] = value
+
     def _run_inline(self, tasks, completions, references, values, tally) -> None:
         for k, i in tasks:
             try:
-                values[k][i] = _checked(self._fns[k](completions[i], references[i]))
+                self._record(values, tally, k, i, _checked(self._fns[k](completions[i], references[i])))
             except Exception as exc:
                 self._fail(tally, "errors", f"{self.specs[k].name}[{i}]: {type(exc).__name__}: {exc}")
 
@@ -260,7 +288,7 @@ class RewardComposer:
                     next_id += 1
 
             now = time.monotonic()
-            deadlines = [w.task_started + self.timeout_s for w in self._workers if w.task is not None]
+            deadlines = [w.task_started + self._timeouts[w.task[0]] for w in self._workers if w.task is not None]
             deadlines += [w.spawned_at + WORKER_START_TIMEOUT_S for w in self._workers if not w.ready]
             wait(
                 [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
@@ -279,7 +307,7 @@ class RewardComposer:
                         k, i = task_ids.pop(task_id)
                         worker.task = None
                         if ok:
-                            values[k][i] = result
+                            self._record(values, tally, k, i, result)
                         else:
                             self._fail(tally, "errors", f"{self.specs[k].name}[{i}]: {result}")
                 except (EOFError, OSError):
@@ -299,9 +327,9 @@ class RewardComposer:
                             f"{self.specs[k].name}[{i}]: worker died (exit code {worker.process.exitcode})",
                         )
                     self._replace(index)
-                elif worker.task is not None and now - worker.task_started > self.timeout_s:
+                elif worker.task is not None and now - worker.task_started > self._timeouts[worker.task[0]]:
                     k, i = worker.task
-                    self._fail(tally, "timeouts", f"{self.specs[k].name}[{i}]: timed out after {self.timeout_s}s")
+                    self._fail(tally, "timeouts", f"{self.specs[k].name}[{i}]: timed out after {self._timeouts[k]}s")
                     self._replace(index)
                 elif not worker.ready and now - worker.spawned_at > WORKER_START_TIMEOUT_S:
                     raise RuntimeError(
@@ -313,7 +341,7 @@ def check_reward_weights(weights: dict[str, float], language: str = "en") -> Non
     """Reward names and the target language, checked before anything expensive is built."""
     unknown = sorted(set(weights) - set(REWARDS))
     if unknown:
-        raise ValueError(f"reward.weights: unknown reward(s) {unknown}; known rewards: {', '.join(sorted(REWARDS))}")
+        raise ValueError(f"reward.weights: unknown reward(s) {unknown}; known rewards: {', '.join(REWARDS)}")
     if "language" in weights and language not in SUPPORTED_LANGUAGES:
         raise ValueError(
             f"reward.language: unsupported language {language!r} for the language reward; supported: "
@@ -327,13 +355,19 @@ def build_reward_composer(
     language: str = "en",
     num_workers: int = 2,
     timeout_s: float = 10.0,
+    code_judge: CodeJudge | None = None,
 ) -> RewardComposer:
-    """A composer of the registered rewards named in `weights` (name -> weight)."""
+    """A composer of the registered rewards named in `weights` (name -> weight). code_judge: the code reward's
+    (engine.rewards.code.make_code_judge; None: each worker probes its own sandbox)."""
     check_reward_weights(weights, language)
     specs = []
     for name, weight in weights.items():
-        fn = REWARDS[name]
+        fn, timeout = REWARDS[name], None
         if name == "language":
             fn = functools.partial(fn, target_language=language)
-        specs.append(RewardSpec(name, fn, float(weight), needs_reference=name in _NEEDS_REFERENCE))
+        if name == "code":
+            fn = functools.partial(fn, judge=code_judge)
+            budget = code_judge.limits.completion_timeout_s if code_judge is not None else 60.0
+            timeout = max(timeout_s, budget + CODE_TIMEOUT_SLACK_S)
+        specs.append(RewardSpec(name, fn, float(weight), needs_reference=name in _NEEDS_REFERENCE, timeout_s=timeout))
     return RewardComposer(specs, num_workers=num_workers, timeout_s=timeout_s)

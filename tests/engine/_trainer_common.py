@@ -74,8 +74,8 @@ def dynamic_sampling_rank_worker(model_dir: str, out: str):
                    1: [uniform * 2, informative * 2, uniform * 2]}[rank])
     real = t.rewards.score
 
-    def score(completions, refs):
-        return dataclasses.replace(real(completions, refs), total=next(script))
+    def score(kinds, prompts, completions, refs):
+        return dataclasses.replace(real(kinds, prompts, completions, refs), total=next(script))
 
     t.rewards.score = score
     try:

@@ -391,7 +391,7 @@ def test_compose_bad_input():
         composer.score(["a", "b"], ["1", None])
     with pytest.raises(ValueError, match="picklable"):
         RewardComposer([RewardSpec("lam", lambda c, r: 1.0, 1.0)], num_workers=1)
-    assert set(REWARDS) == {"accuracy", "format", "language"}
+    assert set(REWARDS) == {"accuracy", "format", "language", "code"}
 
 
 @pytest.mark.multiproc
