@@ -1,0 +1,118 @@
+"""On-policy distillation with a teacher outside the student's parallel layout.
+
+The trainer's own teacher (algo.teacher, engine.trainer) is a frozen Megatron model built with the policy's
+tensor/pipeline layout: the teacher's heads must split over the student's TP size and it stays resident. This
+module scores the student's samples with an unsharded transformers model instead, on the first rank of each
+model-parallel group (the rank that owns the rollout engine), and broadcasts the log-probs to the group:
+
+    trainer = HFTeacherTrainer(config, student_dir, prompts, teacher_dir="runs/r1z/hf", offload=True)
+    trainer.fit()
+
+so a student at any TP/PP size distils from a teacher of any shape that fits one device (offload: on the CPU
+between uses). A teacher sharded over its own TP group is not built here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.batch import ADVANTAGES, with_logprobs
+from engine.config import GRPOConfig
+from engine.preflight import check_teacher
+from engine.trainer import GRPOTrainer
+from kernels import distillation_advantages
+from parallel import models
+from parallel.rows import PackedRows
+from parallel.step import logprobs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def sequence_spans(rows: PackedRows) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every packed sequence: the contiguous positions holding one seq id."""
+    spans = []
+    seq_ids = rows.seq_ids.cpu()
+    for r in range(rows.num_rows):
+        ids = seq_ids[r]
+        cut = torch.nonzero(ids[1:] != ids[:-1]).flatten().add(1).tolist()
+        for start, end in zip([0, *cut], [*cut, ids.numel()]):
+            if int(ids[start]) >= 0:
+                spans.append((r, start, end))
+    return spans
+
+
+class HFTeacher:
+    """A frozen transformers causal LM that scores packed rows: log p(targets[t]) / T at the loss positions."""
+
+    def __init__(self, model_dir: str | Path, device: torch.device | str, dtype: str = "float32",
+                 offload: bool = False, batch_size: int = 32):
+        from transformers import AutoModelForCausalLM
+
+        self.device, self.offload, self.batch_size = torch.device(device), offload, batch_size
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
+        self.model = model.to("cpu" if offload else self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def logprobs(self, rows: PackedRows, temperature: float = 1.0) -> torch.Tensor:
+        """fp32 [B, S] like parallel.step.logprobs: each packed sequence runs on its own (positions from 0),
+        batch_size sequences at a time, right-padded; 0 off the loss positions."""
+        if self.offload:
+            self.model.to(self.device)
+        try:
+            out = torch.zeros(rows.tokens.shape, dtype=torch.float32)
+            tokens, targets = rows.tokens.cpu(), rows.targets.cpu()
+            spans = sequence_spans(rows)
+            for first in range(0, len(spans), self.batch_size):
+                chunk = spans[first:first + self.batch_size]
+                width = max(end - start for _, start, end in chunk)
+                ids = torch.zeros(len(chunk), width, dtype=torch.long)
+                mask = torch.zeros(len(chunk), width, dtype=torch.long)
+                for i, (r, start, end) in enumerate(chunk):
+                    ids[i, :end - start], mask[i, :end - start] = tokens[r, start:end], 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
+                for i, (r, start, end) in enumerate(chunk):
+                    out[r, start:end] = logp[i, :end - start].gather(1, targets[r, start:end, None]).squeeze(1)
+            return torch.where(rows.loss_mask.cpu() > 0, out, torch.zeros_like(out)).to(rows.device)
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+
+class HFTeacherTrainer(GRPOTrainer):
+    """GRPOTrainer with on-policy distillation from an HFTeacher (see the module docstring); config.algo.teacher
+    must be None (the trainer would build a Megatron teacher too): the teacher is `teacher_dir`."""
+
+    def __init__(self, config: GRPOConfig, model_dir: str | Path, train_examples: Sequence,
+                 eval_examples: Sequence = (), *, teacher_dir: str | Path, offload: bool = False):
+        if config.algo.teacher is not None:
+            raise ValueError("HFTeacherTrainer: leave algo.teacher unset; the teacher is teacher_dir")
+        super().__init__(config, model_dir, train_examples, eval_examples)
+        # the trainer's checks (tokenizer, vocabulary, positions) with the teacher unsharded
+        longest = max(len(it.prompt_ids) for ds in (self.train_set, self.eval_set) if ds for it in ds.items)
+        unsharded = dataclasses.replace(self.cfg, model=dataclasses.replace(self.cfg.model, tensor_parallel=1))
+        student = models.parse_hf_config(self.model_dir / "config.json", self.cfg.model.tensor_parallel)
+        try:
+            check_teacher(unsharded, str(teacher_dir), self.tokenizer, self.model_dir, student, longest)
+        except ValueError:
+            self.close()
+            raise
+        # every rank takes the distillation path (collect() asks `teacher is not None`); the leader scores
+        self.teacher = HFTeacher(teacher_dir, self.device, self.cfg.model.dtype, offload) if self.is_leader else True
+
+    def _with_distillation(self, batch: PackedRows) -> PackedRows:
+        """As GRPOTrainer's, with the teacher's log-probs from the leader, broadcast over the model-parallel group."""
+        T, mb = self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
+        student = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
+        teacher = self.teacher.logprobs(batch, T) if self.is_leader else torch.empty_like(student)
+        group = self.ps.model_parallel_group
+        if dist.get_world_size(group) > 1:
+            teacher = teacher.to(self.device)
+            dist.broadcast(teacher, src=dist.get_global_rank(group, 0), group=group)
+        batch = batch.with_extras(**{ADVANTAGES: distillation_advantages(student, teacher.to(student.device),
+                                                                         batch.loss_mask)})
+        return with_logprobs(batch, old_logp=student)

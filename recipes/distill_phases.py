@@ -1,0 +1,300 @@
+"""The phases of recipes/distill.py, each a short method over the engine's components, and their cost accounting.
+
+Layout of --out:
+  offline/rejection.jsonl    the teacher's kept samples (+ .summary.json), offline/sampling.json (its cost)
+  offline/                   the student's SFT run on them: checkpoints/, metrics.jsonl, curves.png, hf/
+  onpolicy/                  on-policy distillation: the GRPO trainer's run with the teacher's advantages
+  rl/                        the GRPO baseline (rule rewards), stopped at the distillation's wall (or CPU) time
+  <phase>/phase.json         written last: the phase's held-out numbers and its cost; a rerun skips the phase
+  student_eval.json, teacher_eval.json, results.{md,json,png}
+Cost of a phase: wall time (setup, sampling, training, export; not the evaluation) and this process's CPU time
+(rank 0's: on a shared machine two phases' wall times may see different loads, their CPU times much less so), tokens
+the teacher generated (offline) or scored (on-policy: every token the student sampled), and tokens the student
+generated and trained on (loss tokens), counted from the runs' metrics.jsonl (a resumed run's earlier steps too). Collective work (the trainers) runs on every rank; sampling and evaluation run on rank 0 while the
+others wait, and an error there reaches every rank as the same one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from engine.data import load_prompts
+from recipes.distill_config import PHASES
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class Distillation:
+    def __init__(self, cfg, teacher: Path, student: Path, ps):
+        self.cfg, self.teacher, self.student, self.ps = cfg, Path(teacher), Path(student), ps
+        self.out = Path(cfg.out)
+
+    # ------------------------------------------------------------------------------------------ bookkeeping
+    def phases(self) -> list[str]:
+        mode = self.cfg.mode
+        names = ["offline"] * (mode in ("offline", "both")) + ["onpolicy"] * (mode in ("onpolicy", "both"))
+        return names + ["rl"] * self.cfg.baseline
+
+    def record(self, phase: str) -> dict | None:
+        path = self.out / phase / "phase.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def logged(self, phase: str) -> list[dict]:
+        """The rows of a phase's metrics.jsonl (rank 0, which writes it; [] elsewhere)."""
+        path = self.out / phase / "metrics.jsonl"
+        if not (self.ps.is_main and path.is_file()):
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _multi(self) -> bool:
+        return dist.is_initialized() and dist.get_world_size() > 1
+
+    def _barrier(self) -> None:
+        if self._multi():
+            dist.barrier()
+
+    def _on_main(self, fn):
+        """fn() on rank 0 while the others wait; its result, or its user error (one line), reaches every rank."""
+        from engine.config import USER_ERRORS
+
+        result = error = None
+        if self.ps.is_main:
+            try:
+                result = fn()
+            except USER_ERRORS as err:
+                if not self._multi():
+                    raise
+                error = str(err)
+        if self._multi():
+            box = [(result, error)]
+            dist.broadcast_object_list(box, src=0)
+            result, error = box[0]
+            if error is not None:
+                raise ValueError(error)
+        return result
+
+    def run(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        for phase in self.phases():
+            if self.record(phase) is not None:
+                if self.ps.is_main:
+                    print(f"{phase} ({PHASES[phase]}): done, skipped ({self.out / phase / 'phase.json'})", flush=True)
+                continue
+            if self.ps.is_main:
+                print(f"=== {phase}: {PHASES[phase]} -> {self.out / phase}", flush=True)
+            started, cpu = time.perf_counter(), time.process_time()
+            hf, cost = getattr(self, phase)()
+            cost.setdefault("wall_s", round(time.perf_counter() - started, 1))
+            cost.setdefault("cpu_s", round(time.process_time() - cpu, 1))
+            self.finish(phase, hf, cost)
+            gc.collect()
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            path = self.out / f"{name}_eval.json"
+            if not path.is_file():
+                self._on_main(lambda path=path, name=name, model=model: _write_json(
+                    path, {"name": name, "model": str(model), "summary": self.evaluate(model)}))
+
+    # ------------------------------------------------------------------------------------------ shared pieces
+    def prompts(self, path: str | None = None):
+        return load_prompts(path or self.cfg.data)
+
+    def _placed(self, config, out: Path, start: Path):
+        """A component config with this run's layout, template, start model and out dir."""
+        data = dataclasses.replace(config.data, template=self.cfg.template)
+        return dataclasses.replace(config, model=dataclasses.replace(self.cfg.model, path=str(start)), data=data,
+                                   train=dataclasses.replace(config.train, out=str(out)))
+
+    def evaluate(self, model_dir: Path) -> dict:
+        """Rank 0 only: the held-out numbers of one checkpoint (engine.model_eval: pass@1 over k, cons@k)."""
+        from engine.model_eval import ModelEvaluator
+
+        settings = dataclasses.replace(self.cfg.eval, template=self.cfg.template)
+        with ModelEvaluator(settings) as evaluator:
+            return evaluator.evaluate(model_dir, load_prompts(self.cfg.eval_data))["summary"]
+
+    def finish(self, phase: str, hf: Path, cost: dict) -> None:
+        """Evaluate the phase's model and mark the phase done (phase.json, written last)."""
+        def write():
+            summary = self.evaluate(hf)
+            _write_json(self.out / phase / "phase.json", {"phase": phase, "name": PHASES[phase], "model": str(hf),
+                                                          "summary": summary, "cost": cost})
+            print(f"{phase}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()) + "   cost: "
+                  + ", ".join(f"{k} {v}" for k, v in cost.items()), flush=True)
+        self._on_main(write)
+
+    # ------------------------------------------------------------------------------------------ offline
+    def offline(self) -> tuple[Path, dict]:
+        from engine.sft import SFTTrainer, load_sft_examples
+
+        rows, cost_file = self.out / "offline" / "rejection.jsonl", self.out / "offline" / "sampling.json"
+        if not (rows.is_file() and cost_file.is_file()):
+            self._on_main(lambda: self.rejection_sample(rows, cost_file))
+        else:
+            self._barrier()
+        started, cpu = time.perf_counter(), time.process_time()
+        examples = load_sft_examples(rows)
+        config = self._placed(self.cfg.sft, self.out / "offline", self.student)
+        trainer = SFTTrainer(config, self.student, examples)
+        loss_before = trainer.evaluate_loss(examples)
+        trainer.fit()
+        loss_after = trainer.evaluate_loss(examples)
+        hf = trainer.export_hf()
+        trainer.close()
+        sampling = json.loads(cost_file.read_text())
+        sft_s, sft_cpu = time.perf_counter() - started, time.process_time() - cpu
+        trained = sum(m.get("train/num_tokens", 0.0) for m in self.logged("offline"))
+        return hf, {"teacher_tokens_generated": sampling["teacher_tokens_generated"], "teacher_tokens_scored": 0,
+                    "student_tokens_generated": 0, "student_tokens_trained": int(trained), "steps": trainer.step,
+                    "examples": len(examples), "sampling_s": sampling["seconds"], "sft_s": round(sft_s, 1),
+                    "wall_s": round(sampling["seconds"] + sft_s, 1), "cpu_s": round(sampling["cpu_s"] + sft_cpu, 1),
+                    "sft_loss_before": round(loss_before, 4), "sft_loss_after": round(loss_after, 4)}
+
+    def rejection_sample(self, rows: Path, cost_file: Path) -> None:
+        """Rank 0: the teacher's k samples a prompt, filtered by the rule rewards (engine.rejection)."""
+        from engine.data import PromptDataset, load_tokenizer
+        from engine.rejection import rejection_sample
+        from engine.rewards import build_reward_composer
+        from engine.rollout import build_rollout_engine
+
+        cfg, started, cpu = self.cfg, time.perf_counter(), time.process_time()
+        prompts = self.prompts()[:cfg.offline_prompts]
+        tokenizer = load_tokenizer(self.teacher)  # the teacher reads its prompts with its own tokenizer
+        items = PromptDataset(prompts, tokenizer, cfg.template, cfg.onpolicy.data.max_prompt_tokens).items
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        engine = build_rollout_engine(cfg.onpolicy.rollout.backend, self.teacher, tokenizer, device=device,
+                                      dtype=cfg.model.dtype, seed=cfg.rejection.seed, gpu_memory_utilization=0.5,
+                                      num_threads=cfg.onpolicy.rollout.num_threads)
+        generated = [0]
+        with build_reward_composer({"accuracy": 1.0, "format": 0.0, "language": 0.0}, language=cfg.rejection.language,
+                                   num_workers=cfg.onpolicy.reward.num_workers) as rules:
+            def generate_and_score(chunk, n, params):
+                rollout = engine.generate([it.prompt_ids for it in chunk], n, params)
+                generated[0] += int(rollout.lengths.sum())
+                return rollout, rules.score(rollout.completion_text, [it.example.answer for it in chunk for _ in range(n)])
+
+            try:
+                summary = rejection_sample(generate_and_score, items, cfg.rejection, checkpoint=str(self.teacher),
+                                           out_path=rows)
+            except ValueError as err:
+                if "no sample kept" not in str(err):
+                    raise
+                raise ValueError(f"--teacher {self.teacher} gave no sample to distil, nothing trained: {err}") from None
+        print(summary.table(), flush=True)
+        _write_json(cost_file, {"seconds": round(time.perf_counter() - started, 1),
+                                "cpu_s": round(time.process_time() - cpu, 1),
+                                "teacher_tokens_generated": generated[0], "kept": summary.kept,
+                                "samples": summary.samples})
+
+    # ------------------------------------------------------------------------------------------ the RL trainers
+    def _grpo_trainer(self, config, phase: str):
+        from engine.trainer import GRPOTrainer
+
+        config = self._placed(config, self.out / phase, self.student)
+        prompts = self.prompts()
+        if phase != "onpolicy":
+            return GRPOTrainer(config, self.student, prompts)
+        if self.cfg.teacher_backend == "hf":
+            from engine.teacher import HFTeacherTrainer
+
+            return HFTeacherTrainer(config, self.student, prompts, teacher_dir=self.teacher,
+                                    offload=self.cfg.teacher_offload)
+        config = dataclasses.replace(config, algo=dataclasses.replace(config.algo, teacher=str(self.teacher)))
+        return GRPOTrainer(config, self.student, prompts)
+
+    def _rl_cost(self, trainer, phase: str) -> dict:
+        """Tokens of the run's logged steps."""
+        c = trainer.cfg
+        per_step = c.rollout.prompts_per_step * c.rollout.group_size
+        updates = c.algo.epochs_per_batch * c.algo.mini_batches
+        steps = [m for m in self.logged(phase) if "response_length/mean" in m]
+        generated = round(sum(m["response_length/mean"] * per_step for m in steps))
+        trained = round(sum(m.get("train/num_tokens", 0.0) * updates for m in steps))
+        return {"teacher_tokens_generated": 0, "teacher_tokens_scored": generated if phase == "onpolicy" else 0,
+                "student_tokens_generated": generated, "student_tokens_trained": trained, "steps": trainer.step}
+
+    def _export(self, trainer, phase: str) -> tuple[Path, dict]:
+        trainer.save()
+        hf = trainer.export_hf()
+        trainer.close()
+        return hf, self._rl_cost(trainer, phase)
+
+    def onpolicy(self) -> tuple[Path, dict]:
+        trainer = self._grpo_trainer(self.cfg.onpolicy, "onpolicy")
+        trainer.fit()
+        return self._export(trainer, "onpolicy")
+
+    def rl_budget(self) -> float:
+        """The GRPO baseline's budget: --baseline-seconds, or the longest distillation phase's time on the clock."""
+        if self.cfg.baseline_seconds is not None:
+            return self.cfg.baseline_seconds
+        key = "cpu_s" if self.cfg.baseline_clock == "cpu" else "wall_s"
+        spent = [r["cost"][key] for r in map(self.record, ("offline", "onpolicy")) if r is not None]
+        if not spent:
+            raise ValueError("the GRPO baseline runs for the distillation's time, but no distillation phase has run "
+                             "in --out: give --baseline-seconds")
+        return max(spent)
+
+    def rl(self) -> tuple[Path, dict]:
+        """GRPO from the student until the budget (counted from here, as each phase's cost) is spent: a step is
+        started while the run would end nearer the budget with it than without it."""
+        clock = time.process_time if self.cfg.baseline_clock == "cpu" else time.perf_counter
+        budget, started = self.rl_budget(), clock()
+        trainer = self._grpo_trainer(self.cfg.rl, "rl")
+        last = 0.0
+        progress = None
+        if self.ps.is_main and trainer.cfg.train.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(desc=f"GRPO for {budget:.0f} {self.cfg.baseline_clock} s", unit="step",
+                            initial=trainer.step, dynamic_ncols=True)
+        while trainer.step < trainer.cfg.train.steps:
+            go = torch.tensor([float(clock() - started + last / 2 <= budget)], device=self.ps.device)
+            if self._multi():  # rank 0's clock decides for every rank
+                dist.broadcast(go, src=0)
+            if not go.item():
+                break
+            t0 = clock()
+            metrics = trainer.train_one_step()
+            last = clock() - t0
+            if trainer.logger is not None:
+                trainer.logger.log(trainer.step, metrics)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(acc=f"{metrics.get('accuracy', float('nan')):.2f}", s=f"{clock() - started:.0f}")
+        if progress is not None:
+            progress.close()
+        hf, cost = self._export(trainer, "rl")
+        cost["budget_s"], cost["budget_clock"] = budget, self.cfg.baseline_clock
+        return hf, cost
+
+    # ------------------------------------------------------------------------------------------ the table
+    def rows(self) -> list[dict]:
+        rows = []
+        student = self.out / "student_eval.json"
+        if student.is_file():
+            rows.append(dict(json.loads(student.read_text()), name="student (before)"))
+        for phase in ("offline", "onpolicy", "rl"):
+            record = self.record(phase)
+            if record is not None:
+                rows.append(record)
+        teacher = self.out / "teacher_eval.json"
+        if teacher.is_file():
+            rows.append(dict(json.loads(teacher.read_text()), name="teacher"))
+        return rows
+
+    def report(self) -> str:
+        from recipes.distill_report import write_report
+
+        return write_report(self.rows(), self.out, self.cfg)
