@@ -56,6 +56,17 @@ class Pipeline:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
 
+    def _solo_backend(self, backend: str) -> str:
+        """The rollout backend for work rank 0 does alone (evaluation, rejection sampling): vLLM inside a multi-rank
+        torch.distributed job is collective (engine.rollout.colocate), so there the HF engine does it."""
+        if backend == "vllm" and dist.is_initialized() and dist.get_world_size() > 1:
+            if self.ps.is_main and not getattr(self, "_warned_solo", False):
+                print("note: evaluation and rejection sampling run on rank 0 alone, with the hf rollout backend "
+                      "(vllm is collective across the job's ranks)", flush=True)
+                self._warned_solo = True
+            return "hf"
+        return backend
+
     def _on_main(self, fn):
         """fn() on rank 0, the others wait; an error on rank 0 is re-raised there (the others then time out in
         the barrier, as torchrun stops the job)."""
@@ -171,7 +182,8 @@ class Pipeline:
         from engine.model_eval import ModelEvaluator
         from engine.reward_model import RewardModelSet, RewardModelSpec
 
-        settings = dataclasses.replace(self.cfg.eval, template=self.data.template)
+        settings = dataclasses.replace(self.cfg.eval, template=self.data.template,
+                                       backend=self._solo_backend(self.cfg.eval.backend))
         scopes = self.cfg.all_scenario_rl.reward.model_scope
         rms = [RewardModelSpec(name=k, path=v, scope=scopes.get(k, "summary")) for k, v in (self._rm_dirs or {}).items()]
         metric = None
@@ -248,7 +260,7 @@ class Pipeline:
         items = PromptDataset(prompts, tokenizer, self.data.template).items
         import torch
 
-        engine = build_rollout_engine(cfg.reasoning_rl.rollout.backend, model_dir, tokenizer,
+        engine = build_rollout_engine(self._solo_backend(cfg.reasoning_rl.rollout.backend), model_dir, tokenizer,
                                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       dtype=cfg.model.dtype, seed=cfg.rejection.seed, gpu_memory_utilization=0.5,
                                       num_threads=1)

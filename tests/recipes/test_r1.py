@@ -11,7 +11,7 @@ from tests.recipes.helpers import one_error_line
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "recipes" / "tiny" / "base"
 # a few steps a stage: every stage runs, trains and is evaluated, in ~2 minutes on 2 cores
-SHORT = ["--cold-start.train.epochs", "3", "--sft.train.epochs", "1", "--reasoning-rl.train.steps", "2",
+SHORT = ["--cold-start.train.epochs", "10", "--rejection.temperature", "0.6", "--sft.train.epochs", "1", "--reasoning-rl.train.steps", "2",
          "--all-scenario-rl.train.steps", "2", "--data.rejection-prompts", "24", "--eval.size", "16",
          "--eval.samples", "2", "--reward-model.epochs", "1", "--cold-start.train.no-progress",
          "--sft.train.no-progress", "--reasoning-rl.train.no-progress", "--all-scenario-rl.train.no-progress",
@@ -21,7 +21,10 @@ SHORT = ["--cold-start.train.epochs", "3", "--sft.train.epochs", "1", "--reasoni
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("r1") / "run"
-    report = main(["--out", str(out), *SHORT])
+    with pytest.MonkeyPatch.context() as mp:  # conftest's function-scoped fixtures do not reach a module fixture
+        mp.delenv("TRITON_INTERPRET", raising=False)  # the kernels' torch path, as a user's CPU run takes
+        mp.delenv("R1_DEBUG", raising=False)
+        report = main(["--out", str(out), *SHORT])
     return out, report
 
 
@@ -50,7 +53,9 @@ def test_every_stage_writes_its_model_and_the_table(run):
     assert "| 4: all-scenario RL |" in table and "RM helpfulness" in table
     assert (out / "results.png").stat().st_size > 10_000
     base, cold = report["rows"][0]["summary"], report["rows"][1]["summary"]
-    assert base["format_rate"] == 0.0 and cold["format_rate"] > 0.3, (base, cold)  # cold start teaches the format
+    # cold start teaches the format (the base model never saw the template or the readable format)
+    assert base["format_rate"] < 0.3 and cold["format_rate"] > 0.8 and cold["pass@1"] > base["pass@1"] + 0.3, \
+        (base, cold)
 
 
 def test_rerun_skips_finished_stages(run, capsys):
