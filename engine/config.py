@@ -181,6 +181,14 @@ class TrainConfig:
     """Write an HF checkpoint (safetensors + config + tokenizer) to out/hf at the end."""
     progress: bool = True
     """Show a progress bar."""
+    profile_steps: str | None = None
+    """A:B: capture steps A..B (inclusive, numbered as in metrics.jsonl): the CUDA profiler API starts before step A
+    and stops after step B, for `nsys profile --capture-range=cudaProfilerApi` (README: Profiling)."""
+    profile_ranks: tuple[int, ...] = ()
+    """Global ranks that start the profiler for --train.profile-steps (empty: every rank)."""
+    torch_profiler: bool = False
+    """With --train.profile-steps: also run the PyTorch profiler over those steps, a Chrome trace per rank in
+    <out>/profile/."""
 
 
 @dataclass
@@ -198,6 +206,27 @@ class GRPOConfig:
 def _flag(key: str) -> str:
     section, name = key.split(".")
     return f"--{section}.{name.replace('_', '-')}"
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """--train.profile-steps 'A:B' -> (A, B); None or '' -> None; anything else but 1 <= A <= B: ValueError."""
+    if text is None or text == "":
+        return None
+    parts = str(text).split(":")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        first, last = int(parts[0]), int(parts[1])
+        if 1 <= first <= last:
+            return first, last
+    raise ValueError(f"{_flag('train.profile_steps')}={text!r}: must be A:B with 1 <= A <= B (steps as "
+                     f"metrics.jsonl numbers them, e.g. 3:4)")
+
+
+def _parses(parse, value) -> bool:
+    try:
+        parse(value)
+    except ValueError:
+        return False
+    return True
 
 
 def check_ranges(cfg: GRPOConfig) -> None:
@@ -281,9 +310,15 @@ def check_ranges(cfg: GRPOConfig) -> None:
         ("train.eval_every", t.eval_every >= 0, ">= 0 (0: before and after only)"),
         ("train.eval_samples", t.eval_samples >= 1, ">= 1"),
         ("train.eval_temperature", at_least(t.eval_temperature, 0), ">= 0 (0: greedy)"),
+        ("train.eval_samples", t.eval_temperature != 0 or t.eval_samples == 1,
+         "1 with --train.eval-temperature 0 (greedy decoding has one answer; vLLM refuses n > 1 without sampling)"),
         ("train.eval_top_p", at_least(t.eval_top_p, 0) and 0 < t.eval_top_p <= 1, "in (0, 1]"),
         ("train.eval_size", opt(t.eval_size, 1), ">= 1 (or None: every held-out question)"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+        ("train.profile_steps", _parses(parse_profile_steps, t.profile_steps),
+         "A:B with 1 <= A <= B (steps as metrics.jsonl numbers them, e.g. 3:4)"),
+        ("train.profile_ranks", all(isinstance(r, int) and r >= 0 for r in t.profile_ranks),
+         "global ranks >= 0 (empty: every rank)"),
     ]
     for key, ok, rule in checks:
         if not ok:

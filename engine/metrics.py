@@ -18,6 +18,8 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from parallel.nvtx import nvtx_range
+
 
 class MetricsLogger:
     """`log(step, {name: value})` appends {"step": step, **values} to out_dir/metrics.jsonl.
@@ -173,7 +175,7 @@ class PhaseTimer:
     """Wall-clock seconds per phase: `with timer("rollout"): ...`; repeated phases accumulate until reset().
 
     With sync_cuda=True the timer synchronises CUDA at each boundary, so asynchronous kernels are
-    charged to the phase that launched them.
+    charged to the phase that launched them. Each phase is also an NVTX range of its name (parallel/nvtx.py).
     """
 
     def __init__(self, sync_cuda: bool = False):
@@ -186,7 +188,8 @@ class PhaseTimer:
             torch.cuda.synchronize()
         start = time.perf_counter()
         try:
-            yield
+            with nvtx_range(phase):
+                yield
         finally:
             if self.sync_cuda:
                 torch.cuda.synchronize()

@@ -19,6 +19,7 @@ import os
 from typing import Mapping, Sequence
 
 from engine.rewards.compose import RewardComposer, RewardOutput
+from parallel.nvtx import nvtx_range
 
 KINDS = ("reasoning", "general", "code")
 NAN = float("nan")
@@ -33,6 +34,7 @@ class RolloutScorer:
         self.reward_models = reward_models
         self.weights = dict(weights or {})
 
+    @nvtx_range("rewards")
     def score(self, kinds: Sequence[str], prompts: Sequence[str], completions: Sequence[str],
               references: Sequence[str | None]) -> RewardOutput:
         n = len(completions)

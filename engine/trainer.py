@@ -37,6 +37,7 @@ from engine.eval import gather_results, sample_questions, summarize
 from engine.metrics import MetricsLogger, PhaseTimer
 from engine.objectives import policy_objective
 from engine.preflight import check_layout, check_lengths, check_teacher
+from engine.profiling import StepProfiler
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
@@ -44,6 +45,7 @@ from engine.scoring import RolloutScorer, build_code_judge, build_reward_models,
 from kernels import distillation_advantages
 from parallel import convert, models
 from parallel import state as pstate
+from parallel.nvtx import nvtx_range
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
 from parallel.rows import PackedRows
 from parallel.step import logprobs, train_step
@@ -131,11 +133,12 @@ class GRPOTrainer:
             convert.load_hf_checkpoint(self.teacher, teacher_dir)
 
         self.rollout_engine = self.rewards = None
-        if self.is_leader:
-            r = cfg.rollout
+        r = cfg.rollout
+        if self.is_leader or r.backend == "vllm":  # vLLM: a colocated part on every rank (engine.rollout.colocate)
             self.rollout_engine = build_rollout_engine(
                 r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
                 seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
+        if self.is_leader:
             rules = build_reward_composer(reward_weights, language=cfg.reward.language, code_judge=code_judge,
                                           num_workers=reward_workers(cfg.reward, code_judge),
                                           timeout_s=cfg.reward.timeout_s)
@@ -176,12 +179,14 @@ class GRPOTrainer:
     def generate_and_score(self, items, n: int, params: SamplingParams):
         """(RolloutBatch, RewardOutput) for `items` (TokenizedPrompt), identical on the model-parallel group."""
         payload = None
-        if self.is_leader:
+        if self.is_leader or getattr(self.rollout_engine, "collective", False):  # colocated: every rank generates
             try:
                 rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
-                rows = [it for it in items for _ in range(n)]
-                payload = (rollout, self.rewards.score([it.example.kind for it in rows], [it.text for it in rows],
-                                                       rollout.completion_text, [it.example.reference for it in rows]))
+                if self.is_leader:
+                    rows = [it for it in items for _ in range(n)]
+                    payload = (rollout, self.rewards.score([it.example.kind for it in rows], [it.text for it in rows],
+                                                           rollout.completion_text,
+                                                           [it.example.reference for it in rows]))
             except Exception as err:  # tell the other ranks, or they would wait in the broadcast forever
                 payload = err
         payload = self._mp_broadcast(payload)
@@ -250,19 +255,21 @@ class GRPOTrainer:
             extra = {}
             if cfg.algo.dynamic_sampling:
                 rollout, rewards, extra = self._dynamic_sampling(rollout, rewards)
-        if self.is_leader:  # a colocated vLLM frees its KV cache and offloads its weights while we train
+        if self.rollout_engine is not None:  # a colocated vLLM frees its KV cache and weights while we train
             self.rollout_engine.sleep()
-        if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
-            # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
-            # (on the device: NCCL groups take no CPU tensors)
-            local = rewards.to(self.device)
-            parts = [torch.empty_like(local) for _ in range(ps.dp_size)]
-            dist.all_gather(parts, local, group=ps.dp_group)
-            n = rewards.numel()
-            adv = group_advantages(torch.cat(parts).cpu(), G, scale="batch", estimator=cfg.algo.estimator)
-            adv = adv[ps.dp_rank * n:(ps.dp_rank + 1) * n].float()
-        else:
-            adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale, estimator=cfg.algo.estimator).float()
+        with timer("advantages"):
+            if cfg.algo.advantage_scale == "batch" and ps.dp_size > 1:
+                # the batch std spans every DP rank's rewards (equal shares; groups never straddle ranks)
+                # (on the device: NCCL groups take no CPU tensors)
+                local = rewards.to(self.device)
+                parts = [torch.empty_like(local) for _ in range(ps.dp_size)]
+                dist.all_gather(parts, local, group=ps.dp_group)
+                n = rewards.numel()
+                adv = group_advantages(torch.cat(parts).cpu(), G, scale="batch", estimator=cfg.algo.estimator)
+                adv = adv[ps.dp_rank * n:(ps.dp_rank + 1) * n].float()
+            else:
+                adv = group_advantages(rewards, G, scale=cfg.algo.advantage_scale,
+                                       estimator=cfg.algo.estimator).float()
         # groups that teach nothing (all rewards equal); with every group so, the step only moves the KL term
         extra["advantage/zero_groups_frac"] = (~filter_uniform_groups(rewards, G)).double().mean().item()
         train_on = (~rollout.truncated).tolist() if cfg.algo.mask_truncated else None
@@ -305,9 +312,13 @@ class GRPOTrainer:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
         cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         if self.reference is not None:
-            batch = with_logprobs(batch, ref_logp=logprobs(self.reference, batch, temperature=T, num_microbatches=mb))
+            with nvtx_range("ref_logprobs"):
+                ref_logp = logprobs(self.reference, batch, temperature=T, num_microbatches=mb)
+                batch = with_logprobs(batch, ref_logp=ref_logp)
         if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1 and OLD_LOGP not in batch.extras:
-            batch = with_logprobs(batch, old_logp=logprobs(self.policy, batch, temperature=T, num_microbatches=mb))
+            with nvtx_range("old_logprobs"):
+                old_logp = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
+                batch = with_logprobs(batch, old_logp=old_logp)
         return batch
 
     def update(self, minis: list[PackedRows]):
@@ -328,7 +339,7 @@ class GRPOTrainer:
     def sync_weights(self) -> None:
         """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
         stream = convert.export_hf_state(self.policy)
-        if self.is_leader:
+        if self.rollout_engine is not None:  # the leader, or every rank of a colocated vLLM
             self.rollout_engine.update_weights((name, t.detach()) for name, t in stream)
             self.rollout_engine.wake()  # weights are in; the KV cache comes back for the next rollout
         else:
@@ -403,10 +414,13 @@ class GRPOTrainer:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.train.steps, initial=self.step, desc="GRPO", dynamic_ncols=True)
+        profiler = StepProfiler.from_config(cfg.train, self.ps.rank, self.out)  # --train.profile-steps
         while self.step < cfg.train.steps:
+            profiler.begin(self.step + 1)
             metrics = self.train_one_step()
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
-                metrics.update(self.evaluate())
+                with nvtx_range("eval"):
+                    metrics.update(self.evaluate())
             history.append(metrics)
             if self.logger is not None:
                 self.logger.log(self.step, metrics)
@@ -419,6 +433,8 @@ class GRPOTrainer:
                 on_step(self, metrics)
             if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                 self.save()
+            profiler.end(self.step)
+        profiler.close()
         if progress is not None:
             progress.close()
         return history
@@ -426,8 +442,9 @@ class GRPOTrainer:
     def save(self) -> Path:
         state = {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
                  "config": to_dict(self.cfg)}
-        return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer, trainer_state=state,
-                               keep=self.cfg.train.keep_checkpoints)
+        with nvtx_range("checkpoint"):
+            return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
+                                   trainer_state=state, keep=self.cfg.train.keep_checkpoints)
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)

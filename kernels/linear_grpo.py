@@ -27,18 +27,28 @@ import torch.distributed as dist
 from .logprobs import (_grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats,
                        owned_targets, validate_targets)
 from .loss_family import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
+from .nvtx import nvtx_range
 
-# target elements of one chunk's logits (bf16: 512 MB); small enough to stay << N x V, large enough for fast GEMMs
-_CHUNK_ELEMENTS = 1 << 28
+# bytes of one chunk's logits: small enough to stay << N x V, large enough for fast GEMMs. A GPU keeps the logits
+# of 1,765 bf16 rows at V = 151,936; a CPU (its passes add ~2 blocks of 16 MB, kernels/logprobs.py) 441 fp32 rows:
+# at N = 4,096, H = 896, fp32 the op's peak extra memory, dW included, measured 820 MiB, 0.115x the eager path's
+CHUNK_BYTES = {"cuda": 512 << 20, "cpu": 256 << 20}
 
 
-def default_chunk_size(n_tokens: int, vocab: int) -> int:
-    chunks = max(1, math.ceil(n_tokens * vocab / _CHUNK_ELEMENTS))
+def default_chunk_size(n_tokens: int, vocab: int, element_size: int = 2, budget_bytes: int = CHUNK_BYTES["cuda"]
+                       ) -> int:
+    """Tokens a chunk: the fewest equal chunks whose [C, vocab] logits (element_size bytes each) fit the budget."""
+    chunks = max(1, math.ceil(n_tokens * vocab * element_size / budget_bytes))
     return max(1, math.ceil(n_tokens / chunks))
 
 
 def _chunk_loss(logp, entropy, inp, cfg, w, acc: MetricSums):
     """Loss of one chunk, with (dL/dlogp, dL/dH) from autograd on its [C] vectors."""
+    with nvtx_range("loss"):
+        return _chunk_loss_grads(logp, entropy, inp, cfg, w, acc)
+
+
+def _chunk_loss_grads(logp, entropy, inp, cfg, w, acc: MetricSums):
     logp = logp.detach().requires_grad_(True)
     entropy = entropy.detach().requires_grad_(cfg.needs_entropy_grad)
     with torch.enable_grad():
@@ -61,7 +71,8 @@ class LinearPolicyLossFunction(torch.autograd.Function):
         triton_ok = _use_triton(hidden2d)
         stats_fn = _stats_triton if triton_ok else _stats_torch
         grad_fn = _grad_triton if triton_ok else _grad_torch
-        chunk = chunk_size or default_chunk_size(n, v_local)
+        budget = CHUNK_BYTES["cuda" if hidden2d.is_cuda else "cpu"]
+        chunk = chunk_size or default_chunk_size(n, v_local, hidden2d.element_size(), budget)
         # a frozen lm_head (or frozen hidden states) gets no gradient GEMM: 2 of the 3 GEMMs of N x V x H
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_grad = need_dh or need_dw
@@ -84,6 +95,10 @@ class LinearPolicyLossFunction(torch.autograd.Function):
             return torch.mm(hidden2d[sl], weight.t(), out=buf[:, :v_local])
 
         def backprop_chunk(sl, logits_c, lse_parts, ent, g, h):
+            with nvtx_range("gradient"):  # the gradient pass and the dhidden / dW GEMMs
+                backprop_chunk_(sl, logits_c, lse_parts, ent, g, h)
+
+        def backprop_chunk_(sl, logits_c, lse_parts, ent, g, h):
             grad_fn(logits_c, logits_c, targets[sl], lse_parts, ent, g, h, vocab_start, inv_temp)  # in place
             if need_dh:
                 torch.mm(logits_c, weight, out=grad_hidden[sl])
@@ -96,27 +111,32 @@ class LinearPolicyLossFunction(torch.autograd.Function):
 
         def stats_of(sl, logits_c):
             owned = owned_targets(targets[sl], vocab_start, v_local) if tp_group is not None else None
-            return combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp), tp_group, owned)
+            with nvtx_range("statistics"):
+                return combine_stats(stats_fn(logits_c, targets[sl], vocab_start, inv_temp), tp_group, owned)
 
         slices = [slice(a, min(n, a + chunk)) for a in range(0, n, chunk)]
         if config.token_separable:
             for sl in slices:
-                logits_c = logits_of(sl)
-                logp, ent, lse_parts = stats_of(sl, logits_c)
-                loss_c, g, h = _chunk_loss(logp, ent, inputs.chunk(sl), config, w[sl], acc)
-                loss += loss_c
-                if need_grad:
-                    backprop_chunk(sl, logits_c, lse_parts, ent, g, h)
-                del logits_c
+                with nvtx_range("lm_head_chunk"):
+                    logits_c = logits_of(sl)
+                    logp, ent, lse_parts = stats_of(sl, logits_c)
+                    loss_c, g, h = _chunk_loss(logp, ent, inputs.chunk(sl), config, w[sl], acc)
+                    loss += loss_c
+                    if need_grad:
+                        backprop_chunk(sl, logits_c, lse_parts, ent, g, h)
+                    del logits_c
         else:
             parts = []
             for sl in slices:  # sweep 1: statistics only
-                parts.append(stats_of(sl, logits_of(sl)))
+                with nvtx_range("lm_head_chunk"):
+                    parts.append(stats_of(sl, logits_of(sl)))
             logp, ent, lse_parts = (torch.cat(p, dim=-1) for p in zip(*parts))
             loss, g, h = _chunk_loss(logp, ent, inputs, config, w, acc)
             if need_grad:
                 for sl in slices:  # sweep 2: recompute the logits for the gradient pass
-                    backprop_chunk(sl, logits_of(sl), lse_parts[:, sl], ent[sl], g[sl], None if h is None else h[sl])
+                    with nvtx_range("lm_head_chunk"):
+                        backprop_chunk(sl, logits_of(sl), lse_parts[:, sl], ent[sl], g[sl],
+                                       None if h is None else h[sl])
         if need_dh and tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(grad_hidden, group=tp_group)
         ctx.save_for_backward(grad_hidden, grad_weight)

@@ -18,6 +18,7 @@ import torch
 
 from .logprobs import token_logprobs
 from .loss_family import PolicyLossConfig, compute_policy_loss, prepare_inputs
+from .nvtx import nvtx_range
 
 
 def policy_loss(logits: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_logp, advantages, mask,
@@ -41,8 +42,10 @@ def policy_loss(logits: torch.Tensor, targets: torch.Tensor, *, old_logp, ref_lo
                                    vocab_start=vocab_start, inplace_backward=inplace_backward)
     if not config.needs_entropy_grad:
         entropy = entropy.detach()  # no entropy term in the gradient pass: it skips that work
-    return compute_policy_loss(logp.reshape(-1), entropy.reshape(-1), inputs, config, num_sequences=num_sequences,
-                               num_tokens=num_tokens, return_token_stats=return_token_stats)
+    with nvtx_range("loss"):
+        return compute_policy_loss(logp.reshape(-1), entropy.reshape(-1), inputs, config,
+                                   num_sequences=num_sequences, num_tokens=num_tokens,
+                                   return_token_stats=return_token_stats)
 
 
 def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,

@@ -30,6 +30,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .nvtx import nvtx_range
+
 try:
     import triton
     import triton.language as tl
@@ -39,8 +41,13 @@ except ImportError:  # pragma: no cover - triton is a core dependency on Linux
     HAS_TRITON = False
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# rows of the torch backend processed at once: bounds its fp32 temporaries to CHUNK x V
-_TORCH_ROW_CHUNK = 1024
+# fp32 bytes of one block of rows of the torch backend: its temporaries (two fp32 blocks and a bool mask) stay a few
+# times this, whatever N (large enough that the per-block Python overhead is noise: 27 rows at V = 151,936)
+_TORCH_BLOCK_BYTES = 16 << 20
+
+
+def _torch_rows(v: int) -> int:
+    return max(1, _TORCH_BLOCK_BYTES // (4 * max(v, 1)))
 
 
 if HAS_TRITON:
@@ -207,21 +214,24 @@ def _stats_triton(logits2d, targets, vocab_start, inv_temp):
 
 
 def _stats_torch(logits2d, targets, vocab_start, inv_temp):
+    """The statistics pass in torch, a block of rows at a time, in place on one fp32 copy of the block."""
     n, v = logits2d.shape
     stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
     local = targets - vocab_start
     owned = (local >= 0) & (local < v)
-    for a in range(0, n, _TORCH_ROW_CHUNK):
-        b = min(n, a + _TORCH_ROW_CHUNK)
-        u = logits2d[a:b].float() * inv_temp
-        m = u.max(dim=-1).values
-        m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        e = torch.exp(u - m_safe[:, None])
-        stats[0, a:b] = m
-        stats[1, a:b] = e.sum(-1)
-        stats[3, a:b] = (e * torch.where(e > 0, u - m_safe[:, None], torch.zeros_like(u))).sum(-1)
+    rows = _torch_rows(v)
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        u = logits2d[a:b].to(torch.float32, copy=True).mul_(inv_temp)
         zt = u.gather(1, local[a:b].clamp(0, v - 1)[:, None]).squeeze(1)
         stats[2, a:b] = torch.where(owned[a:b], zt, torch.zeros_like(zt))
+        m = u.max(dim=-1).values
+        m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        u.sub_(m_safe[:, None])  # u - m from here on
+        e = torch.exp(u)
+        stats[0, a:b] = m
+        stats[1, a:b] = e.sum(-1)
+        stats[3, a:b] = e.mul_(u.masked_fill_(e == 0, 0.0)).sum(-1)  # -inf logits contribute 0, not NaN
     return stats
 
 
@@ -236,20 +246,25 @@ def _grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_star
 
 
 def _grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
+    """The gradient pass in torch, a block of rows at a time: d = p (h (-H - logp) - g) (the h term only where
+    p > 0), + g at the target, / T; in place on one fp32 copy of the block and p."""
     n, v = logits2d.shape
     local = targets - vocab_start
     owned = (local >= 0) & (local < v)
-    for a in range(0, n, _TORCH_ROW_CHUNK):
-        b = min(n, a + _TORCH_ROW_CHUNK)
-        u = logits2d[a:b].float() * inv_temp
-        logp = (u - lse_parts[0, a:b, None]) - lse_parts[1, a:b, None]
+    block = _torch_rows(v)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        logp = logits2d[a:b].to(torch.float32, copy=True).mul_(inv_temp)
+        logp.sub_(lse_parts[0, a:b, None]).sub_(lse_parts[1, a:b, None])
         p = torch.exp(logp)
-        d = -g[a:b, None] * p
+        if h is not None:
+            scale = logp.neg_().sub_(entropy[a:b, None]).masked_fill_(p == 0, 0.0)  # -H - logp, 0 where p = 0
+            d = p.mul_(scale.mul_(h[a:b, None]).sub_(g[a:b, None]))
+        else:
+            d = p.mul_(-g[a:b, None])
         rows = torch.nonzero(owned[a:b]).squeeze(1)
         d[rows, local[a:b][rows]] += g[a:b][rows]
-        if h is not None:
-            d += h[a:b, None] * p * torch.where(p > 0, -entropy[a:b, None] - logp, torch.zeros_like(u))
-        grad2d[a:b] = (d * inv_temp).to(grad2d.dtype)
+        grad2d[a:b] = d.mul_(inv_temp)
 
 
 def owned_targets(targets: torch.Tensor, vocab_start: int, v_local: int) -> torch.Tensor:
@@ -359,9 +374,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits2d, targets, temperature, vocab_start, tp_group, inplace_backward):
         inv_temp = 1.0 / float(temperature)
         stats_fn = _stats_triton if _use_triton(logits2d) else _stats_torch
-        stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
-        owned = owned_targets(targets, vocab_start, logits2d.shape[1]) if tp_group is not None else None
-        logp, entropy, lse_parts = combine_stats(stats, tp_group, owned)
+        with nvtx_range("statistics"):
+            stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
+            owned = owned_targets(targets, vocab_start, logits2d.shape[1]) if tp_group is not None else None
+            logp, entropy, lse_parts = combine_stats(stats, tp_group, owned)
         ctx.save_for_backward(logits2d, targets, lse_parts, entropy)
         ctx.inv_temp, ctx.vocab_start, ctx.inplace = inv_temp, vocab_start, inplace_backward
         # an unused output (the entropy, mostly) must arrive as None, not zeros: then its term is skipped
@@ -375,7 +391,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         h = grad_entropy.float().contiguous() if grad_entropy is not None else None
         grad = logits2d.detach() if ctx.inplace else torch.empty_like(logits2d)
         grad_fn = _grad_triton if _use_triton(logits2d) else _grad_torch
-        grad_fn(logits2d, grad, targets, lse_parts, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
+        with nvtx_range("gradient"):
+            grad_fn(logits2d, grad, targets, lse_parts, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
         return grad, None, None, None, None, None
 
 

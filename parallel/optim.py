@@ -85,8 +85,9 @@ def build_optimizer(
 
     Distributed (DP-sharded) optimizer when the wrapper was built with it; bf16/fp16 mixed
     precision follows the model's parameter dtype (fp32 main weights). `grad_clip` is the global
-    L2 grad-norm clip (0 disables). Biases and norm weights get no weight decay (Megatron's
-    standard param groups). `loss_scale` only matters for fp16 (None = dynamic)."""
+    L2 grad-norm clip (0 disables). Biases and norm weights get no weight decay: Megatron's standard
+    param groups mark them `wd_mult=0.0`, which `_apply_group_weight_decay` turns into each group's
+    decay. `loss_scale` only matters for fp16 (None = dynamic)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     ddp_config = getattr(model, "ddp_config", None)
@@ -123,10 +124,20 @@ def build_optimizer(
         use_distributed_optimizer=ddp_config.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model], use_gloo_process_groups=_have_gloo_groups())
+    _apply_group_weight_decay(optimizer)
     # Megatron's schedules multiply the last stage's loss by this before backward (fp16 loss
     # scaling; a no-op scale of 1 otherwise), as megatron/training does at setup.
     model.config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def _apply_group_weight_decay(optimizer: Any) -> None:
+    """Each param group's decay = config.weight_decay * the group's `wd_mult`. Megatron builds the inner
+    AdamW with one default decay for every group and leaves `wd_mult` to its OptimizerParamScheduler,
+    which this project does not use (the trainer drives the learning rate itself)."""
+    for part in _parts(optimizer):
+        for group in part.param_groups:
+            group["weight_decay"] = part.config.weight_decay * group.get("wd_mult", 1.0)
 
 
 def _have_gloo_groups() -> bool:
@@ -226,9 +237,11 @@ def save_sharded_optimizer_state(optimizer: Any, directory: str | Path) -> Path 
 def load_training_state(model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
                         directory: str | Path) -> None:
     """Restore what `training_state` and `save_sharded_optimizer_state` saved (collective for the
-    DistributedOptimizer); any fp32 master copy follows the restored model weights."""
+    DistributedOptimizer); any fp32 master copy follows the restored model weights. The per-group weight
+    decay is re-derived from this optimizer's config (the saved groups' values are not trusted)."""
     model.load_state_dict(state["model"])
     optimizer.reload_model_params()
     optimizer.load_state_dict(state["optimizer"])
+    _apply_group_weight_decay(optimizer)
     if _is_distributed_optimizer(optimizer):
         optimizer.load_parameter_state(str(Path(directory) / _sharded_state_name()))

@@ -6,7 +6,8 @@ Position t of a row predicts `targets[t]` (the next token of the same sequence);
 target is trained on. `seq_ids[t]` is the index of the sequence position t belongs to (-1 on padding): it is THE
 name for "which sequence" everywhere (attention blocks, the kernels' sequence-level aggregations, per-sequence
 values). Any other per-token tensor the caller needs (an objective's per-token weights, log-probs of other models, ...)
-rides in `extras`: carried through `to`, `rows`, `split`, `shard` and padding without being interpreted here.
+rides in `extras`: carried through `to`, `rows`, `split`, `shard` and padding (rows or columns) without being
+interpreted here.
 Building rows from token lists (packing) is the caller's business (engine.batch).
 """
 from __future__ import annotations
@@ -123,6 +124,19 @@ class PackedRows:
         if missing == 0:
             return self
         return PackedRows.cat([self, PackedRows.empty(missing, self.seq_len, pad_id=self.pad_id, like=self)])
+
+    def pad_columns(self, multiple: int) -> "PackedRows":
+        """Append padding positions to every row until the row length divides `multiple` (seq id -1, no loss, 0 in
+        extras): after a row's last position, so causal attention keeps them out of every real position."""
+        if multiple < 1:
+            raise ValueError(f"pad_columns: multiple must be >= 1, got {multiple}")
+        missing = (-self.seq_len) % multiple
+        if missing == 0:
+            return self
+        tail = PackedRows.empty(self.num_rows, missing, pad_id=self.pad_id, like=self)
+        return dataclasses.replace(
+            self, **{f: torch.cat([getattr(self, f), getattr(tail, f)], dim=1) for f in _CORE},
+            extras={k: torch.cat([v, tail.extras[k]], dim=1) for k, v in self.extras.items()})
 
     def split(self, num_microbatches: int) -> list["PackedRows"]:
         """`num_microbatches` parts of equal row count (pad first with `pad_rows` if needed)."""

@@ -20,11 +20,12 @@ import os
 import random
 import socket
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+
+from parallel.nvtx import install_nvtx_timers, nvtx_range  # noqa: F401 - re-exported: the phase ranges' old home
 
 __all__ = [
     "ParallelState",
@@ -247,47 +248,6 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
     _WE_STARTED_DIST = False
     _STATE = None
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str) -> Iterator[None]:
-    """Mark a phase (rollout, logprobs, train) for Nsight Systems; a no-op without CUDA."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
-
-
-
-class _NvtxTimer:
-    def __init__(self, name: str):
-        self.name = name
-
-    def start(self, barrier: bool = False) -> None:
-        torch.cuda.nvtx.range_push(self.name)
-
-    def stop(self, barrier: bool = False) -> None:
-        torch.cuda.nvtx.range_pop()
-
-
-class _NvtxTimers:
-    """Megatron's `config.timers` hook turned into NVTX ranges, so the forward and backward computations inside
-    the pipeline schedule show up as "forward" / "backward" in Nsight."""
-
-    _RENAME = {"forward-compute": "forward", "backward-compute": "backward"}
-
-    def __call__(self, name: str, log_level: int | None = None) -> _NvtxTimer:
-        return _NvtxTimer(self._RENAME.get(name, name))
-
-
-def install_nvtx_timers(config) -> None:
-    """Give a Megatron model config the NVTX timers (CUDA only; an existing timers object is kept)."""
-    if torch.cuda.is_available() and config.timers is None:
-        config.timers = _NvtxTimers()
 
 
 # ---------------------------------------------------------------------------------------------

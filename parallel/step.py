@@ -21,6 +21,8 @@ How attention is blocked across packed sequences
     * Transformer Engine spec (GPU): the micro-batch is flattened to one row [1, b*S] and passed with
       Megatron's `PackedSeqParams(qkv_format="thd", cu_seqlens...)`, so TE's fused attention and fused RoPE
       restart per sequence. NOT verified on a GPU in this repository yet.
+    * with FP8 the rows are lengthened with padding positions so that each micro-batch's token count divides
+      what TE's FP8 GEMMs need (`_token_multiple`); the padding carries no loss and is cut from the results.
 
 Scaling
     Megatron divides each micro-batch loss by the number of micro-batches (2-tuple loss contract in
@@ -50,7 +52,7 @@ from kernels import token_logprobs
 from parallel.models import unwrap_model
 from parallel.optim import optimizer_step
 from parallel.rows import PackedRows
-from parallel.state import install_nvtx_timers, nvtx_range
+from parallel.nvtx import install_nvtx_timers, nvtx_range
 
 __all__ = ["ModelOutput", "LossFn", "logprobs", "train_step"]
 
@@ -151,9 +153,24 @@ def _pipeline_last_rank() -> int:
     return mpu.get_pipeline_model_parallel_last_rank()
 
 
-def _micro_batches(batch: PackedRows, num_microbatches: int | None, micro_batch_size: int | None
-                   ) -> tuple[list[PackedRows], int]:
-    """Split into equal micro-batches (padding with empty rows); returns them and the real row count."""
+def _token_multiple(config: Any) -> int:
+    """What a micro-batch's token count (rows x row length) must divide for this model's linears: 1 without FP8.
+    Transformer Engine's FP8 GEMMs assert the flattened token count % 8 == 0 (`assert_dim_for_fp8_exec`); 16 is
+    used (also whole bf16 tensor-core tiles), 32 for MXFP8 (its scaling blocks are 32 long); with sequence
+    parallelism the tokens are split over the TP ranks first, so times the TP size. Read from TE's sources only."""
+    if getattr(config, "fp8", None) is None:
+        return 1
+    multiple = 32 if getattr(config, "fp8_recipe", "delayed") == "mxfp8" else 16
+    if getattr(config, "sequence_parallel", False):
+        multiple *= getattr(config, "tensor_model_parallel_size", 1)
+    return multiple
+
+
+def _micro_batches(batch: PackedRows, num_microbatches: int | None, micro_batch_size: int | None,
+                   token_multiple: int = 1) -> tuple[list[PackedRows], int]:
+    """Split into equal micro-batches (padding with empty rows); returns them and the real row count. With
+    `token_multiple` > 1 every row is lengthened with padding positions (the fewest for which rows x row length
+    divides it), so callers cut results back to the batch's own row length."""
     if (num_microbatches is None) == (micro_batch_size is None):
         raise ValueError("give exactly one of num_microbatches and micro_batch_size")
     if batch.num_rows == 0:
@@ -167,6 +184,8 @@ def _micro_batches(batch: PackedRows, num_microbatches: int | None, micro_batch_
     if num_microbatches > batch.num_rows:
         num_microbatches = batch.num_rows
     padded = batch.pad_rows(num_microbatches)
+    rows_per_micro = padded.num_rows // num_microbatches
+    padded = padded.pad_columns(token_multiple // math.gcd(rows_per_micro, token_multiple))
     return padded.split(num_microbatches), batch.num_rows
 
 
@@ -191,12 +210,12 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
 
     if micro_batch_size is None and num_microbatches is None:
         num_microbatches = 1
-    with nvtx_range("logprobs"):
+    with nvtx_range("forward_only"):
         config = _check_config(model)
         install_nvtx_timers(config)
         use_thd = _uses_te_attention(model)
         rows = rows.to(_model_device(model))
-        micro, real_rows = _micro_batches(rows, num_microbatches, micro_batch_size)
+        micro, real_rows = _micro_batches(rows, num_microbatches, micro_batch_size, _token_multiple(config))
 
         def collect(mb: PackedRows, output: torch.Tensor, non_loss_data: bool = True):
             tp_group, vocab_start = _tp_group_and_vocab_start(output.shape[-1])
@@ -224,7 +243,7 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
         finally:
             model.train(was_training)
 
-        shape = (len(micro) * micro[0].num_rows, rows.seq_len)
+        shape = (len(micro) * micro[0].num_rows, micro[0].seq_len)
         if mpu.is_pipeline_last_stage():
             logp = torch.cat([o[0] for o in outputs], dim=0)
             entropy = torch.cat([o[1] for o in outputs], dim=0) if return_entropy else None
@@ -236,9 +255,10 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
             for t in (logp, entropy):
                 if t is not None:
                     dist.broadcast(t, src=src, group=group)
+        keep = (slice(0, real_rows), slice(0, rows.seq_len))  # without the padding rows and positions
         if return_entropy:
-            return logp[:real_rows], entropy[:real_rows]
-        return logp[:real_rows]
+            return logp[keep], entropy[keep]
+        return logp[keep]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +307,7 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     install_nvtx_timers(config)
     use_thd = _uses_te_attention(model)
     rows = rows.to(_model_device(model))
-    micro, _ = _micro_batches(rows, num_microbatches, None)
+    micro, _ = _micro_batches(rows, num_microbatches, None, _token_multiple(config))
     total_tokens, total_sequences = _global_counts(rows)
     # Megatron divides each micro-batch loss by len(micro) and DDP averages gradients over dp ranks; a loss
     # divided by global counts is already the micro-batch's share, so undo both.

@@ -123,6 +123,8 @@ def resolve_config(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
     r, d = cfg.rollout, cfg.data
     checks = [("--k", cfg.k, cfg.k >= 1, ">= 1 (samples per question)"),
               ("--rollout.temperature", r.temperature, r.temperature >= 0, ">= 0 (0: greedy)"),
+              ("--k", cfg.k, r.temperature != 0 or cfg.k == 1,
+               "1 with --rollout.temperature 0 (greedy decoding has one answer; vLLM refuses n > 1 without sampling)"),
               ("--rollout.top-p", r.top_p, 0 < r.top_p <= 1, "in (0, 1]"),
               ("--rollout.max-new-tokens", r.max_new_tokens, r.max_new_tokens >= 1, ">= 1"),
               ("--rollout.questions-per-call", r.questions_per_call, r.questions_per_call >= 1, ">= 1"),

@@ -22,9 +22,21 @@ def build_rollout_engine(backend: Literal["hf", "vllm"], model_dir: str | Path, 
                          device: torch.device, dtype: Literal["float32", "bfloat16"], seed: int,
                          gpu_memory_utilization: float, num_threads: int | None) -> RolloutEngine:
     """The rollout engine of `backend` on `model_dir`, using the caller's tokenizer object (the trainer's and the
-    evaluation's one tokenizer). vLLM's options are used by vllm only, num_threads by hf only."""
+    evaluation's one tokenizer). vLLM's options are used by vllm only, num_threads by hf only.
+
+    vllm on a torch.distributed world of more than one rank: every rank must call this together and gets its part
+    of a colocated engine (engine.rollout.colocate: vLLM's TP = the initialised Megatron TP, one replica per TP
+    group); its generate() etc. are collective (`engine.collective` is True)."""
     if backend == "vllm":
+        import torch.distributed as dist
+
         from engine.rollout.vllm import VLLMRolloutEngine
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from engine.rollout.colocate import build_colocated_vllm
+
+            return build_colocated_vllm(model_dir, tokenizer, dtype=dtype, seed=seed,
+                                        gpu_memory_utilization=gpu_memory_utilization)
 
         return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
                                  seed=seed, tokenizer=tokenizer)

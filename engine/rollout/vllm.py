@@ -2,10 +2,10 @@
 
 UNVERIFIED: written against vLLM's source (V1 engine, 2025-2026: `LLM(logprobs_mode=...)`,
 `LLM.sleep(level)`, `LLM.wake_up(tags)`, `LLM.collective_rpc`, `RequestOutput.outputs[*].token_ids /
-.logprobs / .finish_reason`, child seeds `seed + index` for n > 1), each call checked against the source
-of vLLM 0.10.0-0.12.0, but never run: the machine this was written on has no GPU and no vLLM. Needs
-vLLM >= 0.10.2: before it, "processed_logprobs" were taken before temperature and top-k/top-p. Its unit
-test only checks the import guard. Run it once on a GPU
+.logprobs / .finish_reason`, `distributed_executor_backend="external_launcher"`), each call checked against the
+source of vLLM 0.10.0-0.12.0, but never run: the machine this was written on has no GPU and no vLLM. Needs
+vLLM >= 0.10.2: before it, "processed_logprobs" were taken before temperature and top-k/top-p. Its CPU
+tests run it against a stand-in vllm module (tests/engine/test_rollout_vllm_fake.py). Run it once on a GPU
 against HFRolloutEngine (same prompts, temperature, top_p=1: rollout_logp should agree to bf16
 precision) before trusting it.
 
@@ -18,9 +18,18 @@ How it maps our contract onto vLLM:
 - weights: streamed (HF name, full tensor) pairs go one at a time into the vLLM model's own
   `load_weights`, which knows how to fuse q/k/v and gate/up; then the prefix cache is reset, since
   its KV entries were computed with the old weights.
-- memory: with enable_sleep_mode, sleep() frees the KV cache and offloads the weights (level 1);
-  update_weights() wakes only the weights, and wake() then restores the KV cache, so the peak
-  memory never holds both the trainer's activations and vLLM's cache.
+- memory: with enable_sleep_mode, sleep() frees the KV cache and the weights (level 2: the weights are
+  discarded, not copied to CPU, since the trainer pushes new ones anyway; level 1 would copy them out and
+  back for nothing); update_weights() wakes only the weight memory and fills it, and wake() then restores
+  the KV cache, so the peak memory never holds both the trainer's activations and vLLM's cache. After a
+  level-2 sleep generate() refuses to run until update_weights() has filled the weights again.
+- seeds: one seed a generate() call (SamplingParams.seed), set on the worker's torch generators just
+  before generating; requests carry no seed of their own (a per-request seed sends vLLM's sampler down a
+  per-request Python loop). The same seed, prompts and engine give the same samples; the trainer's own
+  torch RNG state is restored afterwards. Greedy decoding (temperature 0) with n > 1 is refused (vLLM
+  rejects it; every sample would be the same).
+- several GPUs: engine.rollout.colocate runs one of these on every training rank with vLLM's
+  external_launcher executor (tensor_parallel_size = the trainer's TP).
 """
 from __future__ import annotations
 
@@ -76,6 +85,15 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> N
     worker.model_runner.model.load_weights(weights=weights)
 
 
+def _seed_worker(worker: Any, seed: int) -> None:
+    """Runs inside a vLLM worker: its sampler draws from the default torch generators (requests without a seed)."""
+    torch.manual_seed(seed)
+
+
+def _rng_devices() -> list[int]:
+    return [torch.cuda.current_device()] if torch.cuda.is_available() else []
+
+
 class VLLMRolloutEngine(RolloutEngine):
     """A colocated vllm.LLM. UNVERIFIED (see the module docstring).
 
@@ -85,13 +103,18 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(
         self, model_dir: str | Path, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
-        enable_sleep_mode: bool = True, sleep_level: int = 1, max_model_len: int | None = None,
+        enable_sleep_mode: bool = True, sleep_level: int = 2, max_model_len: int | None = None,
         enforce_eager: bool = False, seed: int = 0, tokenizer: Any = None, **llm_kwargs: Any,
     ):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMRolloutEngine: sleep_level must be 1 or 2, got {sleep_level}")
         vllm = _import_vllm()
         self._vllm = vllm
         # Keep the engine core and its worker in this process, so weights pass by reference (no
-        # serialisation) and the model object is reachable; TRL's colocate mode does the same.
+        # serialisation) and the model object is reachable; TRL's colocate mode does the same. The
+        # external_launcher executor asserts it (its engines must schedule deterministically).
+        if llm_kwargs.get("distributed_executor_backend") == "external_launcher":
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.llm = vllm.LLM(
             model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
@@ -102,6 +125,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._asleep = False
         self._weights_awake = True
         self._kv_cache_awake = True
+        self._weights_valid = True  # False after a level-2 sleep until update_weights() has run
         self._warned_truncation = False
         self.tokenizer = tokenizer
         if tokenizer is not None:
@@ -109,30 +133,38 @@ class VLLMRolloutEngine(RolloutEngine):
 
     # ------------------------------------------------------------------------------------------------
 
-    def _vllm_params(self, params: SamplingParams, n: int, seed: int | None):
+    def _vllm_params(self, params: SamplingParams, n: int):
         return self._vllm.SamplingParams(
             n=n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=params.max_new_tokens, stop=list(params.stop_strings) or None,
-            include_stop_str_in_output=True, logprobs=0, seed=seed,
+            include_stop_str_in_output=True, logprobs=0,
             # keep special tokens other than EOS in the text (the readable format's markers, engine/readable.py)
             skip_special_tokens=False, spaces_between_special_tokens=False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
         check_prompts(prompt_ids, n)
+        if params.temperature == 0 and n > 1:
+            raise ValueError(f"VLLMRolloutEngine.generate: greedy decoding (temperature 0) with n={n} samples a "
+                             f"prompt; vLLM refuses it (every sample would be the same): use n=1 or temperature > 0")
         if self._asleep:
             raise RuntimeError("VLLMRolloutEngine.generate called while asleep; call wake() first")
+        if not self._weights_valid:
+            raise RuntimeError("VLLMRolloutEngine.generate: the weights were discarded by a level-2 sleep; "
+                               "call update_weights() before generating")
         truncated_sampling = params.temperature > 0 and (params.top_p < 1.0 or params.top_k > 0)
         if truncated_sampling and not self._warned_truncation:
             warnings.warn("VLLMRolloutEngine: with top_p < 1 or top_k > 0, vLLM's processed log-probs are those "
                           "of the truncated distribution, not log_softmax(logits / T); rollout_logp-based "
                           "corrections (TIS, mismatch metrics) are then biased", stacklevel=2)
             self._warned_truncation = True
-        # One request per prompt; vLLM seeds child j of a request with seed + j, so prompt i uses
-        # seeds [seed + i*n, seed + (i+1)*n): distinct streams even for duplicated prompts.
-        request_params = [self._vllm_params(params, n, None if params.seed is None else params.seed + i * n)
-                          for i in range(len(prompt_ids))]
+        # One request per prompt, none with a seed of its own: the call's seed goes to the worker's generators
+        # once, and duplicated prompts still get distinct samples (one stream for the whole batch).
+        request_params = self._vllm_params(params, n)
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        outputs = self.llm.generate(prompts, request_params, use_tqdm=False)
+        with torch.random.fork_rng(devices=_rng_devices(), enabled=params.seed is not None):
+            if params.seed is not None:
+                self.llm.collective_rpc(_seed_worker, args=(int(params.seed),))
+            outputs = self.llm.generate(prompts, request_params, use_tqdm=False)
         if len(outputs) != len(prompt_ids):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompt_ids)} prompts")
 
@@ -178,6 +210,7 @@ class VLLMRolloutEngine(RolloutEngine):
             else:
                 self.llm.collective_rpc(_load_weights_on_worker, args=([(name, tensor)],))
         self.llm.reset_prefix_cache()
+        self._weights_valid = True
 
     def _wake_up(self, tags: list[str]) -> None:
         try:
@@ -193,6 +226,7 @@ class VLLMRolloutEngine(RolloutEngine):
         if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=self.sleep_level)
             self._weights_awake = self._kv_cache_awake = False
+            self._weights_valid = self.sleep_level == 1
         self._asleep = True
 
     def wake(self) -> None:

@@ -1,0 +1,115 @@
+"""engine.rollout.vllm against a stand-in vllm module (tests/engine/_fake_vllm.py; vLLM itself needs a GPU): one
+seed a call on the worker and none on the requests, reproducible samples, the caller's RNG left alone, greedy
+n > 1 refused, sleep level 2 (weights discarded, refilled before the next generate), the external_launcher
+arguments; and the config-time refusal of greedy evaluation with several samples."""
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from engine.rollout.base import SamplingParams
+from tests.engine import _fake_vllm
+
+
+@pytest.fixture()
+def engine(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    from engine.rollout.vllm import VLLMRolloutEngine
+
+    return VLLMRolloutEngine("some/model", seed=5)
+
+
+PROMPTS = [[1, 2, 3], [4, 5], [1, 2, 3]]
+PARAMS = SamplingParams(temperature=0.8, max_new_tokens=6, seed=11)
+
+
+def test_one_seed_a_call_and_none_on_the_requests(engine):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = engine.generate(PROMPTS, 2, PARAMS)
+    assert torch.equal(torch.get_rng_state(), before)  # the trainer's generator is restored
+    llm = engine.llm
+    rpcs = [c for c in llm.calls if c[0] == "rpc"]
+    assert rpcs == [("rpc", "_seed_worker", (11,))]
+    (_, _, request_params), = [c for c in llm.calls if c[0] == "generate"]
+    assert "seed" not in request_params.kwargs and request_params.n == 2  # one params object, no per-request seed
+    # reproducible with the same seed, different with another; duplicated prompts differ within a call
+    again = engine.generate(PROMPTS, 2, PARAMS)
+    other = engine.generate(PROMPTS, 2, dataclasses.replace(PARAMS, seed=12))
+    assert first.completion_ids == again.completion_ids != other.completion_ids
+    assert first.completion_ids[0] != first.completion_ids[4]
+    assert first.prompt_ids == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 + [PROMPTS[2]] * 2
+    assert first.rollout_logp[0].tolist() == pytest.approx([-1.0 - 0.01 * t for t in first.completion_ids[0]])
+
+
+def test_no_seed_means_no_reseeding(engine):
+    engine.generate(PROMPTS, 1, dataclasses.replace(PARAMS, seed=None))
+    assert not [c for c in engine.llm.calls if c[0] == "rpc"]
+
+
+def test_greedy_with_several_samples_is_refused(engine):
+    with pytest.raises(ValueError, match=r"greedy decoding \(temperature 0\) with n=4 .* use n=1 or temperature > 0"):
+        engine.generate(PROMPTS, 4, dataclasses.replace(PARAMS, temperature=0.0))
+    engine.generate(PROMPTS, 1, dataclasses.replace(PARAMS, temperature=0.0))  # one greedy answer is fine
+
+
+def test_sleep_level_two_needs_new_weights_before_generating(engine):
+    engine.sleep()
+    assert ("sleep", 2) in engine.llm.calls
+    engine.wake()
+    with pytest.raises(RuntimeError, match="discarded by a level-2 sleep; call update_weights"):
+        engine.generate(PROMPTS, 1, PARAMS)
+    engine.sleep()
+    engine.update_weights([("a.weight", torch.zeros(2)), ("b.weight", torch.ones(2))])
+    engine.wake()
+    wakes = [c for c in engine.llm.calls if c[0] == "wake_up"]
+    assert wakes[-2:] == [("wake_up", ("weights",)), ("wake_up", ("kv_cache",))]
+    assert engine.llm.model.loaded == ["a.weight", "b.weight"]
+    engine.generate(PROMPTS, 1, PARAMS)
+
+
+def test_sleep_level_is_checked(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
+    from engine.rollout.vllm import VLLMRolloutEngine
+
+    with pytest.raises(ValueError, match="sleep_level must be 1 or 2, got 3"):
+        VLLMRolloutEngine("some/model", sleep_level=3)
+
+
+def test_external_launcher_arguments(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    from engine.rollout.vllm import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine("m", seed=3, tensor_parallel_size=2, distributed_executor_backend="external_launcher")
+    import os
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the executor asserts it
+    kwargs = engine.llm.kwargs
+    assert (kwargs["tensor_parallel_size"], kwargs["distributed_executor_backend"], kwargs["seed"]) == \
+        (2, "external_launcher", 3)
+    assert kwargs["enable_sleep_mode"] and kwargs["logprobs_mode"] == "processed_logprobs"
+
+
+def test_greedy_evaluation_with_several_samples_is_a_config_error():
+    from engine.config import GRPOConfig, check_ranges
+
+    cfg = GRPOConfig()
+    greedy = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_temperature=0.0, eval_samples=4))
+    with pytest.raises(ValueError) as err:
+        check_ranges(greedy)
+    message = str(err.value)
+    assert message.startswith("--train.eval-samples=4: must be 1 with --train.eval-temperature 0")
+    assert "\n" not in message
+    check_ranges(dataclasses.replace(greedy, train=dataclasses.replace(greedy.train, eval_samples=1)))
+    check_ranges(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_samples=4)))
+
+
+def test_eval_recipe_refuses_greedy_with_several_samples(capsys, tmp_path):
+    from recipes.eval import main
+    from tests.recipes.helpers import one_error_line
+
+    line = one_error_line(capsys, main, ["--k", "4", "--rollout.temperature", "0", "--out", str(tmp_path)])
+    assert line.startswith("error: --k=4: must be 1 with --rollout.temperature 0")
