@@ -136,8 +136,11 @@ def _apply_group_weight_decay(optimizer: Any) -> None:
     AdamW with one default decay for every group and leaves `wd_mult` to its OptimizerParamScheduler,
     which this project does not use (the trainer drives the learning rate itself)."""
     for part in _parts(optimizer):
-        for group in part.param_groups:
-            group["weight_decay"] = part.config.weight_decay * group.get("wd_mult", 1.0)
+        config, groups = getattr(part, "config", None), getattr(part, "param_groups", None)
+        if config is None or groups is None:  # not a Megatron optimizer (a caller's stand-in): nothing to scale
+            continue
+        for group in groups:
+            group["weight_decay"] = config.weight_decay * group.get("wd_mult", 1.0)
 
 
 def _have_gloo_groups() -> bool:
