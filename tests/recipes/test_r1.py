@@ -107,3 +107,15 @@ def test_empty_rejection_sampling_result(run, tmp_path, capsys):
     line = one_error_line(capsys, main, ["--out", str(copy), "--from-stage", "3", "--until-stage", "3",
                                          "--rejection.max-new-tokens", "1", *SHORT])
     assert line.startswith("error: ") and "stage_2/hf" in line and "incorrect" in line, line
+
+
+def test_r1_world_data_files_regenerate_identically(tmp_path):
+    from recipes.tiny.r1_world import R1_DATA_DIR, TASKS, helpful_rate, write_r1_data
+
+    for path in write_r1_data(tmp_path):
+        assert path.read_bytes() == (R1_DATA_DIR / path.name).read_bytes(), path.name
+    rows = [json.loads(x) for x in (R1_DATA_DIR / "cold_start.jsonl").read_text().splitlines()]
+    mixed = sum("检查" in r["completion"] for r in rows) / len(rows)
+    assert 0.4 < mixed < 0.6  # half the chains of thought switch language, after the arithmetic
+    helpful, curt = TASKS["Greet {n}."]
+    assert helpful_rate(["Greet Vic.", "Greet Vic."], [helpful, curt]) == 0.5
