@@ -92,6 +92,21 @@ def _reference_problem(answer: str) -> str | None:
     return None
 
 
+def required_strings(record: dict, keys: Sequence[str], where: str) -> list[str]:
+    """The values of `keys` in one data row, each a non-empty string, or a ValueError naming `where` and the field."""
+    values = []
+    for key in keys:
+        if key not in record:
+            raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
+        value = record[key]
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        if not value.strip():
+            raise ValueError(f"{where}: field {key!r} is empty")
+        values.append(value)
+    return values
+
+
 def _row_to_example(
     record: Any, *, path: Path, row: int, row_word: str, index: int, prompt_key: str, answer_key: str,
     require_answer: bool, kind: str = "reasoning",
@@ -99,13 +114,7 @@ def _row_to_example(
     where = f"{path}, {row_word} {row}"
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object per row, got {type(record).__name__}")
-    if prompt_key not in record:
-        raise ValueError(f"{where}: missing field {prompt_key!r} (fields present: {sorted(record)})")
-    prompt = record[prompt_key]
-    if not isinstance(prompt, str):
-        raise ValueError(f"{where}: field {prompt_key!r} must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-        raise ValueError(f"{where}: field {prompt_key!r} is empty")
+    (prompt,) = required_strings(record, (prompt_key,), where)
 
     answer = record.get(answer_key)
     if answer is None:

@@ -106,6 +106,14 @@ class MetricsLogger:
         """Draw one subplot per metric (x = step) into a PNG; returns its path."""
         return plot_metrics(self.path, path or self.out_dir / "curves.png", keys)
 
+    def plot_logged(self, keys: Sequence[str]) -> Path | None:
+        """curves.png of those of `keys` that were logged (every logged metric when none of them was); None when
+        nothing was logged."""
+        logged = {k for record in self.read() for k in record}
+        if not logged:
+            return None
+        return self.plot(keys=[k for k in keys if k in logged] or None)
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from engine.data import _read_jsonl, load_tokenizer
+from engine.data import _read_jsonl, load_tokenizer, required_strings
 from engine.metrics import MetricsLogger
 from engine.preflight import check_model_dir
 from engine.reward_model import (
@@ -73,16 +73,7 @@ def load_preference_pairs(path: str | Path, prompt_key: str = "prompt", chosen_k
         where = f"{path}, line {line}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object per line, got {type(record).__name__}")
-        values = []
-        for key in (prompt_key, chosen_key, rejected_key):
-            if key not in record:
-                raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
-            value = record[key]
-            if not isinstance(value, str):
-                raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-            if not value.strip():
-                raise ValueError(f"{where}: field {key!r} is empty")
-            values.append(value)
+        values = required_strings(record, (prompt_key, chosen_key, rejected_key), where)
         pairs.append(PreferencePair(*values, source=f"{path}:{line}"))
     if not pairs:
         raise ValueError(f"{path}: no preference pairs in file")

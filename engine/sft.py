@@ -38,6 +38,7 @@ from engine.config import to_dict
 from engine.data import (
     ROUND_TRIP_PROMPTS,
     _read_jsonl,
+    required_strings,
     _read_parquet,
     apply_template,
     check_tokenizer_fits,
@@ -73,17 +74,8 @@ class SFTExample:
 def _row_to_example(record: Any, where: str, source: str, prompt_key: str, completion_key: str) -> SFTExample:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object per row, got {type(record).__name__}")
-    values = []
-    for key in (prompt_key, completion_key):
-        if key not in record:
-            raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(record)})")
-        value = record[key]
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-        if not value.strip():
-            raise ValueError(f"{where}: field {key!r} is empty")
-        values.append(value)
-    return SFTExample(prompt=values[0], completion=values[1], source=source)
+    prompt, completion = required_strings(record, (prompt_key, completion_key), where)
+    return SFTExample(prompt=prompt, completion=completion, source=source)
 
 
 def load_sft_examples(path: str | Path, prompt_key: str = "prompt", completion_key: str = "completion"
@@ -373,8 +365,5 @@ class SFTTrainer:
     def close(self) -> None:
         """Draw curves.png and close the metrics files."""
         if self.logger is not None:
-            logged = {k for record in self.logger.read() for k in record}
-            keys = [k for k in CURVES if k in logged]
-            if keys:
-                self.logger.plot(keys=keys)
+            self.logger.plot_logged(CURVES)
             self.logger.close()

@@ -469,7 +469,5 @@ class GRPOTrainer:
         if self.rewards is not None:
             self.rewards.close()
         if self.logger is not None:
-            logged = {k for record in self.logger.read() for k in record}
-            if logged:
-                self.logger.plot(keys=[k for k in CURVES if k in logged] or None)
+            self.logger.plot_logged(CURVES)
             self.logger.close()
