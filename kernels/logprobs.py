@@ -41,9 +41,9 @@ except ImportError:  # pragma: no cover - triton is a core dependency on Linux
     HAS_TRITON = False
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# fp32 bytes of one block of rows of the torch backend: its temporaries (two fp32 blocks and a bool mask) stay a few
-# times this, whatever N (large enough that the per-block Python overhead is noise: 27 rows at V = 151,936)
-_TORCH_BLOCK_BYTES = 16 << 20
+# fp32 bytes of one block of rows of the torch backend: its temporaries (at most two fp32 blocks) stay within the
+# last-level cache across a block's passes, whatever N (and the per-block Python overhead is noise: 27 rows at V = 151,936)
+_TORCH_BLOCK_BYTES = 1 << 20
 
 
 def _torch_rows(v: int) -> int:
@@ -213,25 +213,49 @@ def _stats_triton(logits2d, targets, vocab_start, inv_temp):
     return stats
 
 
+def _shifted_fp32(block: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """block - shift[:, None] in fp32, in one pass: an fp32 block is read once (no copy first); a bf16/fp16 block is
+    widened before the subtraction so that nothing is rounded to its 8 mantissa bits."""
+    if block.dtype == torch.float32:
+        return torch.sub(block, shift[:, None], out=out)
+    if out is None:
+        return block.to(torch.float32).sub_(shift[:, None])
+    return out.copy_(block).sub_(shift[:, None])
+
+
 def _stats_torch(logits2d, targets, vocab_start, inv_temp):
-    """The statistics pass in torch, a block of rows at a time, in place on one fp32 copy of the block."""
+    """The statistics pass in torch, a block of rows at a time (the block stays in the last-level cache across its
+    four passes: max, shift, exp, sum + the e.u dot). u - m and e^(u-m) are its only temporaries."""
     n, v = logits2d.shape
     stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
     local = targets - vocab_start
     owned = (local >= 0) & (local < v)
-    rows = _torch_rows(v)
+    rows = min(n, _torch_rows(v))
+    # two work blocks for the whole pass: a fresh allocation a block would cost its page faults every time
+    u_buf = torch.empty(rows, v, dtype=torch.float32, device=logits2d.device)
+    e_buf = torch.empty_like(u_buf)
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        u = logits2d[a:b].to(torch.float32, copy=True).mul_(inv_temp)
-        zt = u.gather(1, local[a:b].clamp(0, v - 1)[:, None]).squeeze(1)
+        x = logits2d[a:b]
+        zt = x.gather(1, local[a:b].clamp(0, v - 1)[:, None]).squeeze(1).float().mul_(inv_temp)
         stats[2, a:b] = torch.where(owned[a:b], zt, torch.zeros_like(zt))
-        m = u.max(dim=-1).values
+        m = x.max(dim=-1).values.float()  # max(x / T) = max(x) / T (T > 0)
         m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
-        u.sub_(m_safe[:, None])  # u - m from here on
-        e = torch.exp(u)
-        stats[0, a:b] = m
+        u = _shifted_fp32(x, m_safe, out=u_buf[: b - a])
+        if inv_temp != 1.0:
+            u.mul_(inv_temp)
+        e = torch.exp(u, out=e_buf[: b - a])
+        stats[0, a:b] = m * inv_temp
         stats[1, a:b] = e.sum(-1)
-        stats[3, a:b] = e.mul_(u.masked_fill_(e == 0, 0.0)).sum(-1)  # -inf logits contribute 0, not NaN
+        # sum e (u - m) as a batched dot (one read of each, no product tensor); a -inf logit gives 0 * -inf = NaN
+        # there, so those rows (masked vocabularies, never an lm_head's output) are summed again without them
+        dot = torch.bmm(e[:, None, :], u[:, :, None]).view(-1)
+        bad = torch.isnan(dot) & ~torch.isnan(m)
+        if bool(bad.any()):
+            rb = torch.nonzero(bad).squeeze(1)
+            eb = e[rb]
+            dot[rb] = eb.mul_(u[rb].masked_fill_(eb == 0, 0.0)).sum(-1)
+        stats[3, a:b] = dot
     return stats
 
 
@@ -247,24 +271,35 @@ def _grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_star
 
 def _grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
     """The gradient pass in torch, a block of rows at a time: d = p (h (-H - logp) - g) (the h term only where
-    p > 0), + g at the target, / T; in place on one fp32 copy of the block and p."""
+    p > 0), + g at the target, / T. An fp32 grad2d is the working buffer itself (with grad2d = logits2d, the
+    linear loss's case, the pass runs in place: three passes over the block and no temporary without h)."""
     n, v = logits2d.shape
     local = targets - vocab_start
     owned = (local >= 0) & (local < v)
     block = _torch_rows(v)
+    lse = lse_parts[0] + lse_parts[1]
+    in_place = grad2d.dtype == torch.float32
+    block = min(n, block)
+    d_buf = None if in_place else torch.empty(block, v, dtype=torch.float32, device=logits2d.device)
+    p_buf = None if h is None else torch.empty(block, v, dtype=torch.float32, device=logits2d.device)
     for a in range(0, n, block):
         b = min(n, a + block)
-        logp = logits2d[a:b].to(torch.float32, copy=True).mul_(inv_temp)
-        logp.sub_(lse_parts[0, a:b, None]).sub_(lse_parts[1, a:b, None])
-        p = torch.exp(logp)
+        # logp = x / T - lse = (x - T lse) / T, written over the output block when it is fp32
+        d = _shifted_fp32(logits2d[a:b], lse[a:b] / inv_temp, out=grad2d[a:b] if in_place else d_buf[: b - a])
+        if inv_temp != 1.0:
+            d.mul_(inv_temp)
         if h is not None:
-            scale = logp.neg_().sub_(entropy[a:b, None]).masked_fill_(p == 0, 0.0)  # -H - logp, 0 where p = 0
-            d = p.mul_(scale.mul_(h[a:b, None]).sub_(g[a:b, None]))
+            p = torch.exp(d, out=p_buf[: b - a])
+            hb = h[a:b] * inv_temp
+            # (h (-H - logp) - g) / T = -(h / T) logp + (-(h / T) H - g / T), then times p
+            d.mul_(-hb[:, None]).add_((-hb * entropy[a:b] - g[a:b] * inv_temp)[:, None]).mul_(p)
+            d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # p = 0 at logp = -inf: 0 * inf is 0 here, not NaN
         else:
-            d = p.mul_(-g[a:b, None])
+            d.exp_().mul_(-(g[a:b] * inv_temp)[:, None])
         rows = torch.nonzero(owned[a:b]).squeeze(1)
-        d[rows, local[a:b][rows]] += g[a:b][rows]
-        grad2d[a:b] = d.mul_(inv_temp)
+        d[rows, local[a:b][rows]] += g[a:b][rows] * inv_temp
+        if not in_place:
+            grad2d[a:b] = d
 
 
 def owned_targets(targets: torch.Tensor, vocab_start: int, v_local: int) -> torch.Tensor:

@@ -1,35 +1,13 @@
 """HF safetensors <-> Megatron-core shards, and Megatron -> HF as a per-tensor stream.
 
-Name map (Qwen2 / Llama; `i` is the global layer, `j` its index inside this pipeline stage):
-
-    HF                                              Megatron (local spec | TE spec)
-    model.embed_tokens.weight                       embedding.word_embeddings.weight        vocab
-    model.layers.i.input_layernorm.weight           decoder.layers.j.input_layernorm.weight
-                                                    | decoder.layers.j.self_attention.linear_qkv.layer_norm_weight
-    model.layers.i.self_attn.{q,k,v}_proj.weight    decoder.layers.j.self_attention.linear_qkv.weight   qkv
-    model.layers.i.self_attn.{q,k,v}_proj.bias      decoder.layers.j.self_attention.linear_qkv.bias     qkv (Qwen2)
-    model.layers.i.self_attn.o_proj.weight          decoder.layers.j.self_attention.linear_proj.weight  row
-    model.layers.i.post_attention_layernorm.weight  decoder.layers.j.pre_mlp_layernorm.weight
-                                                    | decoder.layers.j.mlp.linear_fc1.layer_norm_weight
-    model.layers.i.mlp.{gate,up}_proj.weight        decoder.layers.j.mlp.linear_fc1.weight              glu
-    model.layers.i.mlp.down_proj.weight             decoder.layers.j.mlp.linear_fc2.weight              row
-    model.norm.weight                               decoder.final_layernorm.weight
-    lm_head.weight (model.embed_tokens if tied)     output_layer.weight                     vocab
-
-Each Megatron parameter has a "full" form (what it would be at TP=1) and its TP shard:
-* qkv: full = per query group g: [q heads of g, k_g, v_g] stacked on dim 0; shard = contiguous
-  chunk r of tp along dim 0 (Megatron's own layout, also when tp > num_query_groups);
-* glu: full = [gate; up]; shard r = [gate chunk r; up chunk r] (each rank's output splits in two);
-* row (o_proj, down_proj): chunk r along dim 1 (input features);
-* vocab: rows padded with zeros to padded_vocab_size, chunk r along dim 0;
-* norms: replicated.
+The name map and the tensor layouts (TP shards, fused QKV / gate-up, routed experts by expert-parallel rank) are
+in `parallel/names.py`; this module reads, writes and streams them.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +15,17 @@ import torch
 import torch.distributed as dist
 
 from parallel.models import ModelInfo, parse_hf_config, unwrap_model
+from parallel.names import (
+    IGNORED_SUFFIXES,
+    Unit,
+    full_to_hf,
+    full_to_shard,
+    hf_tensor_shapes,
+    hf_to_full,
+    model_units,
+    shards_to_full,
+    tp_split,
+)
 
 __all__ = [
     "hf_tensor_shapes",
@@ -64,111 +53,6 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named chat templates, beside the default one
-# Tensors some checkpoints carry that the model recomputes.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-# ---------------------------------------------------------------------------------------------
-# The name map
-# ---------------------------------------------------------------------------------------------
-
-
-def hf_tensor_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF checkpoint, in HF's order, with its shape."""
-    h, hd = info.hidden_size, info.head_dim
-    q_out, kv_out = info.num_attention_heads * hd, info.num_query_groups * hd
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (info.vocab_size, h)}
-    for i in range(info.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "self_attn.q_proj.weight"] = (q_out, h)
-        shapes[p + "self_attn.k_proj.weight"] = (kv_out, h)
-        shapes[p + "self_attn.v_proj.weight"] = (kv_out, h)
-        if info.qkv_bias:
-            shapes[p + "self_attn.q_proj.bias"] = (q_out,)
-            shapes[p + "self_attn.k_proj.bias"] = (kv_out,)
-            shapes[p + "self_attn.v_proj.bias"] = (kv_out,)
-        shapes[p + "self_attn.o_proj.weight"] = (h, q_out)
-        shapes[p + "mlp.gate_proj.weight"] = (info.ffn_hidden_size, h)
-        shapes[p + "mlp.up_proj.weight"] = (info.ffn_hidden_size, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, info.ffn_hidden_size)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    shapes["model.norm.weight"] = (h,)
-    if not info.tie_word_embeddings:
-        shapes["lm_head.weight"] = (info.vocab_size, h)
-    return shapes
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """One Megatron parameter and the HF tensors it is made of."""
-
-    kind: str  # "qkv" | "glu" | "row" | "vocab" | "replicated"
-    hf_names: tuple[str, ...]
-    full_shape: tuple[int, ...]  # the TP=1 Megatron tensor (vocab: unpadded rows)
-
-
-# Suffix of a per-layer Megatron parameter -> (kind, HF suffixes)
-_LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "input_layernorm.weight": ("replicated", ("input_layernorm.weight",)),
-    "self_attention.linear_qkv.layer_norm_weight": ("replicated", ("input_layernorm.weight",)),
-    "self_attention.linear_qkv.weight": (
-        "qkv",
-        ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    ),
-    "self_attention.linear_qkv.bias": (
-        "qkv",
-        ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    ),
-    "self_attention.linear_proj.weight": ("row", ("self_attn.o_proj.weight",)),
-    "pre_mlp_layernorm.weight": ("replicated", ("post_attention_layernorm.weight",)),
-    "mlp.linear_fc1.layer_norm_weight": ("replicated", ("post_attention_layernorm.weight",)),
-    "mlp.linear_fc1.weight": ("glu", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-    "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
-}
-
-
-def _unit(info: ModelInfo, shapes: dict, suffix: str, layer: int | None) -> _Unit:
-    """The unit for a Megatron parameter: `suffix` is its name below `decoder.layers.j.` when
-    `layer` (global index) is given, else its full name. `shapes` = hf_tensor_shapes(info)."""
-    if layer is None:
-        if suffix == "embedding.word_embeddings.weight":
-            names = ("model.embed_tokens.weight",)
-            kind = "vocab"
-        elif suffix == "output_layer.weight":
-            names = ("model.embed_tokens.weight",) if info.tie_word_embeddings else ("lm_head.weight",)
-            kind = "vocab"
-        elif suffix == "decoder.final_layernorm.weight":
-            names, kind = ("model.norm.weight",), "replicated"
-        else:
-            raise ValueError(f"no HF mapping for Megatron parameter {suffix!r}")
-    else:
-        if suffix not in _LAYER_RULES:
-            raise ValueError(f"no HF mapping for Megatron parameter 'decoder.layers.*.{suffix}'")
-        kind, hf_suffixes = _LAYER_RULES[suffix]
-        names = tuple(f"model.layers.{layer}.{s}" for s in hf_suffixes)
-    parts = [shapes[n] for n in names]
-    if kind in ("qkv", "glu"):
-        full_shape = (sum(p[0] for p in parts), *parts[0][1:])
-    else:
-        full_shape = parts[0]
-    return _Unit(kind, names, full_shape)
-
-
-def _model_units(model) -> list[tuple[str, torch.nn.Parameter, _Unit]]:
-    """(Megatron name, parameter, unit) for every parameter of this rank's stage."""
-    info: ModelInfo = _info(model)
-    shapes = hf_tensor_shapes(info)
-    layer_of = {j: layer.layer_number - 1 for j, layer in enumerate(model.decoder.layers)}
-    units = []
-    for name, param in model.named_parameters():
-        if name.startswith("decoder.layers."):
-            j, suffix = name[len("decoder.layers.") :].split(".", 1)
-            unit = _unit(info, shapes, suffix, layer_of[int(j)])
-        else:
-            unit = _unit(info, shapes, name, None)
-        units.append((name, param, unit))
-    return units
 
 
 def _info(model) -> ModelInfo:
@@ -176,72 +60,6 @@ def _info(model) -> ModelInfo:
     if info is None:
         raise ValueError("model has no model_info: build it with parallel.models.build_gpt_model")
     return info
-
-
-# ---------------------------------------------------------------------------------------------
-# Full <-> HF tensors and full <-> TP shard
-# ---------------------------------------------------------------------------------------------
-
-
-def _hf_to_full(info: ModelInfo, unit: _Unit, tensors: list[torch.Tensor]) -> torch.Tensor:
-    if unit.kind == "qkv":
-        q, k, v = tensors
-        groups = info.num_query_groups
-        per_group = info.num_attention_heads // groups
-        trailing = q.shape[1:]
-        q = q.reshape(groups, per_group * info.head_dim, *trailing)
-        k = k.reshape(groups, info.head_dim, *trailing)
-        v = v.reshape(groups, info.head_dim, *trailing)
-        return torch.cat([q, k, v], dim=1).reshape(-1, *trailing)
-    if unit.kind == "glu":
-        return torch.cat(tensors, dim=0)
-    return tensors[0]
-
-
-def _full_to_hf(info: ModelInfo, unit: _Unit, full: torch.Tensor) -> list[torch.Tensor]:
-    if unit.kind == "qkv":
-        groups = info.num_query_groups
-        per_group = info.num_attention_heads // groups
-        hd = info.head_dim
-        trailing = full.shape[1:]
-        grouped = full.reshape(groups, (per_group + 2) * hd, *trailing)
-        q, k, v = torch.split(grouped, [per_group * hd, hd, hd], dim=1)
-        return [q.reshape(-1, *trailing), k.reshape(-1, *trailing), v.reshape(-1, *trailing)]
-    if unit.kind == "glu":
-        return list(full.chunk(2, dim=0))
-    return [full]
-
-
-def _full_to_shard(info: ModelInfo, unit: _Unit, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    if unit.kind == "replicated":
-        return full
-    if unit.kind == "row":
-        return full.chunk(tp, dim=1)[rank]
-    if unit.kind == "qkv":
-        return full.chunk(tp, dim=0)[rank]
-    if unit.kind == "glu":
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
-    if unit.kind == "vocab":
-        pad = info.padded_vocab_size - full.shape[0]
-        padded = torch.cat([full, full.new_zeros(pad, *full.shape[1:])]) if pad else full
-        return padded.chunk(tp, dim=0)[rank]
-    raise AssertionError(unit.kind)
-
-
-def _shards_to_full(info: ModelInfo, unit: _Unit, shards: list[torch.Tensor]) -> torch.Tensor:
-    if unit.kind == "replicated":
-        return shards[0]
-    if unit.kind == "row":
-        return torch.cat(shards, dim=1)
-    if unit.kind == "qkv":
-        return torch.cat(shards, dim=0)
-    if unit.kind == "glu":
-        halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    if unit.kind == "vocab":
-        return torch.cat(shards, dim=0)[: info.vocab_size]
-    raise AssertionError(unit.kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,16 +142,16 @@ def load_hf_checkpoint(model, hf_dir: str | Path) -> None:
     unexpected = [
         n for n in reader.file_of
         if n not in expected
-        and not n.endswith(_IGNORED_SUFFIXES)
+        and not n.endswith(IGNORED_SUFFIXES)
         and not (n == "lm_head.weight" and info.tie_word_embeddings)
     ]
     if unexpected:
         raise ValueError(f"{hf_dir}: unexpected tensors for {info.architecture}: {unexpected[:5]}")
 
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
-    for name, param, unit in _model_units(model):
+    for name, param, unit in model_units(model, info):
         parts = [reader.get(n, expected[n]) for n in unit.hf_names]
-        shard = _full_to_shard(info, unit, _hf_to_full(info, unit, parts), tp, rank)
+        shard = full_to_shard(info, unit, hf_to_full(info, unit, parts), tp, rank)
         if shard.shape != param.shape:
             raise ValueError(
                 f"Megatron parameter {name!r}: shard shape {tuple(shard.shape)} from {unit.hf_names} "
@@ -347,19 +165,25 @@ def load_hf_checkpoint(model, hf_dir: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _export_plan(model, info: ModelInfo) -> list[tuple[int, str, _Unit]]:
-    """(owner pipeline stage, Megatron name on the owner, unit) for every exported parameter,
-    in HF order, agreed by all stages of this rank's pipeline group."""
+def _export_plan(model, info: ModelInfo) -> list[tuple[int, str, Unit]]:
+    """(owner pipeline stage, Megatron name on the owner, unit) for every exported tensor, in HF order, agreed by
+    all stages of this rank's pipeline group and all ranks of its expert-parallel group (a routed expert's entry
+    comes from the rank that holds it)."""
     from megatron.core import parallel_state as mpu
 
-    local = [(name, unit) for name, _, unit in _model_units(model)]
+    local = [(name, unit) for name, _, unit in model_units(model, info)]
+    ep = mpu.get_expert_model_parallel_world_size()
+    if ep > 1:
+        per_rank: list = [None] * ep
+        dist.all_gather_object(per_rank, local, group=mpu.get_expert_model_parallel_group())
+        local = [entry for entries in per_rank for entry in entries]
     pp = mpu.get_pipeline_model_parallel_world_size()
     if pp > 1:
         gathered: list = [None] * pp
         dist.all_gather_object(gathered, local, group=mpu.get_pipeline_model_parallel_group())
     else:
         gathered = [local]
-    owner: dict[str, tuple[int, str, _Unit]] = {}
+    owner: dict[str, tuple[int, str, Unit]] = {}
     for stage, entries in enumerate(gathered):
         for name, unit in entries:
             first = unit.hf_names[0]
@@ -379,13 +203,15 @@ def _export_plan(model, info: ModelInfo) -> list[tuple[int, str, _Unit]]:
 def export_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream the model as full HF-named tensors, one Megatron parameter at a time.
 
-    Collective over the model-parallel group (tp x pp): every one of its ranks must iterate the
-    generator to the end, together. Every rank receives every tensor: the owning stage all-gathers
-    the TP shards of one parameter, then broadcasts the full tensor over the pipeline group.
+    Collective over the model-parallel group (tp x pp) and, for MoE models with expert parallelism,
+    the expert-parallel group (which spans data-parallel replicas): every one of their ranks must
+    iterate the generator to the end, together. Every rank receives every tensor: the owning stage
+    all-gathers the TP shards of one parameter (a routed expert: the rank holding it broadcasts it
+    over the expert-parallel group), then broadcasts the full tensor over the pipeline group.
     At most one full parameter (e.g. the fused QKV, or [gate; up]) exists at a time beyond the
     model itself, so the whole model is never materialised on one rank. Yielded tensors are on
     the model's device and may alias its parameters (TP=1, PP=1): copy what you keep.
-    Data-parallel replicas export independently (identical streams).
+    Data-parallel replicas export independently (identical streams) when there is no expert parallelism.
     """
     from megatron.core import parallel_state as mpu
 
@@ -396,25 +222,34 @@ def export_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
     pp = mpu.get_pipeline_model_parallel_world_size()
     pp_group = mpu.get_pipeline_model_parallel_group()
     my_stage = mpu.get_pipeline_model_parallel_rank()
-    params = dict(model.named_parameters())
+    ep = mpu.get_expert_model_parallel_world_size()
+    ep_group = mpu.get_expert_model_parallel_group() if ep > 1 else None
+    my_ep_rank = mpu.get_expert_model_parallel_rank()
+    tensors = {name: tensor for name, tensor, _ in model_units(model, info)}
     dtype = model.config.params_dtype
     device = next(model.parameters()).device
 
     for stage, name, unit in _export_plan(model, info):
-        if stage == my_stage:
-            shard = params[name].detach()
-            if unit.kind == "replicated" or tp == 1:
+        empty = torch.empty(unit.full_shape, dtype=torch.float32 if unit.fp32 else dtype, device=device)
+        if stage != my_stage:
+            full = empty
+        elif unit.is_expert:  # a whole expert on one expert-parallel rank
+            full = tensors[name].detach() if unit.expert_owner == my_ep_rank else empty
+            if ep > 1:
+                full = full.contiguous()
+                dist.broadcast(full, src=dist.get_global_rank(ep_group, unit.expert_owner), group=ep_group)
+        else:
+            shard = tensors[name].detach()
+            if not tp_split(unit) or tp == 1:
                 shards = [shard]
             else:
                 shards = [torch.empty_like(shard) for _ in range(tp)]
                 dist.all_gather(shards, shard.contiguous(), group=tp_group)
-            full = _shards_to_full(info, unit, shards) if unit.kind != "replicated" else shard
-        else:
-            full = torch.empty(unit.full_shape, dtype=dtype, device=device)
+            full = shards_to_full(info, unit, shards)
         if pp > 1:
             full = full.contiguous()
             dist.broadcast(full, src=dist.get_global_rank(pp_group, stage), group=pp_group)
-        for hf_name, tensor in zip(unit.hf_names, _full_to_hf(info, unit, full)):
+        for hf_name, tensor in zip(unit.hf_names, full_to_hf(info, unit, full)):
             yield hf_name, tensor
 
 

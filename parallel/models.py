@@ -2,7 +2,9 @@
 
 Supported: Qwen2 / Qwen2.5 (`model_type: qwen2`) and Llama 3.x (`model_type: llama`), i.e.
 pre-norm decoders with RMSNorm, SwiGLU MLP, rotary embeddings (Llama-3 frequency scaling
-included), grouped-query attention, QKV bias for Qwen2, tied or untied embeddings.
+included), grouped-query attention, QKV bias for Qwen2, tied or untied embeddings; and the
+mixture-of-experts models Qwen3-MoE (`qwen3_moe`) and DeepSeek-V3 (`deepseek_v3`, multi-latent
+attention), whose MoE/MLA fields are read by `parallel/moe.py`.
 
 Two layer specs, chosen like Megatron's `gpt_layer_specs.py` intends:
 * local (`get_gpt_layer_local_spec`): pure Megatron-core modules; CPU tests and GPUs without TE;
@@ -30,6 +32,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from parallel.moe import (
+    MLAInfo,
+    MoEInfo,
+    decoder_spec,
+    megatron_without_te_fixes,
+    moe_config_fields,
+    parse_moe,
+)
+
 __all__ = [
     "ModelInfo",
     "VOCAB_PAD_LOGIT",
@@ -50,6 +61,8 @@ VOCAB_PAD_LOGIT = -1.0e4
 _SUPPORTED = {
     "qwen2": ("Qwen2ForCausalLM",),
     "llama": ("LlamaForCausalLM",),
+    "qwen3_moe": ("Qwen3MoeForCausalLM",),
+    "deepseek_v3": ("DeepseekV3ForCausalLM",),
 }
 
 
@@ -57,7 +70,7 @@ _SUPPORTED = {
 class ModelInfo:
     """The architecture facts the model builder, the converter and the trainer share."""
 
-    model_type: str  # "qwen2" | "llama"
+    model_type: str  # "qwen2" | "llama" | "qwen3_moe" | "deepseek_v3"
     vocab_size: int  # true vocabulary (HF)
     padded_vocab_size: int  # Megatron's, a multiple of 128 * tp
     hidden_size: int
@@ -65,7 +78,7 @@ class ModelInfo:
     num_attention_heads: int
     num_query_groups: int  # key/value heads
     head_dim: int
-    ffn_hidden_size: int
+    ffn_hidden_size: int  # the dense MLP's (MoE layers: moe.ffn_hidden_size per expert)
     tie_word_embeddings: bool
     qkv_bias: bool
     rms_norm_eps: float
@@ -75,6 +88,9 @@ class ModelInfo:
     initializer_range: float
     torch_dtype: str | None
     hf_config: dict = field(repr=False, compare=False, default_factory=dict)
+    moe: MoEInfo | None = None  # routed experts (Qwen3-MoE, DeepSeek-V3)
+    mla: MLAInfo | None = None  # multi-latent attention (DeepSeek-V3)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
 
     @property
     def architecture(self) -> str:
@@ -127,7 +143,7 @@ def _rope(cfg: dict, where: str) -> tuple[float, dict | None]:
     return theta, llama3
 
 
-def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1) -> ModelInfo:
+def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1, expert_parallel: int = 1) -> ModelInfo:
     """Read and validate an HF config (dict, config.json path, or checkpoint directory)."""
     cfg, where = _load_config_dict(hf_config)
     model_type = cfg.get("model_type")
@@ -146,7 +162,7 @@ def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1) -> M
         raise ValueError(f"{where}: unsupported hidden_act={act!r} (SwiGLU with silu only)")
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
         raise ValueError(f"{where}: use_sliding_window=True is not supported")
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3_moe", "deepseek_v3"):
         if cfg.get("attention_bias"):
             raise ValueError(f"{where}: attention_bias=True is not supported (o_proj bias)")
         if cfg.get("mlp_bias"):
@@ -167,13 +183,29 @@ def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1) -> M
             f"over tensor_parallel={tensor_parallel}"
         )
     multiple = 128 * tensor_parallel
-    theta, scaling = _rope(cfg, where)
+    num_layers = int(_require(cfg, "num_hidden_layers", where))
+    moe = mla = None
+    if model_type in ("qwen3_moe", "deepseek_v3"):
+        if model_type == "qwen3_moe" and cfg.get("use_sliding_window"):
+            raise ValueError(f"{where}: use_sliding_window=True is not supported")
+        moe, mla = parse_moe(cfg, model_type, where, num_layers)
+        if moe.num_experts % expert_parallel:
+            raise ValueError(f"{where}: num_experts={moe.num_experts} is not divisible by "
+                             f"expert_parallel={expert_parallel}")
+    elif expert_parallel > 1:
+        raise ValueError(f"expert_parallel={expert_parallel}: {where} is a dense model ({model_type}), it has no "
+                         f"experts to distribute")
+    if mla is not None:  # the rope (and its yarn scaling) is MLA's own: only the base is read here
+        theta, scaling = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))), None
+        head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
+    else:
+        theta, scaling = _rope(cfg, where)
     return ModelInfo(
         model_type=model_type,
         vocab_size=vocab,
         padded_vocab_size=-(-vocab // multiple) * multiple,
         hidden_size=hidden,
-        num_layers=int(_require(cfg, "num_hidden_layers", where)),
+        num_layers=num_layers,
         num_attention_heads=heads,
         num_query_groups=kv_heads,
         head_dim=head_dim,
@@ -187,6 +219,9 @@ def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1) -> M
         initializer_range=float(cfg.get("initializer_range", 0.02)),
         torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         hf_config=cfg,
+        moe=moe,
+        mla=mla,
+        qk_norm=model_type == "qwen3_moe",
     )
 
 
@@ -210,23 +245,37 @@ def hf_config_to_transformer_config(
     fp8: str | None = None,
     fp8_recipe: str = "delayed",
     use_te: bool = False,
+    expert_parallel: int | None = None,
+    expert_tensor_parallel: int | None = None,
+    moe_bias_update_rate: float = 1e-3,
+    moe_aux_loss_coeff: float | None = None,
     overrides: dict | None = None,
 ):
-    """Megatron `TransformerConfig` for an HF Qwen2/Llama config.
+    """Megatron `TransformerConfig` (`MLATransformerConfig` for DeepSeek-V3) for a supported HF config.
 
-    tensor_parallel / pipeline_parallel default to Megatron's initialised sizes (1 if none).
+    tensor_parallel / pipeline_parallel / expert_parallel / expert_tensor_parallel default to Megatron's initialised
+    sizes (1 if none). MoE: `moe_bias_update_rate` is the aux-loss-free expert-bias step (DeepSeek-V3's 1e-3; 0
+    freezes the checkpoint's bias), `moe_aux_loss_coeff` the load-balancing loss (None: the checkpoint's own).
     `overrides` sets any further TransformerConfig field (e.g. recompute_granularity,
     sequence_parallel, variable_seq_lengths) and wins over what is derived here.
     """
     from megatron.core import parallel_state as mpu
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     initialised = mpu.model_parallel_is_initialized()
     if tensor_parallel is None:
         tensor_parallel = mpu.get_tensor_model_parallel_world_size() if initialised else 1
     if pipeline_parallel is None:
         pipeline_parallel = mpu.get_pipeline_model_parallel_world_size() if initialised else 1
-    info = hf_config if isinstance(hf_config, ModelInfo) else parse_hf_config(hf_config, tensor_parallel)
+    if expert_parallel is None:
+        expert_parallel = mpu.get_expert_model_parallel_world_size() if initialised else 1
+    if expert_tensor_parallel is None:
+        expert_tensor_parallel = mpu.get_expert_tensor_parallel_world_size() if initialised else 1
+    info = (hf_config if isinstance(hf_config, ModelInfo)
+            else parse_hf_config(hf_config, tensor_parallel, expert_parallel))
     if info.num_layers % pipeline_parallel != 0:
         raise ValueError(
             f"num_hidden_layers={info.num_layers} is not divisible by pipeline_parallel={pipeline_parallel}"
@@ -282,12 +331,24 @@ def hf_config_to_transformer_config(
     )
     if fp8 is not None:
         kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe)
+    if info.qk_norm:
+        kwargs.update(qk_layernorm=True)
+    if info.moe is not None:
+        kwargs.update(moe_config_fields(info.moe, info.mla, expert_parallel=expert_parallel,
+                                        expert_tensor_parallel=expert_tensor_parallel,
+                                        bias_update_rate=moe_bias_update_rate, aux_loss_coeff=moe_aux_loss_coeff))
+        # Megatron's MoE layer refuses to train under TP without sequence parallelism (its token dispatch assumes
+        # each TP rank holds a slice of the sequence)
+        kwargs.update(sequence_parallel=tensor_parallel > 1)
+    if info.mla is not None:
+        # TE's fused MLA rope exists for yarn only; the unfused path is exact
+        kwargs.update(rotary_base=info.rope_theta, apply_rope_fusion=False)
     if overrides:
         kwargs.update(overrides)
     with warnings.catch_warnings():
         # megatron-core 0.16 warns about its own default cuda_graph_scope on every config; we use no CUDA graphs
         warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
-        return TransformerConfig(**kwargs)
+        return (MLATransformerConfig if info.mla is not None else TransformerConfig)(**kwargs)
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
@@ -333,6 +394,8 @@ def build_gpt_model(
     seq_length: int | None = None,
     config_overrides: dict | None = None,
     mask_vocab_padding: bool = True,
+    moe_bias_update_rate: float = 1e-3,
+    moe_aux_loss_coeff: float | None = None,
 ):
     """This rank's pipeline stage of the model, weights randomly initialised (load them with
     `parallel.convert.load_hf_checkpoint`). Requires `parallel.init_parallel()` first.
@@ -352,15 +415,19 @@ def build_gpt_model(
     if not mpu.model_parallel_is_initialized():
         raise RuntimeError("call parallel.init_parallel() before build_gpt_model()")
     tp = mpu.get_tensor_model_parallel_world_size()
-    info = parse_hf_config(hf_config, tensor_parallel=tp)
+    info = parse_hf_config(hf_config, tensor_parallel=tp, expert_parallel=mpu.get_expert_model_parallel_world_size())
     if use_te is None:
         use_te = te_available()
     elif use_te and not te_available():
         raise ValueError("use_te=True but Transformer Engine is not importable or CUDA is absent")
     config = hf_config_to_transformer_config(
-        info, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe, use_te=use_te, overrides=config_overrides
+        info, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe, use_te=use_te, overrides=config_overrides,
+        moe_bias_update_rate=moe_bias_update_rate, moe_aux_loss_coeff=moe_aux_loss_coeff,
     )
-    if use_te:
+    if info.moe is not None or info.qk_norm:
+        megatron_without_te_fixes()
+        layer_spec = decoder_spec(config, use_te)  # per layer: dense or MoE MLP, MLA or grouped-query attention
+    elif use_te:
         layer_spec = get_gpt_layer_with_transformer_engine_spec()
     else:
         layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
@@ -384,7 +451,7 @@ def build_gpt_model(
         for param in model.parameters():
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
-    if info.rope_scaling is not None:
+    if info.rope_scaling is not None and info.mla is None:
         # Set before any forward: RotaryEmbedding.forward is lru-cached.
         model.rotary_pos_emb.inv_freq = llama3_inv_freq(info.head_dim, info.rope_theta, info.rope_scaling).to(
             model.rotary_pos_emb.inv_freq.device

@@ -40,7 +40,9 @@ __all__ = [
 @dataclass(frozen=True)
 class ParallelState:
     """Where this process sits in the (tp, pp, dp) grid. Megatron's order is tp-cp-ep-dp-pp:
-    tensor-parallel ranks are adjacent global ranks, pipeline stages the slowest axis."""
+    tensor-parallel ranks are adjacent global ranks, pipeline stages the slowest axis. Expert
+    parallelism (ep) is carved out of the data-parallel ranks of a stage: ep ranks hold different
+    experts of the same layers and exchange tokens all-to-all, each still feeding its own batch."""
 
     world_size: int
     rank: int
@@ -54,6 +56,8 @@ class ParallelState:
     device: torch.device
     backend: str
     seed: int
+    ep_size: int = 1
+    ep_rank: int = 0
 
     @property
     def is_first_stage(self) -> bool:
@@ -136,17 +140,21 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_parallel(
-    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234
+    tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234, expert_parallel: int = 1
 ) -> ParallelState:
     """Initialise torch.distributed and Megatron's model-parallel groups and RNG.
+
+    expert_parallel must divide the data-parallel size (world / (tp * pp)); experts are never split
+    by tensor parallelism here (expert TP = 1: whole experts per rank).
 
     Safe to call twice: with the same sizes it returns the existing state; with other sizes it
     rebuilds Megatron's groups on the existing process group (tests do this).
     """
     global _STATE, _WE_STARTED_DIST
-    if tensor_parallel < 1 or pipeline_parallel < 1:
+    if tensor_parallel < 1 or pipeline_parallel < 1 or expert_parallel < 1:
         raise ValueError(
-            f"tensor_parallel={tensor_parallel} and pipeline_parallel={pipeline_parallel} must be >= 1"
+            f"tensor_parallel={tensor_parallel}, pipeline_parallel={pipeline_parallel} and "
+            f"expert_parallel={expert_parallel} must be >= 1"
         )
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
@@ -164,12 +172,18 @@ def init_parallel(
             f"world_size={world_size} is not divisible by tensor_parallel * pipeline_parallel = "
             f"{tensor_parallel} * {pipeline_parallel} = {model_parallel}"
         )
+    if (world_size // model_parallel) % expert_parallel != 0:
+        raise ValueError(
+            f"expert_parallel={expert_parallel} must divide the data-parallel size world_size / (tp * pp) = "
+            f"{world_size // model_parallel}"
+        )
 
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel as mtp
 
     if _STATE is not None and mpu.model_parallel_is_initialized():
-        if (_STATE.tp_size, _STATE.pp_size, _STATE.seed) == (tensor_parallel, pipeline_parallel, seed):
+        if (_STATE.tp_size, _STATE.pp_size, _STATE.ep_size, _STATE.seed) == (
+                tensor_parallel, pipeline_parallel, expert_parallel, seed):
             return _STATE
         mpu.destroy_model_parallel()
 
@@ -205,6 +219,8 @@ def init_parallel(
     mpu.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=1,
         # Megatron's optimizer setup asks for the gloo data-parallel groups, also on CPU.
         create_gloo_process_groups=True,
     )
@@ -233,6 +249,8 @@ def init_parallel(
         device=device,
         backend=backend,
         seed=seed,
+        ep_size=expert_parallel,
+        ep_rank=mpu.get_expert_model_parallel_rank(),
     )
     return _STATE
 

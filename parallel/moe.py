@@ -1,0 +1,259 @@
+"""Mixture-of-experts and multi-latent attention: HF Qwen3-MoE and DeepSeek-V3 on Megatron-core's MoE layers.
+
+What the HF fields mean in Megatron's terms (transformers 5.x modeling code, megatron-core 0.16):
+
+* Qwen3-MoE: softmax router over all experts, top-k, renormalised when `norm_topk_prob` (= Megatron's softmax over
+  the top-k logits; without it, `moe_router_pre_softmax`); q/k RMSNorm per head (`qk_layernorm`); dense MLP layers
+  from `mlp_only_layers` / `decoder_sparse_step`; no shared expert.
+* DeepSeek-V3: sigmoid scores; `e_score_correction_bias` (Megatron's `expert_bias` buffer, aux-loss-free balancing)
+  only chooses the experts, the weights come from the unbiased scores, renormalised over the top-k and times
+  `routed_scaling_factor`; group-limited top-k (`n_group`, `topk_group`); one shared expert of
+  n_shared_experts x moe_intermediate_size; the first `first_k_dense_replace` layers dense; multi-latent attention
+  (q/kv low-rank projections with their RMSNorms, rope on a separate `qk_rope_head_dim` slice, interleaved pairs).
+  Multi-token-prediction layers are not part of HF's model (transformers drops them) and are not hosted here.
+
+Megatron scores an expert group by the sum of its top (k / topk_group) experts while HF always sums the top 2, so
+the two route alike only when k / topk_group = 2 (DeepSeek-V3's 8 / 4); other settings are refused rather than
+silently routed differently.
+
+`megatron_without_te_fixes()` works around three megatron-core 0.16.1 defects that stop MoE/MLA without Transformer
+Engine (on CPU, and on GPUs without TE). `RoutingReplay` records each token's experts and replays them
+(Megatron's `RouterReplay`, driven per model so a policy and its reference do not share one global list).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["MoEInfo", "MLAInfo", "parse_moe", "moe_config_fields", "megatron_without_te_fixes", "decoder_spec",
+           "moe_layers_of", "router_modules"]
+
+
+@dataclass(frozen=True)
+class MoEInfo:
+    """The routed-expert facts the builder, the converter and the metrics share."""
+
+    num_experts: int
+    topk: int
+    ffn_hidden_size: int  # one expert's intermediate size
+    shared_ffn_hidden_size: int  # 0: no shared expert
+    moe_layers: tuple[bool, ...]  # per global layer: MoE (True) or dense MLP
+    score_function: str  # "softmax" | "sigmoid"
+    norm_topk_prob: bool
+    expert_bias: bool  # DeepSeek's e_score_correction_bias
+    num_groups: int | None = None
+    group_topk: int | None = None
+    scaling_factor: float | None = None
+    aux_loss_coeff: float = 0.0  # the checkpoint's own (Qwen3-MoE: router_aux_loss_coef)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers)
+
+
+@dataclass(frozen=True)
+class MLAInfo:
+    q_lora_rank: int | None  # None: one q_proj (DeepSeek-V2-Lite style)
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_scaling: dict | None  # yarn parameters, or None
+
+
+def _int(cfg: dict, key: str, where: str) -> int:
+    if cfg.get(key) is None:
+        raise ValueError(f"{where}: missing field {key!r}")
+    try:
+        return int(cfg[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: field {key!r}={cfg[key]!r} is not an integer") from None
+
+
+def _yarn(cfg: dict, where: str) -> dict | None:
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type != "yarn":
+        raise ValueError(f"{where}: unsupported rope scaling rope_type={rope_type!r} for deepseek_v3 (default, yarn)")
+    return {"factor": float(params.get("factor", 1.0)),
+            "original_max_position_embeddings": int(params.get("original_max_position_embeddings", 4096)),
+            "beta_fast": float(params.get("beta_fast", 32)), "beta_slow": float(params.get("beta_slow", 1)),
+            "mscale": float(params.get("mscale", 1.0)), "mscale_all_dim": float(params.get("mscale_all_dim", 0.0))}
+
+
+def parse_moe(cfg: dict, model_type: str, where: str, num_layers: int) -> tuple[MoEInfo, MLAInfo | None]:
+    """The MoE (and, for DeepSeek-V3, MLA) part of an HF config; ValueError naming the field for what Megatron would
+    compute differently."""
+    if model_type == "qwen3_moe":
+        experts = _int(cfg, "num_experts" if cfg.get("num_experts") is not None else "num_local_experts", where)
+        step = int(cfg.get("decoder_sparse_step") or 1)
+        dense = set(cfg.get("mlp_only_layers") or [])
+        layers = tuple(i not in dense and experts > 0 and (i + 1) % step == 0 for i in range(num_layers))
+        moe = MoEInfo(num_experts=experts, topk=_int(cfg, "num_experts_per_tok", where),
+                      ffn_hidden_size=_int(cfg, "moe_intermediate_size", where), shared_ffn_hidden_size=0,
+                      moe_layers=layers, score_function="softmax",
+                      norm_topk_prob=bool(cfg.get("norm_topk_prob", False)), expert_bias=False,
+                      aux_loss_coeff=float(cfg.get("router_aux_loss_coef") or 0.0))
+        mla = None
+    else:  # deepseek_v3
+        scoring = cfg.get("scoring_func", "sigmoid")
+        if scoring != "sigmoid":
+            raise ValueError(f"{where}: unsupported scoring_func={scoring!r} for deepseek_v3 (sigmoid)")
+        method = cfg.get("topk_method", "noaux_tc")
+        if method != "noaux_tc":
+            raise ValueError(f"{where}: unsupported topk_method={method!r} for deepseek_v3 (noaux_tc)")
+        if cfg.get("norm_topk_prob", True) is False:
+            raise ValueError(f"{where}: norm_topk_prob=False is not supported for deepseek_v3 (Megatron always "
+                             f"renormalises sigmoid scores over the top-k)")
+        if cfg.get("rope_interleave", True) is False:
+            raise ValueError(f"{where}: rope_interleave=False is not supported (Megatron's MLA rotates interleaved "
+                             f"pairs)")
+        experts = _int(cfg, "n_routed_experts", where)
+        topk = _int(cfg, "num_experts_per_tok", where)
+        # an absent field means transformers' default (DeepseekV3Config), as HF would read the same file
+        groups, group_topk = int(cfg.get("n_group", 8) or 1), int(cfg.get("topk_group", 4) or 1)
+        if experts % groups or group_topk > groups:
+            raise ValueError(f"{where}: n_routed_experts={experts}, n_group={groups}, topk_group={group_topk} "
+                             f"do not form groups")
+        if groups > 1 and topk != 2 * group_topk:
+            raise ValueError(f"{where}: num_experts_per_tok={topk} with topk_group={group_topk}: HF scores a group "
+                             f"by its top-2 experts, Megatron by its top num_experts_per_tok/topk_group; they route "
+                             f"alike only when num_experts_per_tok = 2 * topk_group")
+        first_dense = int(cfg.get("first_k_dense_replace", 3) or 0)  # transformers' default is 3
+        layers = tuple(i >= first_dense for i in range(num_layers))  # (HF reads no moe_layer_freq)
+        moe = MoEInfo(num_experts=experts, topk=topk, ffn_hidden_size=_int(cfg, "moe_intermediate_size", where),
+                      shared_ffn_hidden_size=int(cfg.get("n_shared_experts", 1) or 0) * int(cfg["moe_intermediate_size"]),
+                      moe_layers=layers, score_function="sigmoid", norm_topk_prob=True, expert_bias=True,
+                      num_groups=groups if groups > 1 else None, group_topk=group_topk if groups > 1 else None,
+                      scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)))
+        q_rank = cfg.get("q_lora_rank")
+        mla = MLAInfo(q_lora_rank=None if q_rank is None else int(q_rank),
+                      kv_lora_rank=_int(cfg, "kv_lora_rank", where),
+                      qk_nope_head_dim=_int(cfg, "qk_nope_head_dim", where),
+                      qk_rope_head_dim=_int(cfg, "qk_rope_head_dim", where),
+                      v_head_dim=_int(cfg, "v_head_dim", where), rope_scaling=_yarn(cfg, where))
+    if moe.topk < 1 or moe.topk > moe.num_experts:
+        raise ValueError(f"{where}: num_experts_per_tok={moe.topk} must be in [1, {moe.num_experts}]")
+    return moe, mla
+
+
+def moe_config_fields(moe: MoEInfo, mla: MLAInfo | None, *, expert_parallel: int, expert_tensor_parallel: int,
+                      bias_update_rate: float, aux_loss_coeff: float | None) -> dict[str, Any]:
+    """TransformerConfig (or MLATransformerConfig) fields for the routed experts and MLA."""
+    coeff = moe.aux_loss_coeff if aux_loss_coeff is None else aux_loss_coeff
+    fields: dict[str, Any] = dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_router_topk=moe.topk,
+        moe_layer_freq=[int(m) for m in moe.moe_layers],
+        moe_router_score_function=moe.score_function,
+        # softmax: norm_topk_prob = a softmax over the top-k logits (Megatron's default); else softmax over all
+        # experts first, no renormalisation. Sigmoid scores are always renormalised over the top-k.
+        moe_router_pre_softmax=moe.score_function == "softmax" and not moe.norm_topk_prob,
+        moe_router_dtype="fp32",  # HF computes DeepSeek's router in fp32; harmless for Qwen3-MoE in fp32 runs
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,  # SequentialMLP: per-expert linears, the local spec's only choice without TE
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        moe_aux_loss_coeff=coeff,
+        moe_router_load_balancing_type="aux_loss" if coeff > 0 else "none",
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
+    )
+    if moe.shared_ffn_hidden_size:
+        fields.update(moe_shared_expert_intermediate_size=moe.shared_ffn_hidden_size, moe_shared_expert_gate=False)
+    if moe.expert_bias:
+        fields.update(moe_router_enable_expert_bias=True, moe_router_bias_update_rate=bias_update_rate)
+    if moe.num_groups:
+        fields.update(moe_router_num_groups=moe.num_groups, moe_router_group_topk=moe.group_topk)
+    if moe.scaling_factor is not None:
+        fields.update(moe_router_topk_scaling_factor=moe.scaling_factor)
+    if mla is not None:
+        yarn = mla.rope_scaling
+        fields.update(
+            multi_latent_attention=True,
+            qk_layernorm=True,  # q_a_layernorm / kv_a_layernorm: without it Megatron silently builds no norm
+            q_lora_rank=mla.q_lora_rank,
+            kv_lora_rank=mla.kv_lora_rank,
+            qk_head_dim=mla.qk_nope_head_dim,
+            qk_pos_emb_head_dim=mla.qk_rope_head_dim,
+            v_head_dim=mla.v_head_dim,
+            rotary_interleaved=False,  # MLA de-interleaves its rope slice itself (= HF rope_interleave=True)
+            rope_type="yarn" if yarn else "rope",
+            # MLATransformerConfig's defaults are DeepSeek-V3's yarn (factor 40): a plain-rope model must reset them
+            rotary_scaling_factor=yarn["factor"] if yarn else 1.0,
+            mscale=yarn["mscale"] if yarn else 1.0,
+            mscale_all_dim=yarn["mscale_all_dim"] if yarn else 0.0,
+        )
+        if yarn:
+            fields.update(original_max_position_embeddings=yarn["original_max_position_embeddings"],
+                          beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"])
+    return fields
+
+
+def megatron_without_te_fixes() -> None:
+    """megatron-core 0.16.1 without Transformer Engine: (1) `moe_utils` tests `te_general_gemm is not None` but
+    defines the name only when TE imports (NameError in every router forward); (2) `extensions.transformer_engine`
+    defines TELinear & co as MagicMock stand-ins, so `multi_latent_attention` believes TE is present and its
+    `isinstance(..., TELinear)` raises; (3, CPU only) the all-to-all dispatcher converts its split sizes to numpy
+    only for CUDA tensors, and `all_to_all_single` rejects CPU tensors as sizes. Idempotent."""
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not getattr(moe_utils, "HAVE_TE", True) and not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        multi_latent_attention.HAVE_TE = False
+    original = moe_utils.maybe_move_tensor_to_cpu
+    if not getattr(token_dispatcher.maybe_move_tensor_to_cpu, "_numpy_for_cpu", False):
+        def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+            if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+                return tensor.numpy()
+            return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+        maybe_move_tensor_to_cpu._numpy_for_cpu = True
+        token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _local_mla_core_attention():
+    """Megatron's MLA builds its core attention with k_channels / v_channels, which only TE's accepts; the local
+    DotProductAttention computes q.k and p.v for any head sizes and only sizes its output by kv_channels."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return MLADotProductAttention
+
+
+def decoder_spec(config, use_te: bool):
+    """The per-layer (dense or MoE) block spec Megatron builds from `config.moe_layer_freq`."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
+    if getattr(config, "multi_latent_attention", False) and not use_te:
+        core = _local_mla_core_attention()
+        for layer_spec in spec.layer_specs:
+            layer_spec.submodules.self_attention.submodules.core_attention = core
+    return spec
+
+
+def moe_layers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """This stage's MoE layers' `mlp` modules, in order."""
+    from parallel.models import unwrap_model
+
+    core = unwrap_model(model)
+    return [layer.mlp for layer in core.decoder.layers if hasattr(layer.mlp, "router")]
+
+
+def router_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [mlp.router for mlp in moe_layers_of(model)]
