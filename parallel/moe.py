@@ -156,6 +156,7 @@ def moe_config_fields(moe: MoEInfo, mla: MLAInfo | None, *, expert_parallel: int
         moe_router_pre_softmax=moe.score_function == "softmax" and not moe.norm_topk_prob,
         moe_router_dtype="fp32",  # HF computes DeepSeek's router in fp32; harmless for Qwen3-MoE in fp32 runs
         moe_token_dispatcher_type="alltoall",
+        moe_enable_routing_replay=True,  # each router gets a RouterReplay; inert until a replay target is set
         moe_grouped_gemm=False,  # SequentialMLP: per-expert linears, the local spec's only choice without TE
         moe_permute_fusion=False,
         moe_router_fusion=False,
@@ -257,3 +258,135 @@ def moe_layers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def router_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [mlp.router for mlp in moe_layers_of(model)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step work on MoE models: padding, routing replay, expert-load metrics
+# ---------------------------------------------------------------------------------------------
+
+ROUTED_EXPERTS = "routed_experts"  # PackedRows extra [B, S, num MoE layers, k]: the rollout's experts per token
+
+
+class MoEForward:
+    """What a forward of an MoE model needs beyond tokens, for one pipeline stage (inert on dense models).
+
+    * a padding mask (True = padding), so padded positions count towards neither the expert-bias load nor the
+      z-loss (Megatron 0.16 applies it with the opposite sense in its switch aux loss, so with an aux loss on,
+      padding is not masked there and is counted, as before 0.16);
+    * routing replay: with the rows' `routed_experts` and `replay=True`, every router takes the recorded experts
+      instead of its own top-k (the weights still come from its current scores, so it keeps its gradient);
+    * expert load: tokens routed to each expert of each MoE layer over the forwards since `reset_load`.
+    Tokens reach a router as [S, B] flattened S-major (sequence parallelism: this TP rank's slice of S;
+    packed `thd`: one row of B * S)."""
+
+    def __init__(self, model: torch.nn.Module, replay: bool = True):
+        from parallel.models import unwrap_model
+
+        core = unwrap_model(model)
+        info = getattr(core, "model_info", None)
+        self.moe = info.moe if info is not None else None
+        self.mlps = moe_layers_of(core) if self.moe is not None else []
+        self.replay = replay
+        self.config = core.config
+        ordinal = {layer: n for n, layer in enumerate(i for i, m in enumerate(self.moe.moe_layers) if m)} \
+            if self.moe else {}
+        self.layer_ids = [ordinal[layer.layer_number - 1] for layer in core.decoder.layers
+                          if hasattr(layer.mlp, "router")]
+        self.load = None
+        self._pad_flat = None
+        self._hooks = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.mlps)
+
+    def _flat(self, t: torch.Tensor, thd: bool) -> torch.Tensor:
+        """[B, S, ...] -> this rank's router token order [tokens, ...]."""
+        from megatron.core import parallel_state as mpu
+
+        flat = t.reshape(-1, *t.shape[2:]) if thd else t.transpose(0, 1).reshape(-1, *t.shape[2:])
+        if getattr(self.config, "sequence_parallel", False):
+            tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+            flat = flat.chunk(tp, dim=0)[rank]
+        return flat
+
+    def forward_kwargs(self, mb, thd: bool) -> dict:
+        """Set this micro-batch's replay targets; the model's extra forward arguments."""
+        if not self.active:
+            return {}
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        padding = mb.seq_ids < 0
+        self._pad_flat = self._flat(padding, thd)
+        routed = mb.extras.get(ROUTED_EXPERTS) if self.replay else None
+        if routed is not None:
+            k = routed.shape[-1]
+            # padding positions: distinct valid experts (zeros would route one token to one expert k times)
+            routed = torch.where(padding[:, :, None, None], torch.arange(k, device=routed.device), routed)
+        for mlp, layer in zip(self.mlps, self.layer_ids):
+            replay = mlp.router.router_replay
+            if replay is None:
+                if routed is not None:
+                    raise ValueError("routing replay needs the model built with moe_enable_routing_replay=True")
+                continue
+            if routed is None:
+                replay.router_replay_action, replay.target_topk_idx = None, None
+            else:
+                replay.target_topk_idx = self._flat(routed[:, :, layer], thd).long()
+                replay.router_replay_action = RouterReplayAction.REPLAY_FORWARD
+        if self.config.moe_aux_loss_coeff:  # see the class docstring
+            return {}
+        return {"padding_mask": padding.reshape(1, -1) if thd else padding}
+
+    def clear(self) -> None:
+        for mlp in self.mlps:
+            replay = mlp.router.router_replay
+            if replay is not None:
+                replay.router_replay_action, replay.target_topk_idx = None, None
+
+    # -- expert load ---------------------------------------------------------------------------
+
+    def count_load(self):
+        """Context: count tokens per expert of each MoE layer in the forwards inside it."""
+        owner = self
+
+        class _Counting:
+            def __enter__(self_inner):
+                if owner.active:
+                    owner.load = torch.zeros(owner.moe.num_moe_layers, owner.moe.num_experts, dtype=torch.float64)
+                    for mlp, layer in zip(owner.mlps, owner.layer_ids):
+                        owner._hooks.append(mlp.router.register_forward_hook(owner._hook(layer)))
+                return owner
+
+            def __exit__(self_inner, *exc):
+                for h in owner._hooks:
+                    h.remove()
+                owner._hooks.clear()
+                owner.clear()
+                return False
+
+        return _Counting()
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            routing_map = output[1].detach()
+            if self._pad_flat is not None and self._pad_flat.numel() == routing_map.shape[0]:
+                routing_map = routing_map & ~self._pad_flat.reshape(-1, 1).to(routing_map.device)
+            self.load[layer] += routing_map.sum(0).double().cpu()
+
+        return hook
+
+    def load_metrics(self) -> dict[str, float]:
+        """Expert load over all ranks (every token is routed once per layer, by one rank): the busiest and the
+        idlest expert relative to a perfectly even load (1.0), and how many experts got no token."""
+        if not self.active or self.load is None:
+            return {}
+        import torch.distributed as dist
+
+        load = self.load.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load)
+        mean = load.sum(1, keepdim=True) / load.shape[1]
+        rel = load / mean.clamp(min=1e-12)
+        return {"moe/load_max": float(rel.max()), "moe/load_min": float(rel.min()),
+                "moe/idle_experts": float((load == 0).sum()) / load.shape[0]}

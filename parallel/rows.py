@@ -27,7 +27,8 @@ _CORE = ("tokens", "position_ids", "targets", "loss_mask", "seq_ids")
 class PackedRows:
     """tokens int64 (pad_id on padding), position_ids int64 (restart at 0 per sequence), targets int64 (global
     vocabulary ids; pad_id where not trained), loss_mask float32, seq_ids int64 (-1 on padding): all [B, S].
-    extras: name -> [B, S] tensor, 0 on padding rows added by `pad_rows`."""
+    extras: name -> [B, S, ...] tensor (per-token vectors; trailing dims for per-token records such as a MoE
+    rollout's routed experts [B, S, layers, k]), 0 on padding rows added by `pad_rows`."""
 
     tokens: torch.Tensor
     position_ids: torch.Tensor
@@ -41,7 +42,7 @@ class PackedRows:
         if self.tokens.dim() != 2:
             raise ValueError(f"PackedRows.tokens must be [B, S], got shape {tuple(self.tokens.shape)}")
         for name, value in self._tensors().items():
-            if value.shape != self.tokens.shape:
+            if value.shape[:2] != self.tokens.shape or (name in _CORE and value.dim() != 2):
                 raise ValueError(f"PackedRows.{name} has shape {tuple(value.shape)}, expected "
                                  f"{tuple(self.tokens.shape)}")
 
@@ -91,7 +92,8 @@ class PackedRows:
         """Rows of padding only (no loss token), with zero extras of `like`'s names and dtypes."""
         device = like.device if like is not None else None
         shape = (num_rows, seq_len)
-        extras = {k: torch.zeros(shape, dtype=v.dtype, device=device) for k, v in (like.extras if like else {}).items()}
+        extras = {k: torch.zeros(shape + tuple(v.shape[2:]), dtype=v.dtype, device=device)
+                  for k, v in (like.extras if like else {}).items()}
         return PackedRows(
             tokens=torch.full(shape, pad_id, dtype=torch.long, device=device),
             position_ids=torch.zeros(shape, dtype=torch.long, device=device),

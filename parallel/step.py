@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from kernels import token_logprobs
 from parallel.models import unwrap_model
+from parallel.moe import MoEForward
 from parallel.optim import optimizer_step
 from parallel.rows import PackedRows
 from parallel.nvtx import install_nvtx_timers, nvtx_range
@@ -111,8 +112,9 @@ def _tp_group_and_vocab_start(local_vocab: int) -> tuple[Any, int]:
     return group, tp_rank * local_vocab
 
 
-def _model_forward(model: torch.nn.Module, mb: PackedRows, use_thd: bool) -> torch.Tensor:
+def _model_forward(model: torch.nn.Module, mb: PackedRows, use_thd: bool, moe: MoEForward) -> torch.Tensor:
     """One micro-batch through this pipeline stage. On the last stage: logits [b, S, V/tp]."""
+    extra = moe.forward_kwargs(mb, use_thd)  # MoE: padding mask, routing replay targets
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -122,11 +124,11 @@ def _model_forward(model: torch.nn.Module, mb: PackedRows, use_thd: bool) -> tor
             max_seqlen_kv=max_len,
         )
         out = model(mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None,
-                    packed_seq_params=params)
+                    packed_seq_params=params, **extra)
         if out.dim() == 3 and out.shape[0] == 1 and mb.num_rows > 1:  # logits [1, b*S, V]
             out = out.reshape(mb.num_rows, mb.seq_len, -1)
         return out
-    return model(mb.tokens, mb.position_ids, mb.attention_mask())
+    return model(mb.tokens, mb.position_ids, mb.attention_mask(), **extra)
 
 
 def _schedule_shape(mb: PackedRows, use_thd: bool) -> tuple[int, int]:
@@ -166,8 +168,13 @@ def _token_multiple(config: Any) -> int:
     return multiple
 
 
+def _column_multiple(config: Any) -> int:
+    """Sequence parallelism splits each micro-batch's [S, b, h] activations along S over the TP ranks."""
+    return getattr(config, "tensor_model_parallel_size", 1) if getattr(config, "sequence_parallel", False) else 1
+
+
 def _micro_batches(batch: PackedRows, num_microbatches: int | None, micro_batch_size: int | None,
-                   token_multiple: int = 1) -> tuple[list[PackedRows], int]:
+                   token_multiple: int = 1, column_multiple: int = 1) -> tuple[list[PackedRows], int]:
     """Split into equal micro-batches (padding with empty rows); returns them and the real row count. With
     `token_multiple` > 1 every row is lengthened with padding positions (the fewest for which rows x row length
     divides it), so callers cut results back to the batch's own row length."""
@@ -185,7 +192,7 @@ def _micro_batches(batch: PackedRows, num_microbatches: int | None, micro_batch_
         num_microbatches = batch.num_rows
     padded = batch.pad_rows(num_microbatches)
     rows_per_micro = padded.num_rows // num_microbatches
-    padded = padded.pad_columns(token_multiple // math.gcd(rows_per_micro, token_multiple))
+    padded = padded.pad_columns(math.lcm(token_multiple // math.gcd(rows_per_micro, token_multiple), column_multiple))
     return padded.split(num_microbatches), batch.num_rows
 
 
@@ -215,7 +222,8 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
         install_nvtx_timers(config)
         use_thd = _uses_te_attention(model)
         rows = rows.to(_model_device(model))
-        micro, real_rows = _micro_batches(rows, num_microbatches, micro_batch_size, _token_multiple(config))
+        micro, real_rows = _micro_batches(rows, num_microbatches, micro_batch_size, _token_multiple(config),
+                                          _column_multiple(config))
 
         def collect(mb: PackedRows, output: torch.Tensor, non_loss_data: bool = True):
             tp_group, vocab_start = _tp_group_and_vocab_start(output.shape[-1])
@@ -228,9 +236,11 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
                 entropy = torch.where(keep, entropy.float(), torch.zeros_like(logp))
             return logp, entropy
 
+        moe = MoEForward(model)
+
         def forward_step(data_iterator: Iterator[PackedRows], model_chunk: torch.nn.Module):
             mb = next(data_iterator)
-            return _model_forward(model_chunk, mb, use_thd), partial(collect, mb)
+            return _model_forward(model_chunk, mb, use_thd, moe), partial(collect, mb)
 
         seq_length, mbs = _schedule_shape(micro[0], use_thd)
         was_training = model.training
@@ -242,6 +252,7 @@ def logprobs(model: torch.nn.Module, rows: PackedRows, *, temperature: float = 1
                 forward_only=True, collect_non_loss_data=True)
         finally:
             model.train(was_training)
+            moe.clear()
 
         shape = (len(micro) * micro[0].num_rows, micro[0].seq_len)
         if mpu.is_pipeline_last_stage():
@@ -307,7 +318,7 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     install_nvtx_timers(config)
     use_thd = _uses_te_attention(model)
     rows = rows.to(_model_device(model))
-    micro, _ = _micro_batches(rows, num_microbatches, None, _token_multiple(config))
+    micro, _ = _micro_batches(rows, num_microbatches, None, _token_multiple(config), _column_multiple(config))
     total_tokens, total_sequences = _global_counts(rows)
     # Megatron divides each micro-batch loss by len(micro) and DDP averages gradients over dp ranks; a loss
     # divided by global counts is already the micro-batch's share, so undo both.
@@ -330,14 +341,16 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
         report["num_tokens"] = mb.loss_mask.sum().float()
         return loss * undo_megatron_scaling, report
 
+    moe = MoEForward(model)
+
     def forward_step(data_iterator: Iterator[PackedRows], model_chunk: torch.nn.Module):
         mb = next(data_iterator)
-        return _model_forward(model_chunk, mb, use_thd), partial(loss_func, mb)
+        return _model_forward(model_chunk, mb, use_thd, moe), partial(loss_func, mb)
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
     seq_length, mbs = _schedule_shape(micro[0], use_thd)
-    with nvtx_range("forward_backward"), bypass:
+    with nvtx_range("forward_backward"), bypass, moe.count_load():
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
             num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=mbs, forward_only=False)
@@ -351,6 +364,7 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     result["update_successful"] = float(bool(update_successful))
     result["num_sequences"] = float(total_sequences)
+    result.update(moe.load_metrics())
     return result
 
 
@@ -372,6 +386,10 @@ class _LMHeadBypass:
 
             def forward(input_, weight=None, runtime_gather_output=None, **_):
                 self.weight = self.layer.weight if weight is None else weight
+                if self.layer.sequence_parallel:  # [S/tp, b, h] -> [S, b, h], as the layer's own input gather
+                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                    input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
                 return input_, None
 
             self.layer.forward = forward

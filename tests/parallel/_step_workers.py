@@ -35,7 +35,7 @@ def _hf_state(model, names) -> dict[str, torch.Tensor]:
 
 
 def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_microbatches: int,
-                aggregation: str, fused_lm_head: bool = False) -> dict:
+                aggregation: str, fused_lm_head: bool = False, ep: int = 1) -> dict:
     import kernels
     from engine.batch import rl_rows, with_logprobs
     from engine.objectives import policy_objective
@@ -44,7 +44,7 @@ def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_micro
     from parallel.optim import build_optimizer, wrap_for_training
     from parallel.step import logprobs, train_step
 
-    state = init_parallel(tensor_parallel=tp, pipeline_parallel=pp)
+    state = init_parallel(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
     dp_group = state.dp_group
     batch = rl_rows(spec["prompts"], spec["completions"], torch.as_tensor(spec["advantages"]),
                     rollout_logp=spec["rollout_logp"], pack=pack, max_tokens_per_row=spec["max_tokens_per_row"])
@@ -74,7 +74,7 @@ def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_micro
     out["logp_after"] = _per_sequence(local, logprobs(ddp, local, temperature=temperature, num_microbatches=2),
                                       dp_group)
     out["layout"] = dict(tp=tp, pp=pp, dp=state.dp_size, pack=pack, num_microbatches=num_microbatches,
-                         aggregation=aggregation, rank=state.rank)
+                         aggregation=aggregation, rank=state.rank, ep=ep)
     return out
 
 
