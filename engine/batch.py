@@ -11,7 +11,9 @@ prompt sits at p + j and is predicted by position p + j - 1.
 
 The RL per-token vectors ride in `PackedRows.extras` under the names the objectives read:
 advantages (one number per sequence broadcast to its completion tokens, or one per token), and the old,
-reference and rollout log-probs, all 0 outside the loss positions.
+reference and rollout log-probs, all 0 outside the loss positions. A MoE rollout's recorded routing rides as
+routed_experts, int32 [B, S, layers, k]: at every position the experts the rollout engine chose for that input
+token (the trainer's routing replay forces them).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from parallel.rows import PackedRows
 
 ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP = "advantages", "old_logp", "ref_logp", "rollout_logp"
+ROUTED_EXPERTS = "routed_experts"  # the name parallel.moe's routing replay reads
 LOGPROB_VECTORS = (OLD_LOGP, REF_LOGP, ROLLOUT_LOGP)  # log-probs of the sampled tokens under other policies
 
 
@@ -105,14 +108,47 @@ def per_sequence_to_tokens(rows: PackedRows, values: torch.Tensor) -> torch.Tens
     return torch.where(rows.loss_mask > 0, picked, torch.zeros_like(picked))
 
 
+def routed_experts_rows(rows: PackedRows, routed_experts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int32 [B, S, L, k]: record i ([P_i + C_i - 1, L, k], RolloutBatch.routed_experts) at sequence i's
+    positions; its last token (never fed to the rollout model, and predicting nothing) repeats the previous
+    position's experts, padding gets experts 0..k-1 (distinct valid ids; no loss reads them)."""
+    lengths = torch.bincount(rows.seq_ids[rows.seq_ids >= 0], minlength=len(routed_experts)).tolist()
+    per_token = None
+    for i, (record, length) in enumerate(zip(routed_experts, lengths)):
+        if not torch.is_tensor(record) or record.dim() != 3 or record.is_floating_point():
+            got = f"shape {tuple(record.shape)} ({record.dtype})" if torch.is_tensor(record) else type(record).__name__
+            raise ValueError(f"rl_rows: sequence {i} has routed_experts of {got}, expected an integer tensor "
+                             f"[positions, layers, k]")
+        if record.shape[0] != length - 1:
+            raise ValueError(f"rl_rows: sequence {i} has routed_experts for {record.shape[0]} positions, expected "
+                             f"{length - 1} (its {length} prompt + completion tokens less the last)")
+        if per_token is not None and tuple(record.shape[1:]) != per_token:
+            raise ValueError(f"rl_rows: sequence {i} has routed_experts of [layers, k] = {list(record.shape[1:])}, "
+                             f"sequence 0 has {list(per_token)}")
+        per_token = tuple(record.shape[1:])
+    layers, k = per_token
+    distinct = torch.arange(k, dtype=torch.int32, device=rows.device)
+    out = distinct.expand(*rows.tokens.shape, layers, k).clone()
+    # every position of every sequence, grouped by sequence id in position order (stable sort of the flat ids)
+    flat_ids = rows.seq_ids.reshape(-1)
+    positions = torch.nonzero(flat_ids >= 0).reshape(-1)
+    positions = positions[torch.argsort(flat_ids[positions], stable=True)]
+    records = [r.to(device=rows.device, dtype=torch.int32) for r in routed_experts]
+    filled = [torch.cat([r, r[-1:] if r.shape[0] else distinct.expand(1, layers, k)]) for r in records]
+    out.view(-1, layers, k)[positions] = torch.cat(filled)
+    return out
+
+
 def rl_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
             advantages: torch.Tensor | Sequence[float] | Sequence[Sequence[float]] | None, *,
-            rollout_logp: Sequence[Sequence[float]] | None = None, **packing) -> PackedRows:
+            rollout_logp: Sequence[Sequence[float]] | None = None,
+            routed_experts: Sequence[torch.Tensor] | None = None, **packing) -> PackedRows:
     """Packed rows with the RL vectors: `advantages` is a [num_sequences] tensor (one value per sequence, broadcast
     to its completion tokens), one list per sequence with a value per completion token, or None when the caller
     derives per-token advantages from the packed rows themselves (distillation: from the teacher's log-probs);
-    `rollout_logp` one list per sequence (the rollout engine's log-prob of each completion token). `packing`:
-    pack_sequences' options."""
+    `rollout_logp` one list per sequence (the rollout engine's log-prob of each completion token);
+    `routed_experts` one [P + C - 1, L, k] record per sequence (RolloutBatch.routed_experts), into the rows as
+    ROUTED_EXPERTS (`routed_experts_rows`). `packing`: pack_sequences' options."""
     n = len(prompts)
     per_token = advantages is not None and not torch.is_tensor(advantages) and n > 0 \
         and hasattr(advantages[0], "__len__")
@@ -126,7 +162,11 @@ def rl_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
         for i, (c, v) in enumerate(zip(completions, per_seq)):
             if len(v) != len(c):
                 raise ValueError(f"rl_rows: sequence {i} has {len(c)} completion tokens but {len(v)} {name}")
+    if routed_experts is not None and len(routed_experts) != n:
+        raise ValueError(f"rl_rows: {n} sequences but {len(routed_experts)} routed_experts records")
     rows = pack_sequences(prompts, completions, **packing)
+    if routed_experts is not None:
+        rows = rows.with_extras(**{ROUTED_EXPERTS: routed_experts_rows(rows, routed_experts)})
     if per_token:
         rows = rows.with_extras(**{ADVANTAGES: rows.scatter_completion_values(dict(enumerate(advantages)))})
     elif advantages is not None:

@@ -236,15 +236,54 @@ def _local_mla_core_attention():
     return MLADotProductAttention
 
 
+class SequenceParallelTorchNorm:
+    """The local spec's torch norm, allowed under sequence parallelism: Megatron's WrappedTorchNorm refuses it only
+    because its weights lack the `sequence_parallel` mark by which finalize_model_grads sums a norm's gradient over
+    the TP ranks (each rank saw S / TP of the tokens). Norms are per token, so the forward is the same."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def _replace_module(spec, old, new, seen=None) -> None:
+    """Swap `old` for `new` everywhere in a (nested) Megatron ModuleSpec / submodules dataclass."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(spec) in seen:
+        return
+    seen.add(id(spec))
+    if getattr(spec, "module", None) is old:
+        spec.module = new
+    children = [getattr(spec, f.name) for f in dataclasses.fields(spec)] if dataclasses.is_dataclass(spec) else []
+    for child in children + list(getattr(spec, "layer_specs", None) or []):
+        if child is old:
+            for f in dataclasses.fields(spec):
+                if getattr(spec, f.name) is old:
+                    setattr(spec, f.name, new)
+        elif dataclasses.is_dataclass(child) or hasattr(child, "submodules"):
+            _replace_module(child, old, new, seen)
+    sub = getattr(spec, "submodules", None)
+    if sub is not None and not dataclasses.is_dataclass(spec):
+        _replace_module(sub, old, new, seen)
+
+
 def decoder_spec(config, use_te: bool):
     """The per-layer (dense or MoE) block spec Megatron builds from `config.moe_layer_freq`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
     if getattr(config, "multi_latent_attention", False) and not use_te:
         core = _local_mla_core_attention()
         for layer_spec in spec.layer_specs:
             layer_spec.submodules.self_attention.submodules.core_attention = core
+    if config.sequence_parallel and not use_te:
+        _replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
     return spec
 
 
@@ -270,9 +309,10 @@ ROUTED_EXPERTS = "routed_experts"  # PackedRows extra [B, S, num MoE layers, k]:
 class MoEForward:
     """What a forward of an MoE model needs beyond tokens, for one pipeline stage (inert on dense models).
 
-    * a padding mask (True = padding), so padded positions count towards neither the expert-bias load nor the
-      z-loss (Megatron 0.16 applies it with the opposite sense in its switch aux loss, so with an aux loss on,
-      padding is not masked there and is counted, as before 0.16);
+    * padding left out of the expert-bias load: Megatron 0.16.1's own `padding_mask` breaks the bias update
+      (it ANDs a [tokens] mask into the [tokens, experts] routing map) and has the opposite sense in its switch
+      aux loss, so it is not passed; instead the padding's share is taken back out of each router's
+      `local_tokens_per_expert` right after its forward (aux and z losses still see padding positions);
     * routing replay: with the rows' `routed_experts` and `replay=True`, every router takes the recorded experts
       instead of its own top-k (the weights still come from its current scores, so it keeps its gradient);
     * expert load: tokens routed to each expert of each MoE layer over the forwards since `reset_load`.
@@ -334,9 +374,7 @@ class MoEForward:
             else:
                 replay.target_topk_idx = self._flat(routed[:, :, layer], thd).long()
                 replay.router_replay_action = RouterReplayAction.REPLAY_FORWARD
-        if self.config.moe_aux_loss_coeff:  # see the class docstring
-            return {}
-        return {"padding_mask": padding.reshape(1, -1) if thd else padding}
+        return {}
 
     def clear(self) -> None:
         for mlp in self.mlps:
@@ -369,9 +407,14 @@ class MoEForward:
 
     def _hook(self, layer: int):
         def hook(module, args, output):
-            routing_map = output[1].detach()
+            routing_map = output[1].detach().bool()
             if self._pad_flat is not None and self._pad_flat.numel() == routing_map.shape[0]:
-                routing_map = routing_map & ~self._pad_flat.reshape(-1, 1).to(routing_map.device)
+                pad = self._pad_flat.reshape(-1, 1).to(routing_map.device)
+                if getattr(module, "enable_expert_bias", False) and torch.is_grad_enabled():
+                    # Megatron counted every token towards the bias update (as it does when grad is enabled)
+                    module.local_tokens_per_expert -= (routing_map & pad).sum(0).to(
+                        module.local_tokens_per_expert.dtype)
+                routing_map = routing_map & ~pad
             self.load[layer] += routing_map.sum(0).double().cpu()
 
         return hook

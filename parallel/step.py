@@ -389,7 +389,8 @@ class _LMHeadBypass:
                 if self.layer.sequence_parallel:  # [S/tp, b, h] -> [S, b, h], as the layer's own input gather
                     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-                    input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True)
+                    # the fused loss returns dhidden already summed over the TP ranks: backward only splits it
+                    input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)
                 return input_, None
 
             self.layer.forward = forward

@@ -4,6 +4,10 @@ Layout of a RolloutBatch: completions are flattened prompt-major, [num_prompts *
 answers prompt i // n (its group). rollout_logp[i][t] is the fp32 log-prob of token t under
 softmax(logits / temperature) WITHOUT top-p/top-k truncation, the quantity the trainer recomputes as
 old_logp, so that the two differ only by numerics (GRPO_SPEC.md, "Rollout/trainer mismatch").
+routed_experts[i] (MoE rollouts with routing recorded, for routing replay in the trainer): integer
+[P + C - 1, num MoE layers, k], the experts the rollout's routers chose for every token fed to the model
+(prompt positions 0..P-1, then completion tokens 0..C-2; the last completion token is never fed), layers in
+model order, each position's k experts in the router's own order.
 """
 from __future__ import annotations
 
@@ -53,7 +57,8 @@ class SamplingParams:
 
 @dataclass
 class RolloutBatch:
-    """Completions of one generate() call, prompt-major: completion i belongs to prompt/group i // group_size."""
+    """Completions of one generate() call, prompt-major: completion i belongs to prompt/group i // group_size.
+    routed_experts: None unless the engine recorded routing (see the module docstring)."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
@@ -61,6 +66,7 @@ class RolloutBatch:
     rollout_logp: list[Tensor]
     finish_reason: list[str]
     group_size: int
+    routed_experts: list[Tensor] | None = None
 
     def __post_init__(self):
         n = len(self.completion_ids)
@@ -76,6 +82,27 @@ class RolloutBatch:
             if reason not in FINISH_REASONS:
                 raise ValueError(f"RolloutBatch: completion {i} has finish_reason {reason!r}, "
                                  f"expected one of {FINISH_REASONS}")
+        if self.routed_experts is not None:
+            self._check_routed_experts()
+
+    def _check_routed_experts(self) -> None:
+        n = len(self.completion_ids)
+        if len(self.routed_experts) != n:
+            raise ValueError(f"RolloutBatch.routed_experts has {len(self.routed_experts)} entries, expected {n}")
+        per_token = None  # (layers, k) of completion 0: every completion must agree
+        for i, (prompt, ids, routed) in enumerate(zip(self.prompt_ids, self.completion_ids, self.routed_experts)):
+            fed = len(prompt) + len(ids) - 1
+            ok = torch.is_tensor(routed) and routed.dim() == 3 and routed.shape[0] == fed \
+                and not routed.is_floating_point() and not routed.is_complex() and routed.dtype != torch.bool \
+                and (per_token is None or tuple(routed.shape[1:]) == per_token)
+            if not ok:
+                got = (f"shape {tuple(routed.shape)} ({routed.dtype})" if torch.is_tensor(routed)
+                       else type(routed).__name__)
+                layers_k = "layers, k" if per_token is None else f"{per_token[0]}, {per_token[1]}"
+                raise ValueError(f"RolloutBatch: completion {i} has routed_experts of {got}, expected an integer "
+                                 f"tensor [{fed}, {layers_k}] (prompt {len(prompt)} + completion {len(ids)} - 1 "
+                                 f"tokens fed to the model)")
+            per_token = tuple(routed.shape[1:])
 
     @staticmethod
     def from_groups(groups: "Sequence[tuple[RolloutBatch, int]]") -> "RolloutBatch":
@@ -86,6 +113,11 @@ class RolloutBatch:
         size = groups[0][0].group_size
         fields = {name: [] for name in ("prompt_ids", "completion_ids", "completion_text", "rollout_logp",
                                         "finish_reason")}
+        routed = [batch.routed_experts is not None for batch, _ in groups]
+        if any(routed) and not all(routed):
+            raise ValueError("RolloutBatch.from_groups: some batches carry routed_experts and others do not")
+        if all(routed):
+            fields["routed_experts"] = []
         for batch, g in groups:
             if batch.group_size != size:
                 raise ValueError(f"RolloutBatch.from_groups: group sizes differ ({batch.group_size} vs {size})")

@@ -111,9 +111,15 @@ def split_prompts(num_prompts: int, num_shares: int) -> list[tuple[int, int]]:
 
 
 def concat_batches(parts: Sequence[RolloutBatch], group_size: int) -> RolloutBatch:
-    """The batches one after another (whole groups, prompt-major order kept)."""
+    """The batches one after another (whole groups, prompt-major order kept); routed_experts stays None unless every
+    part carries it."""
     fields = {name: [] for name in ("prompt_ids", "completion_ids", "completion_text", "rollout_logp",
                                     "finish_reason")}
+    routed = [part.routed_experts is not None for part in parts]
+    if any(routed) and not all(routed):
+        raise RuntimeError("colocated vLLM: some shares carry routed_experts and others do not")
+    if routed and all(routed):
+        fields["routed_experts"] = []
     for part in parts:
         if part.group_size != group_size:
             raise RuntimeError(f"colocated vLLM: a share has group size {part.group_size}, expected {group_size}")
@@ -181,9 +187,10 @@ class ColocatedRolloutEngine(RolloutEngine):
 
 
 def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, seed: int,
-                         gpu_memory_utilization: float) -> ColocatedRolloutEngine:
+                         gpu_memory_utilization: float, record_routing: bool = False) -> ColocatedRolloutEngine:
     """This rank's part of a colocated vLLM for the initialised Megatron layout (parallel.state): to be called on
-    every rank of the world together (vLLM's start-up reduces over the world). vLLM's TP = the trainer's TP."""
+    every rank of the world together (vLLM's start-up reduces over the world). vLLM's TP = the trainer's TP.
+    record_routing: VLLMRolloutEngine's (each completion's routed experts, for routing replay)."""
     import os
 
     import torch.distributed as dist
@@ -203,5 +210,5 @@ def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, s
         str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, tokenizer=tokenizer,
         tensor_parallel_size=plan.tp_size, distributed_executor_backend="external_launcher",
         # the same seed on the TP ranks of a replica (vLLM requires it), another one per replica
-        seed=seed + plan.replica)
+        seed=seed + plan.replica, record_routing=record_routing)
     return ColocatedRolloutEngine(local, plan, group=mpu.get_pipeline_model_parallel_group())

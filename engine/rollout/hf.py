@@ -16,9 +16,15 @@ are dropped, other special tokens kept); a stop string ends the completion at th
 it, and the text is cut right after the stop string (kept: the format reward needs the closing
 </answer>). The last token may carry a few characters past the stop string; the ids keep that token,
 the text does not.
+
+Routing record (record_routing=True, MoE models): forward hooks on every router collect each forward's top-k
+indices; the prefill's rows are cut to each prompt's real (right-aligned) positions and shared by its n samples,
+each decode step's rows are mapped to completions through `rows` (compaction) and kept only for rows still
+generating, so a completion gets exactly P + C - 1 positions (its last token is never fed).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 from typing import Any, Iterable
@@ -66,6 +72,28 @@ def _as_id_set(value: Any) -> set[int]:
     return {int(v) for v in value}
 
 
+def _routes_per_completion(prefill: Tensor, prompt_lengths: list[int], n: int, step_completions: list[Tensor],
+                           step_routes: list[Tensor], lengths: list[int]) -> list[Tensor]:
+    """[P + C - 1, L, k] per completion: its prompt's real positions of the left-padded prefill, then the decode
+    steps that fed it, in step order (a stable sort by completion keeps the chronological order within one)."""
+    batch, per_token = len(lengths), prefill.shape[2:]
+    if step_completions:
+        owners = torch.cat(step_completions)
+        order = torch.argsort(owners, stable=True)
+        decoded = torch.cat(step_routes)[order].split(torch.bincount(owners, minlength=batch).tolist())
+    else:
+        decoded = [prefill.new_empty((0, *per_token))] * batch
+    padded_len = prefill.shape[1]
+    out = []
+    for i in range(batch):
+        if decoded[i].shape[0] != lengths[i] - 1:
+            raise RuntimeError(f"record_routing: completion {i} has {lengths[i]} tokens but {decoded[i].shape[0]} "
+                               f"decode steps were recorded")
+        prompt = prefill[i // n, padded_len - prompt_lengths[i // n]:]
+        out.append(torch.cat([prompt, decoded[i]]))
+    return out
+
+
 def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.Generator) -> Tensor:
     """One token per row from fp32 logits [B, V] with temperature, top-k and top-p (nucleus)."""
     if params.temperature == 0:
@@ -86,6 +114,61 @@ def sample_next_token(logits: Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def moe_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The router of every MoE layer in layer order: `model.model.layers[l].mlp.gate` where it is a top-k router
+    (transformers 5.x Qwen3-MoE / DeepSeek-V3: forward returns (logits, weights, indices)); dense layers have none."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    routers = []
+    for layer in layers:
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k"):
+            routers.append(gate)
+    return routers
+
+
+class _RoutingRecorder:
+    """Forward hooks on the routers that keep each call's top-k indices (on the model's device until `take`)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.routers = moe_routers(model)
+        if not self.routers:
+            raise ValueError(f"record_routing=True but {type(model).__name__} has no MoE routers "
+                             f"(model.model.layers[*].mlp.gate with top_k): only MoE models route tokens")
+        self.top_k = int(self.routers[0].top_k)
+        num_experts = max(int(getattr(r, "num_experts", r.weight.shape[0])) for r in self.routers)
+        self.dtype = torch.int16 if num_experts <= torch.iinfo(torch.int16).max else torch.int32
+        self._calls: list[Tensor | None] = [None] * len(self.routers)
+
+    @contextlib.contextmanager
+    def hooks(self):
+        handles = [router.register_forward_hook(self._hook(layer)) for layer, router in enumerate(self.routers)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._calls = [None] * len(self.routers)
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            indices = output[2] if isinstance(output, tuple) and len(output) == 3 else None
+            if indices is None or indices.is_floating_point() or indices.shape[-1] != self.top_k:
+                raise RuntimeError(f"record_routing: the router of MoE layer {layer} ({type(module).__name__}) does "
+                                   f"not return (logits, weights, top-k indices); this transformers version's "
+                                   f"routers are not supported")
+            self._calls[layer] = indices.detach()
+
+        return hook
+
+    def take(self, rows: int, seq: int) -> Tensor:
+        """The last forward's experts as [rows, seq, layers, k] on the CPU (one copy for all layers)."""
+        if any(c is None for c in self._calls):
+            raise RuntimeError("record_routing: a forward did not call every MoE router")
+        stacked = torch.stack(self._calls, dim=1).to(self.dtype)  # [rows * seq, layers, k]
+        self._calls = [None] * len(self.routers)
+        return stacked.view(rows, seq, len(self.routers), self.top_k).cpu()
+
+
 class HFRolloutEngine(RolloutEngine):
     """Rollout engine over a transformers AutoModelForCausalLM.
 
@@ -99,12 +182,14 @@ class HFRolloutEngine(RolloutEngine):
     num_threads: torch intra-op threads while generating (restored afterwards). Tiny models on a small,
     busy CPU run many times faster with 1 (thread synchronisation dominates their microsecond ops);
     None leaves torch's setting alone.
+    record_routing: also return each completion's routed experts (RolloutBatch.routed_experts, for routing
+    replay in the trainer); a ValueError on a model without MoE routers.
     """
 
     def __init__(
         self, model_dir_or_config: Any, tokenizer: Any = None, device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32, eos_token_id: int | Iterable[int] | None = None,
-        attn_implementation: str = "sdpa", num_threads: int | None = None,
+        attn_implementation: str = "sdpa", num_threads: int | None = None, record_routing: bool = False,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -133,6 +218,8 @@ class HFRolloutEngine(RolloutEngine):
         if num_threads is not None and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1 or None, got {num_threads}")
         self.num_threads = num_threads
+        self._routing = _RoutingRecorder(self.model) if record_routing else None
+        self.record_routing = record_routing
 
     # ------------------------------------------------------------------------------------------------
     # Generation
@@ -161,14 +248,13 @@ class HFRolloutEngine(RolloutEngine):
         return self.tokenizer.decode([t for t in ids if t not in dropped], skip_special_tokens=False)
 
     def generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
-        if self.num_threads is None:
+        with contextlib.ExitStack() as stack:
+            if self.num_threads is not None:
+                stack.callback(torch.set_num_threads, torch.get_num_threads())
+                torch.set_num_threads(self.num_threads)
+            if self._routing is not None:
+                stack.enter_context(self._routing.hooks())
             return self._generate(prompt_ids, n, params)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(self.num_threads)
-        try:
-            return self._generate(prompt_ids, n, params)
-        finally:
-            torch.set_num_threads(previous)
 
     @torch.inference_mode()
     def _generate(self, prompt_ids: list[list[int]], n: int, params: SamplingParams) -> RolloutBatch:
@@ -199,6 +285,11 @@ class HFRolloutEngine(RolloutEngine):
         position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
         cache = self._new_cache()
         logits = self._forward_last_logits(input_ids, attention_mask, position_ids, cache)
+        routing = self._routing
+        if routing is not None:
+            prefill_routes = routing.take(num_prompts, prompt_len)  # [num_prompts, prompt_len, L, k], left-padded
+            step_completions: list[Tensor] = []  # per decode forward: the completions fed (rows still generating)
+            step_routes: list[Tensor] = []  # ... and their experts [rows, L, k]
 
         # Fan out to n samples per prompt (prompt-major).
         cache.batch_repeat_interleave(n)
@@ -255,6 +346,9 @@ class HFRolloutEngine(RolloutEngine):
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
             logits = self._forward_last_logits(next_token[:, None], attention_mask, next_position, cache)
             next_position = next_position + 1
+            if routing is not None:  # completion token `step` of every row still generating was fed
+                step_completions.append(rows[alive])
+                step_routes.append(routing.take(len(rows), 1)[:, 0][alive])
 
         completion_ids = [tokens[i, :lengths[i]].tolist() for i in range(batch)]
         rollout_logp = [token_logp[i, :lengths[i]].clone() for i in range(batch)]
@@ -266,9 +360,14 @@ class HFRolloutEngine(RolloutEngine):
                 if ends:
                     text = text[:min(ends)]
             completion_text.append(text)
+        routed_experts = None
+        if routing is not None:
+            routed_experts = _routes_per_completion(prefill_routes, [len(ids) for ids in prompt_ids], n,
+                                                    step_completions, step_routes, lengths)
         return RolloutBatch(
             prompt_ids=[list(prompt_ids[i // n]) for i in range(batch)], completion_ids=completion_ids,
-            completion_text=completion_text, rollout_logp=rollout_logp, finish_reason=finish_reason, group_size=n)
+            completion_text=completion_text, rollout_logp=rollout_logp, finish_reason=finish_reason, group_size=n,
+            routed_experts=routed_experts)
 
     # ------------------------------------------------------------------------------------------------
     # Weights and memory

@@ -30,6 +30,19 @@ How it maps our contract onto vLLM:
   rejects it; every sample would be the same).
 - several GPUs: engine.rollout.colocate runs one of these on every training rank with vLLM's
   external_launcher executor (tensor_parallel_size = the trainer's TP).
+- routed experts (record_routing=True, MoE routing replay), UNVERIFIED, never run: coded from vLLM's
+  documentation (docs/training/routed_experts_replay.md of vLLM 0.21, the "Routed Experts Return" page of later
+  versions) and the R3 pull request vllm#28284 (CompletionOutput.routed_experts, filled by the scheduler for
+  request.num_tokens - 1 positions); the output layout of the newest versions (aux output connector) was not
+  documented where it could be read. `LLM(enable_return_routed_experts=True)`;
+  two output layouts are documented and both are mapped to RolloutBatch.routed_experts [P + C - 1, L, k]:
+  vLLM 0.21 puts the prompt's [P, L, k] on the RequestOutput (`prompt_routed_experts`, shared by the n
+  samples) and [C (or fewer), L, k] on each CompletionOutput (`routed_experts`, the routing of each generated
+  token when it was fed: the last one never is, so only C - 1 rows are used); the first version (vllm#28284)
+  has no prompt field and gives the whole sequence, [P + C - 1, L, k], on the CompletionOutput. vLLM 0.21
+  marks prefix-cache hits with -1 (no routing recorded): such a record is refused with a pointer to prefix
+  caching. Later versions require prefix caching and async scheduling off (vLLM sets that itself), and
+  Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1).
 """
 from __future__ import annotations
 
@@ -80,6 +93,48 @@ def _text_ids(ids: list[int], completion: Any, tokenizer: Any) -> list[int]:
     return [t for t in ids if t not in dropped]
 
 
+def _as_expert_ids(value: Any) -> Tensor:
+    """A numpy array (offline LLM) or nested lists (JSON) of expert ids as an int32 [rows, L, k] tensor."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(value).astype(np.int32, copy=False))
+
+
+def routed_experts_of(request: Any, completion: Any, prompt_len: int, completion_len: int, prompt_index: int
+                      ) -> Tensor:
+    """One completion's routed experts in RolloutBatch's layout, [P + C - 1, L, k] (int16 when it fits), from
+    either documented vLLM layout (module docstring). UNVERIFIED: vLLM never ran here."""
+    where = f"vLLM routed experts of prompt {prompt_index} (sample {getattr(completion, 'index', '?')})"
+    fed = prompt_len + completion_len - 1
+    generated = getattr(completion, "routed_experts", None)
+    if generated is None:
+        raise RuntimeError(f"{where}: none returned (a request preempted and re-prefilled loses them in vLLM "
+                           f"0.21; was the engine built with enable_return_routed_experts?)")
+    generated = _as_expert_ids(generated)
+    if hasattr(request, "prompt_routed_experts"):  # vLLM 0.21: the prompt's rows on the request, shared by n
+        if request.prompt_routed_experts is None:
+            raise RuntimeError(f"{where}: the request carries no prompt_routed_experts")
+        prompt = _as_expert_ids(request.prompt_routed_experts)
+        if prompt.shape[0] != prompt_len or generated.shape[0] < completion_len - 1:
+            raise RuntimeError(f"{where}: {prompt.shape[0]} prompt rows and {generated.shape[0]} generated rows for "
+                               f"a {prompt_len}-token prompt and {completion_len} generated tokens")
+        out = torch.cat([prompt, generated[:max(completion_len - 1, 0)]])
+    else:  # vllm#28284: the whole sequence on the completion
+        if generated.shape[0] < fed:
+            raise RuntimeError(f"{where}: {generated.shape[0]} rows for a sequence of {prompt_len} + "
+                               f"{completion_len} tokens (expected {fed})")
+        out = generated[:fed]
+    if out.dim() != 3:
+        raise RuntimeError(f"{where}: shape {tuple(out.shape)}, expected [tokens, layers, k]")
+    missing = int((out < 0).any(dim=(1, 2)).sum())
+    if missing:
+        raise RuntimeError(f"{where}: {missing} of {fed} positions have no routing (-1: vLLM 0.21 records none for "
+                           f"prefix-cache hits); pass enable_prefix_caching=False to VLLMRolloutEngine or use a "
+                           f"vLLM whose routing return covers cached blocks")
+    fits_int16 = out.numel() == 0 or int(out.max()) <= torch.iinfo(torch.int16).max
+    return out.to(torch.int16) if fits_int16 else out
+
+
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
     """Runs inside a vLLM worker (collective_rpc passes the worker first)."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -99,12 +154,15 @@ class VLLMRolloutEngine(RolloutEngine):
 
     model_dir: a Hugging Face model directory (config, weights, tokenizer). Extra keyword arguments go
     to vllm.LLM unchanged (tensor_parallel_size, enable_prefix_caching, ...).
+    record_routing: return each completion's routed experts (RolloutBatch.routed_experts) through vLLM's
+    enable_return_routed_experts (MoE models only; see the module docstring).
     """
 
     def __init__(
         self, model_dir: str | Path, *, dtype: str = "bfloat16", gpu_memory_utilization: float = 0.5,
         enable_sleep_mode: bool = True, sleep_level: int = 2, max_model_len: int | None = None,
-        enforce_eager: bool = False, seed: int = 0, tokenizer: Any = None, **llm_kwargs: Any,
+        enforce_eager: bool = False, seed: int = 0, tokenizer: Any = None, record_routing: bool = False,
+        **llm_kwargs: Any,
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"VLLMRolloutEngine: sleep_level must be 1 or 2, got {sleep_level}")
@@ -116,10 +174,20 @@ class VLLMRolloutEngine(RolloutEngine):
         if llm_kwargs.get("distributed_executor_backend") == "external_launcher":
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self.llm = vllm.LLM(
-            model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len, enforce_eager=enforce_eager,
-            seed=seed, logprobs_mode="processed_logprobs", **llm_kwargs)
+        self.record_routing = record_routing
+        if record_routing:
+            llm_kwargs["enable_return_routed_experts"] = True
+        try:
+            self.llm = vllm.LLM(
+                model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=enable_sleep_mode, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                seed=seed, logprobs_mode="processed_logprobs", **llm_kwargs)
+        except TypeError as err:
+            if record_routing and "enable_return_routed_experts" in str(err):
+                raise ValueError("record_routing=True needs a vLLM that returns routed experts "
+                                 "(LLM(enable_return_routed_experts=True), vllm#28284, about 0.14 on); this "
+                                 "one does not know the option") from err
+            raise
         self.enable_sleep_mode = enable_sleep_mode
         self.sleep_level = sleep_level
         self._asleep = False
@@ -169,6 +237,7 @@ class VLLMRolloutEngine(RolloutEngine):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompt_ids)} prompts")
 
         batch_prompts, completion_ids, texts, logps, reasons = [], [], [], [], []
+        routed: list[Tensor] | None = [] if self.record_routing else None
         for i, request in enumerate(outputs):
             completions = sorted(request.outputs, key=lambda c: c.index)
             if len(completions) != n:
@@ -188,8 +257,10 @@ class VLLMRolloutEngine(RolloutEngine):
                              self.tokenizer.decode(_text_ids(ids, completion, self.tokenizer), skip_special_tokens=False))
                 logps.append(torch.tensor(logp, dtype=torch.float32))
                 reasons.append(completion.finish_reason)
+                if routed is not None:
+                    routed.append(routed_experts_of(request, completion, len(prompt_ids[i]), len(ids), i))
         return RolloutBatch(prompt_ids=batch_prompts, completion_ids=completion_ids, completion_text=texts,
-                            rollout_logp=logps, finish_reason=reasons, group_size=n)
+                            rollout_logp=logps, finish_reason=reasons, group_size=n, routed_experts=routed)
 
     # ------------------------------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 Qwen3-MoE: hidden 48, 2 layers (layer 1 dense through mlp_only_layers), 4 heads / 2 KV heads with head_dim 8
 (!= hidden / heads), q/k norms, 4 experts top-2 with norm_topk_prob, vocab 250 (the Megatron side pads).
-DeepSeek-V3: hidden 48, 3 layers (the first dense), MLA with q_lora_rank 24, kv_lora_rank 16, nope 8, rope 4,
+DeepSeek-V3: hidden 48, 4 layers (the first dense), MLA with q_lora_rank 24, kv_lora_rank 16, nope 8, rope 4,
 v 8; 8 experts in 4 groups, top-4 of the best 2 groups, sigmoid scores with a non-zero expert bias, one shared
 expert, routed_scaling_factor 2.5. Weights are drawn larger than HF's init so that a wrong mapping shows.
 """
@@ -27,7 +27,7 @@ def moe_hf_config(kind: str, **changes):
                       decoder_sparse_step=1, mlp_only_layers=[1], rope_theta=1_000_000.0)
         return Qwen3MoeConfig(**(fields | changes))
     if kind == "deepseek_v3":
-        fields = dict(common, num_hidden_layers=3, num_key_value_heads=4, intermediate_size=64,
+        fields = dict(common, num_hidden_layers=4, num_key_value_heads=4, intermediate_size=64,
                       moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=4,
                       n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                       first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
