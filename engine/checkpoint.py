@@ -32,7 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.optim import load_training_state, save_sharded_optimizer_state, training_state
+from parallel.optim import (
+    load_training_state,
+    save_sharded_optimizer_state,
+    training_state,
+)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -12,8 +12,17 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # re-exported: the recipes and tests import the config machinery from here
-from engine.cli import (CONFIG_HELP, USER_ERRORS, from_dict, load_config, load_yaml, pop_config_arg,  # noqa: F401
-                        read_yaml, run_cli, to_dict)
+from engine.cli import (  # noqa: F401
+    CONFIG_HELP,
+    USER_ERRORS,
+    from_dict,
+    load_config,
+    load_yaml,
+    pop_config_arg,
+    read_yaml,
+    run_cli,
+    to_dict,
+)
 from kernels import PolicyLossConfig
 
 
@@ -31,6 +40,17 @@ class ModelConfig:
     """FP8 through Transformer Engine (H100 only; unverified without TE)."""
     offload_reference: bool = False
     """Keep the frozen reference model on CPU between its uses."""
+    expert_parallel: int = 1
+    """MoE models: Megatron expert-parallel size (experts split over this many data-parallel ranks)."""
+    routing_replay: bool = True
+    """MoE models: the rollout engine records each token's experts and the policy's log-prob passes and train
+    step replay them (R3), so the trainer scores the tokens through the experts that sampled them."""
+    moe_bias_update_rate: float = 1e-3
+    """MoE with an expert bias (DeepSeek-V3): aux-loss-free balancing step per train step; 0 freezes the bias."""
+    moe_aux_loss_coeff: float | None = None
+    """MoE: load-balancing loss coefficient (None: the checkpoint's own, e.g. Qwen3-MoE's router_aux_loss_coef)."""
+    preset: Literal["tiny", "tiny-moe"] = "tiny"
+    """Without --model: the embedded base model, dense (tiny) or DeepSeek-V3-shaped mixture of experts (tiny-moe)."""
 
 
 @dataclass
@@ -246,6 +266,10 @@ def check_ranges(cfg: GRPOConfig) -> None:
     checks = [
         ("model.tensor_parallel", m.tensor_parallel >= 1, ">= 1"),
         ("model.pipeline_parallel", m.pipeline_parallel >= 1, ">= 1"),
+        ("model.expert_parallel", m.expert_parallel >= 1, ">= 1"),
+        ("model.moe_bias_update_rate", fin(m.moe_bias_update_rate) and m.moe_bias_update_rate >= 0, ">= 0"),
+        ("model.moe_aux_loss_coeff", m.moe_aux_loss_coeff is None or (fin(m.moe_aux_loss_coeff)
+                                                                      and m.moe_aux_loss_coeff >= 0), ">= 0"),
         ("data.max_prompt_tokens", d.max_prompt_tokens >= 1, ">= 1"),
         ("rollout.prompts_per_step", r.prompts_per_step >= 1, ">= 1"),
         ("rollout.group_size", r.group_size >= 1, ">= 1 (completions sampled per prompt)"),

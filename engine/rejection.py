@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.rewards.format import format_reward
-from engine.rewards.language import SUPPORTED_LANGUAGES, chain_of_thought, language_consistency_reward
+from engine.rewards.language import (
+    SUPPORTED_LANGUAGES,
+    chain_of_thought,
+    language_consistency_reward,
+)
 from engine.rollout.base import SamplingParams
 
 DROP_REASONS = ("incorrect", "format", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_limit")

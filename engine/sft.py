@@ -38,17 +38,23 @@ from engine.config import to_dict
 from engine.data import (
     ROUND_TRIP_PROMPTS,
     _read_jsonl,
-    required_strings,
     _read_parquet,
     apply_template,
     check_tokenizer_fits,
     check_tokenizer_round_trip,
     encode_text,
     load_tokenizer,
+    required_strings,
 )
 from engine.metrics import MetricsLogger
 from engine.objectives import sft_objective
-from engine.sft_config import SFTConfig, SFTDataConfig, SFTOptimConfig, SFTTrainConfig, check_sft_ranges
+from engine.sft_config import (
+    SFTConfig,
+    SFTDataConfig,
+    SFTOptimConfig,
+    SFTTrainConfig,
+    check_sft_ranges,
+)
 from parallel import convert, models
 from parallel import state as pstate
 from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training

@@ -29,10 +29,15 @@ import torch
 import torch.distributed as dist
 
 from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
-from engine.batch import ADVANTAGES, OLD_LOGP, rl_rows, with_logprobs
+from engine.batch import ADVANTAGES, OLD_LOGP, ROUTED_EXPERTS, rl_rows, with_logprobs
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import GRPOConfig, check_ranges, to_dict
-from engine.data import PromptDataset, PromptSampler, check_tokenizer_fits, load_tokenizer
+from engine.data import (
+    PromptDataset,
+    PromptSampler,
+    check_tokenizer_fits,
+    load_tokenizer,
+)
 from engine.eval import gather_results, sample_questions, summarize
 from engine.metrics import MetricsLogger, PhaseTimer
 from engine.objectives import policy_objective
@@ -41,7 +46,13 @@ from engine.profiling import StepProfiler
 from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
 from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
-from engine.scoring import RolloutScorer, build_code_judge, build_reward_models, check_reward_models, reward_workers
+from engine.scoring import (
+    RolloutScorer,
+    build_code_judge,
+    build_reward_models,
+    check_reward_models,
+    reward_workers,
+)
 from kernels import distillation_advantages
 from parallel import convert, models
 from parallel import state as pstate
@@ -74,11 +85,15 @@ class GRPOTrainer:
         check_ranges(config)
         self.cfg = cfg = config
         self.model_dir = Path(model_dir)
-        self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
+        self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed,
+                                       expert_parallel=cfg.model.expert_parallel)
         self.device = self.ps.device
         self.is_leader = dist.get_rank(self.ps.model_parallel_group) == 0  # tp 0 / pp 0 of this replica
         # config.json first: a directory without it is not a model, whatever its tokenizer files
-        info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel)
+        info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel,
+                                      cfg.model.expert_parallel)
+        # MoE: the rollout records each token's experts and the policy's passes replay them (R3)
+        self.replay_routing = info.moe is not None and cfg.model.routing_replay
         self.tokenizer = load_tokenizer(self.model_dir)
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
         dtype = _DTYPES[cfg.model.dtype]
@@ -115,7 +130,9 @@ class GRPOTrainer:
             loss = dataclasses.replace(loss, max_len=cfg.rollout.max_new_tokens)
         self.cfg = cfg = dataclasses.replace(cfg, loss=loss)
 
-        policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8)
+        policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8,
+                                        moe_bias_update_rate=cfg.model.moe_bias_update_rate,
+                                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
         convert.load_hf_checkpoint(policy, self.model_dir)
         self.policy = wrap_for_training(policy)
         self.optimizer = build_optimizer(self.policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -137,7 +154,8 @@ class GRPOTrainer:
         if self.is_leader or r.backend == "vllm":  # vLLM: a colocated part on every rank (engine.rollout.colocate)
             self.rollout_engine = build_rollout_engine(
                 r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
-                seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
+                seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads,
+                record_routing=self.replay_routing)
         if self.is_leader:
             rules = build_reward_composer(reward_weights, language=cfg.reward.language, code_judge=code_judge,
                                           num_workers=reward_workers(cfg.reward, code_judge),
@@ -288,6 +306,8 @@ class GRPOTrainer:
                     [rollout.prompt_ids[i] for i in idx], [rollout.completion_ids[i] for i in idx],
                     None if self.teacher is not None else adv[idx],
                     rollout_logp=[rollout.rollout_logp[i] for i in idx],
+                    routed_experts=([rollout.routed_experts[i] for i in idx]
+                                    if self.replay_routing and rollout.routed_experts is not None else None),
                     train_on=None if train_on is None else [train_on[i] for i in idx], pack=True,
                     max_tokens_per_row=cfg.algo.max_tokens_per_row, pad_id=0).to(self.device)
                 if self.teacher is not None:
@@ -304,7 +324,7 @@ class GRPOTrainer:
         samples; the student's log-probs double as old_logp (they are the policy's at sampling time)."""
         T, mb = self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         student = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
-        teacher = logprobs(self.teacher, batch, temperature=T, num_microbatches=mb)
+        teacher = logprobs(self.teacher, batch.with_extras(**{ROUTED_EXPERTS: None}), temperature=T, num_microbatches=mb)
         batch = batch.with_extras(**{ADVANTAGES: distillation_advantages(student, teacher, batch.loss_mask)})
         return with_logprobs(batch, old_logp=student)
 
@@ -312,8 +332,9 @@ class GRPOTrainer:
         """Reference log-probs (beta > 0) and old log-probs (only when the updates go off-policy)."""
         cfg, T, mb = self.cfg, self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         if self.reference is not None:
-            with nvtx_range("ref_logprobs"):
-                ref_logp = logprobs(self.reference, batch, temperature=T, num_microbatches=mb)
+            with nvtx_range("ref_logprobs"):  # the reference routes by its own weights (no replay)
+                ref_logp = logprobs(self.reference, batch.with_extras(**{ROUTED_EXPERTS: None}), temperature=T,
+                                    num_microbatches=mb)
                 batch = with_logprobs(batch, ref_logp=ref_logp)
         if cfg.algo.epochs_per_batch * cfg.algo.mini_batches > 1 and OLD_LOGP not in batch.extras:
             with nvtx_range("old_logprobs"):

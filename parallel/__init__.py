@@ -11,13 +11,6 @@ import warnings
 # Megatron warns at import that TE/Apex are absent, once per module; on CPU that is the plan, not news.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
 
-from parallel.state import (  # noqa: E402
-    ParallelState,
-    destroy_parallel,
-    get_parallel_state,
-    init_parallel,
-    nvtx_range,
-)
 from parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
 from parallel.models import (
     VOCAB_PAD_LOGIT,
@@ -29,6 +22,13 @@ from parallel.models import (
     onload,
     parse_hf_config,
     unwrap_model,
+)
+from parallel.state import (  # noqa: E402
+    ParallelState,
+    destroy_parallel,
+    get_parallel_state,
+    init_parallel,
+    nvtx_range,
 )
 
 __all__ = [

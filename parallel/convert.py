@@ -149,9 +149,11 @@ def load_hf_checkpoint(model, hf_dir: str | Path) -> None:
         raise ValueError(f"{hf_dir}: unexpected tensors for {info.architecture}: {unexpected[:5]}")
 
     tp, rank = mpu.get_tensor_model_parallel_world_size(), mpu.get_tensor_model_parallel_rank()
+    etp, erank = mpu.get_expert_tensor_parallel_world_size(), mpu.get_expert_tensor_parallel_rank()
     for name, param, unit in model_units(model, info):
         parts = [reader.get(n, expected[n]) for n in unit.hf_names]
-        shard = full_to_shard(info, unit, hf_to_full(info, unit, parts), tp, rank)
+        size, at = (etp, erank) if unit.is_expert else (tp, rank)
+        shard = full_to_shard(info, unit, hf_to_full(info, unit, parts), size, at)
         if shard.shape != param.shape:
             raise ValueError(
                 f"Megatron parameter {name!r}: shard shape {tuple(shard.shape)} from {unit.hf_names} "
@@ -225,6 +227,8 @@ def export_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
     ep = mpu.get_expert_model_parallel_world_size()
     ep_group = mpu.get_expert_model_parallel_group() if ep > 1 else None
     my_ep_rank = mpu.get_expert_model_parallel_rank()
+    etp = mpu.get_expert_tensor_parallel_world_size()
+    etp_group = mpu.get_expert_tensor_parallel_group() if etp > 1 else None
     tensors = {name: tensor for name, tensor, _ in model_units(model, info)}
     dtype = model.config.params_dtype
     device = next(model.parameters()).device
@@ -233,8 +237,16 @@ def export_hf_state(model) -> Iterator[tuple[str, torch.Tensor]]:
         empty = torch.empty(unit.full_shape, dtype=torch.float32 if unit.fp32 else dtype, device=device)
         if stage != my_stage:
             full = empty
-        elif unit.is_expert:  # a whole expert on one expert-parallel rank
-            full = tensors[name].detach() if unit.expert_owner == my_ep_rank else empty
+        elif unit.is_expert:  # one expert: on one expert-parallel rank, split over its expert-TP ranks
+            if unit.expert_owner == my_ep_rank:
+                shard = tensors[name].detach()
+                shards = [shard]
+                if etp > 1:
+                    shards = [torch.empty_like(shard) for _ in range(etp)]
+                    dist.all_gather(shards, shard.contiguous(), group=etp_group)
+                full = shards_to_full(info, unit, shards)
+            else:
+                full = empty
             if ep > 1:
                 full = full.contiguous()
                 dist.broadcast(full, src=dist.get_global_rank(ep_group, unit.expert_owner), group=ep_group)

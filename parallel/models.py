@@ -424,14 +424,6 @@ def build_gpt_model(
         info, dtype=dtype, fp8=fp8, fp8_recipe=fp8_recipe, use_te=use_te, overrides=config_overrides,
         moe_bias_update_rate=moe_bias_update_rate, moe_aux_loss_coeff=moe_aux_loss_coeff,
     )
-    if info.moe is not None and tp > 1 and not use_te:
-        # MLA: megatron-core 0.16.1's local-spec MLA keeps the key's shared rope slice only from this rank's heads
-        # in backward (wrong kv_down gradients, measured); Qwen3-MoE under TP with sequence parallelism: a train
-        # step did not finish in the 4-rank test. Unresolved, so refused rather than run.
-        raise ValueError(
-            f"tensor_parallel={tp} with an MoE model ({info.model_type}) is not supported without Transformer "
-            f"Engine yet; use expert_parallel (and pipeline_parallel) for now"
-        )
     if info.moe is not None or info.qk_norm:
         megatron_without_te_fixes()
         layer_spec = decoder_spec(config, use_te)  # per layer: dense or MoE MLP, MLA or grouped-query attention

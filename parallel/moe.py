@@ -201,7 +201,8 @@ def megatron_without_te_fixes() -> None:
     defines the name only when TE imports (NameError in every router forward); (2) `extensions.transformer_engine`
     defines TELinear & co as MagicMock stand-ins, so `multi_latent_attention` believes TE is present and its
     `isinstance(..., TELinear)` raises; (3, CPU only) the all-to-all dispatcher converts its split sizes to numpy
-    only for CUDA tensors, and `all_to_all_single` rejects CPU tensors as sizes. Idempotent."""
+    only for CUDA tensors, and `all_to_all_single` rejects CPU tensors as sizes; (4, CPU only) gloo has no
+    uneven all_gather / reduce_scatter. Idempotent."""
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
@@ -220,6 +221,42 @@ def megatron_without_te_fixes() -> None:
 
         maybe_move_tensor_to_cpu._numpy_for_cpu = True
         token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    if not torch.cuda.is_available():
+        _uneven_collectives_over_gloo()
+
+
+def _uneven_collectives_over_gloo() -> None:
+    """(4, CPU) With experts split over TP ranks, the all-to-all dispatcher gathers and reduce-scatters a different
+    number of tokens per rank; gloo's all_gather and reduce_scatter take equal sizes only. The same results
+    through equal-sized collectives: pad to the largest part and gather; all-reduce and keep this rank's part."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    if getattr(mappings._gather_along_first_dim, "_uneven_over_gloo", False):
+        return
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or len(set(output_split_sizes)) == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1 or len(set(input_split_sizes)) == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start:start + input_split_sizes[group.rank()]].contiguous()
+
+    gather_along_first_dim._uneven_over_gloo = True
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def _local_mla_core_attention():
@@ -272,6 +309,16 @@ def _replace_module(spec, old, new, seen=None) -> None:
         _replace_module(sub, old, new, seen)
 
 
+def _replicated_linear():
+    """Megatron's plain (replicated) Linear, the one MLA accepts besides the column-parallel ones."""
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer import multi_latent_attention
+
+    if getattr(multi_latent_attention, "Linear", None) is None:  # MLA's own name for it, None when TE failed to import
+        multi_latent_attention.Linear = Linear
+    return multi_latent_attention.Linear
+
+
 def decoder_spec(config, use_te: bool):
     """The per-layer (dense or MoE) block spec Megatron builds from `config.moe_layer_freq`."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -279,9 +326,16 @@ def decoder_spec(config, use_te: bool):
 
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization="RMSNorm")
     if getattr(config, "multi_latent_attention", False) and not use_te:
+
         core = _local_mla_core_attention()
         for layer_spec in spec.layer_specs:
-            layer_spec.submodules.self_attention.submodules.core_attention = core
+            attention = layer_spec.submodules.self_attention.submodules
+            attention.core_attention = core
+            # the down projections replicated (as TE's spec has them), not column-parallel: with the local spec's
+            # ColumnParallelLinear, megatron-core 0.16.1 gathers [kv_lora + rope] over TP and its backward keeps
+            # only this rank's heads' share of the shared rope key's gradient (measured: wrong kv_down grads at
+            # TP = 2). The replicated Linear marks its weights for the sequence-parallel gradient sum.
+            attention.linear_q_down_proj = attention.linear_kv_down_proj = _replicated_linear()
     if config.sequence_parallel and not use_te:
         _replace_module(spec, WrappedTorchNorm, SequenceParallelTorchNorm)
     return spec
@@ -338,7 +392,8 @@ class MoEForward:
 
     @property
     def active(self) -> bool:
-        return bool(self.mlps)
+        """An MoE model (this pipeline stage may hold none of its MoE layers: it still joins the load's sum)."""
+        return self.moe is not None
 
     def _flat(self, t: torch.Tensor, thd: bool) -> torch.Tensor:
         """[B, S, ...] -> this rank's router token order [tokens, ...]."""
@@ -419,9 +474,18 @@ class MoEForward:
 
         return hook
 
-    def load_metrics(self) -> dict[str, float]:
+    def _every_stage_has_moe(self) -> bool:
+        """Megatron's aux-loss reduction is collective over the pipeline: only taken when every stage (an even
+        split of the layers) tracks one."""
+        pp = getattr(self.config, "pipeline_model_parallel_size", 1)
+        per_stage = len(self.moe.moe_layers) // pp
+        return all(any(self.moe.moe_layers[s * per_stage:(s + 1) * per_stage]) for s in range(pp))
+
+    def load_metrics(self, num_microbatches: int = 1) -> dict[str, float]:
         """Expert load over all ranks (every token is routed once per layer, by one rank): the busiest and the
-        idlest expert relative to a perfectly even load (1.0), and how many experts got no token."""
+        idlest expert relative to a perfectly even load (1.0), and the idle experts per layer; with a
+        load-balancing loss, its value (before the coefficient; 1.0 = even) averaged over MoE layers and
+        micro-batches. Dropless routing (no capacity factor): no token is ever dropped."""
         if not self.active or self.load is None:
             return {}
         import torch.distributed as dist
@@ -431,5 +495,16 @@ class MoEForward:
             dist.all_reduce(load)
         mean = load.sum(1, keepdim=True) / load.shape[1]
         rel = load / mean.clamp(min=1e-12)
-        return {"moe/load_max": float(rel.max()), "moe/load_min": float(rel.min()),
-                "moe/idle_experts": float((load == 0).sum()) / load.shape[0]}
+        metrics = {"moe/load_max": float(rel.max()), "moe/load_min": float(rel.min()),
+                   "moe/idle_experts": float((load == 0).sum()) / load.shape[0]}
+        if self.config.moe_aux_loss_coeff and self._every_stage_has_moe():
+            from megatron.core.transformer.moe import moe_utils
+
+            tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+            if "load_balancing_loss" in tracker:
+                # Megatron's own reduction: summed over pipeline stages, averaged over data-parallel ranks
+                moe_utils.reduce_aux_losses_tracker_across_ranks(["load_balancing_loss"])
+                values = tracker["load_balancing_loss"]["values"]
+                metrics["moe/aux_loss"] = float(values.sum()) / self.moe.num_moe_layers / num_microbatches
+                moe_utils.clear_aux_losses_tracker()
+        return metrics

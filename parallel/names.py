@@ -19,10 +19,11 @@ Dense layers (Qwen2 / Llama; `i` is the global layer, `j` its index inside this 
 
 Multi-latent attention (DeepSeek-V3), under `self_attn.` / `self_attention.`:
 
-    q_a_proj | q_proj (q_lora_rank None)            linear_q_down_proj | linear_q_proj      col
+    q_a_proj                                        linear_q_down_proj                      replicated
+    q_proj (q_lora_rank None)                       linear_q_proj                           col
     q_a_layernorm                                   q_layernorm
     q_b_proj                                        linear_q_up_proj                        col
-    kv_a_proj_with_mqa                              linear_kv_down_proj                     col
+    kv_a_proj_with_mqa                              linear_kv_down_proj                     replicated
     kv_a_layernorm                                  kv_layernorm
     kv_b_proj                                       linear_kv_up_proj                       col
     o_proj                                          linear_proj                             row
@@ -36,10 +37,12 @@ Each Megatron tensor has a "full" form (what it would be at TP=1) and its TP sha
 * qkv: full = per query group g: [q heads of g, k_g, v_g] stacked on dim 0; shard = contiguous
   chunk r of tp along dim 0 (Megatron's own layout, also when tp > num_query_groups);
 * glu: full = [gate; up]; shard r = [gate chunk r; up chunk r] (each rank's output splits in two);
-* col (MLA's projections, column-parallel in the local spec): chunk r along dim 0;
+* col (MLA's up projections, column-parallel): chunk r along dim 0;
 * row (o_proj, down_proj): chunk r along dim 1 (input features);
 * vocab: rows padded with zeros to padded_vocab_size, chunk r along dim 0;
-* norms, routers and whole experts (expert TP = 1): replicated over TP.
+* routed experts: like glu (fc1) and row (fc2), over the expert-tensor-parallel ranks (Megatron's default: the
+  TP size);
+* norms, routers and MLA's down projections: replicated over TP.
 """
 from __future__ import annotations
 
@@ -156,9 +159,9 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mlp.linear_fc2.weight": ("row", ("mlp.down_proj.weight",)),
     # multi-latent attention
     "self_attention.linear_q_proj.weight": ("col", ("self_attn.q_proj.weight",)),
-    "self_attention.linear_q_down_proj.weight": ("col", ("self_attn.q_a_proj.weight",)),
+    "self_attention.linear_q_down_proj.weight": ("replicated", ("self_attn.q_a_proj.weight",)),
     "self_attention.linear_q_up_proj.weight": ("col", ("self_attn.q_b_proj.weight",)),
-    "self_attention.linear_kv_down_proj.weight": ("col", ("self_attn.kv_a_proj_with_mqa.weight",)),
+    "self_attention.linear_kv_down_proj.weight": ("replicated", ("self_attn.kv_a_proj_with_mqa.weight",)),
     "self_attention.linear_kv_up_proj.weight": ("col", ("self_attn.kv_b_proj.weight",)),
     "self_attention.kv_layernorm.weight": ("replicated", ("self_attn.kv_a_layernorm.weight",)),
     # MoE
@@ -275,18 +278,18 @@ def full_to_hf(info: ModelInfo, unit: Unit, full: torch.Tensor) -> list[torch.Te
 
 
 def tp_split(unit: Unit) -> bool:
-    """Whether the tensor is split over the tensor-parallel ranks (experts are whole: expert TP = 1)."""
-    return unit.kind not in ("replicated", "expert", "expert_glu")
+    """Whether the tensor is split over tensor-parallel ranks (routed experts: over the expert-TP ranks)."""
+    return unit.kind != "replicated"
 
 
 def full_to_shard(info: ModelInfo, unit: Unit, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
     if not tp_split(unit):
         return full
-    if unit.kind == "row":
+    if unit.kind in ("row", "expert"):
         return full.chunk(tp, dim=1)[rank]
     if unit.kind in ("qkv", "col"):
         return full.chunk(tp, dim=0)[rank]
-    if unit.kind == "glu":
+    if unit.kind in ("glu", "expert_glu"):
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
     if unit.kind == "vocab":
@@ -299,11 +302,11 @@ def full_to_shard(info: ModelInfo, unit: Unit, full: torch.Tensor, tp: int, rank
 def shards_to_full(info: ModelInfo, unit: Unit, shards: list[torch.Tensor]) -> torch.Tensor:
     if not tp_split(unit):
         return shards[0]
-    if unit.kind == "row":
+    if unit.kind in ("row", "expert"):
         return torch.cat(shards, dim=1)
     if unit.kind in ("qkv", "col"):
         return torch.cat(shards, dim=0)
-    if unit.kind == "glu":
+    if unit.kind in ("glu", "expert_glu"):
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
     if unit.kind == "vocab":

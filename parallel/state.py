@@ -144,8 +144,8 @@ def init_parallel(
 ) -> ParallelState:
     """Initialise torch.distributed and Megatron's model-parallel groups and RNG.
 
-    expert_parallel must divide the data-parallel size (world / (tp * pp)); experts are never split
-    by tensor parallelism here (expert TP = 1: whole experts per rank).
+    expert_parallel must divide the data-parallel size (world / (tp * pp)); each expert is split over
+    the tensor-parallel size like a dense MLP (expert TP = TP, Megatron's default).
 
     Safe to call twice: with the same sizes it returns the existing state; with other sizes it
     rebuilds Megatron's groups on the existing process group (tests do this).
@@ -220,7 +220,7 @@ def init_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         expert_model_parallel_size=expert_parallel,
-        expert_tensor_parallel_size=1,
+        expert_tensor_parallel_size=tensor_parallel,  # Megatron's default: experts split like dense MLPs
         # Megatron's optimizer setup asks for the gloo data-parallel groups, also on CPU.
         create_gloo_process_groups=True,
     )

@@ -51,9 +51,9 @@ import torch.distributed as dist
 from kernels import token_logprobs
 from parallel.models import unwrap_model
 from parallel.moe import MoEForward
+from parallel.nvtx import install_nvtx_timers, nvtx_range
 from parallel.optim import optimizer_step
 from parallel.rows import PackedRows
-from parallel.nvtx import install_nvtx_timers, nvtx_range
 
 __all__ = ["ModelOutput", "LossFn", "logprobs", "train_step"]
 
@@ -364,7 +364,7 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     result["update_successful"] = float(bool(update_successful))
     result["num_sequences"] = float(total_sequences)
-    result.update(moe.load_metrics())
+    result.update(moe.load_metrics(len(micro)))
     return result
 
 
@@ -387,7 +387,9 @@ class _LMHeadBypass:
             def forward(input_, weight=None, runtime_gather_output=None, **_):
                 self.weight = self.layer.weight if weight is None else weight
                 if self.layer.sequence_parallel:  # [S/tp, b, h] -> [S, b, h], as the layer's own input gather
-                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+                    from megatron.core.tensor_parallel import (
+                        gather_from_sequence_parallel_region,
+                    )
 
                     # the fused loss returns dhidden already summed over the TP ranks: backward only splits it
                     input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=False)

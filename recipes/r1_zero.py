@@ -21,11 +21,19 @@ if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repositor
 
 import torch.distributed as dist
 
-from engine.config import GRPOConfig, check_ranges, from_dict, load_config, pop_config_arg, read_yaml, run_cli
+from engine.config import (
+    GRPOConfig,
+    check_ranges,
+    from_dict,
+    load_config,
+    pop_config_arg,
+    read_yaml,
+    run_cli,
+)
 from engine.data import load_prompts
 from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from parallel.state import init_parallel
-from recipes.tiny.settings import TINY_DEFAULT, TINY_GRPO_EPS_HIGH
+from recipes.tiny.settings import TINY_DEFAULT, TINY_GRPO_EPS_HIGH, TINY_MOE_OUT
 
 # `--model DIR --data FILE --out DIR --eval-data FILE`: short forms of --model.path, --data.path, --train.out,
 # --data.eval-path
@@ -55,11 +63,18 @@ def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
     if path:
         default = from_dict(GRPOConfig, yaml_data, path, base=default)
     cfg = load_config(GRPOConfig, args, default=default, description=HELP)
-    if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args) \
-            and "tensor_parallel" not in model_section:
-        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP)
-        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    moe = cfg.model.preset == "tiny-moe"
+    if embedded and moe and cfg.train.out == TINY_DEFAULT.train.out:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=TINY_MOE_OUT))
+    layout_given = any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel", "--model.expert-parallel",
+                                     "--model.expert_parallel")) for a in args) \
+        or "tensor_parallel" in model_section or "expert_parallel" in model_section
+    if embedded and not layout_given:
+        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP); the
+        # tiny MoE model's experts are (EP, data-parallel ranks each with their own prompts)
+        ranks = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+        split = {"expert_parallel": ranks} if moe else {"tensor_parallel": ranks}
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **split))
     if embedded and cfg.loss.name == "grpo" and cfg.loss.eps_high is None:
         # the tiny world's GRPO clips higher (DAPO); `--loss.name gspo` keeps GSPO's own 3e-4 / 4e-4
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, eps_high=TINY_GRPO_EPS_HIGH))
@@ -81,18 +96,23 @@ def check_paths(cfg: GRPOConfig) -> None:
 def main(argv: list[str] | None = None):
     cfg, embedded = resolve_config(argv)
     check_paths(cfg)
-    from engine.trainer import GRPOTrainer  # here: a config mistake is reported without importing Megatron
+    from engine.trainer import (
+        GRPOTrainer,  # here: a config mistake is reported without importing Megatron
+    )
 
-    ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
+    ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed,
+                       expert_parallel=cfg.model.expert_parallel)
 
     if embedded:
         from recipes.tiny.corpus import DATA_DIR
         from recipes.tiny.pretrain import ensure_base_model
+        from recipes.tiny.pretrain_moe import ensure_moe_base_model
 
+        ensure = ensure_moe_base_model if cfg.model.preset == "tiny-moe" else ensure_base_model
         if ps.is_main:
-            ensure_base_model()  # the committed checkpoint, or pretrain it (~7 minutes on 2 cores)
+            ensure()  # the committed checkpoint, or pretrain it (~7 minutes on 2 cores; the MoE one ~8)
         dist.barrier()
-        model_dir = ensure_base_model()
+        model_dir = ensure()
         train_path = cfg.data.path or DATA_DIR / "train.jsonl"
         eval_path = cfg.data.eval_path or DATA_DIR / "eval.jsonl"
     else:

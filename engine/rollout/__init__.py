@@ -20,7 +20,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def build_rollout_engine(backend: Literal["hf", "vllm"], model_dir: str | Path, tokenizer: Any, *,
                          device: torch.device, dtype: Literal["float32", "bfloat16"], seed: int,
-                         gpu_memory_utilization: float, num_threads: int | None) -> RolloutEngine:
+                         gpu_memory_utilization: float, num_threads: int | None,
+                         record_routing: bool = False) -> RolloutEngine:
     """The rollout engine of `backend` on `model_dir`, using the caller's tokenizer object (the trainer's and the
     evaluation's one tokenizer). vLLM's options are used by vllm only, num_threads by hf only.
 
@@ -36,8 +37,9 @@ def build_rollout_engine(backend: Literal["hf", "vllm"], model_dir: str | Path, 
             from engine.rollout.colocate import build_colocated_vllm
 
             return build_colocated_vllm(model_dir, tokenizer, dtype=dtype, seed=seed,
-                                        gpu_memory_utilization=gpu_memory_utilization)
+                                        gpu_memory_utilization=gpu_memory_utilization, record_routing=record_routing)
 
         return VLLMRolloutEngine(str(model_dir), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
-                                 seed=seed, tokenizer=tokenizer)
-    return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[dtype], num_threads=num_threads)
+                                 seed=seed, tokenizer=tokenizer, record_routing=record_routing)
+    return HFRolloutEngine(str(model_dir), tokenizer, device=device, dtype=_DTYPES[dtype], num_threads=num_threads,
+                           record_routing=record_routing)

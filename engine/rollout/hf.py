@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
-from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, check_prompts
+from engine.rollout.base import (
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    check_prompts,
+)
 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
@@ -167,6 +173,32 @@ class _RoutingRecorder:
         stacked = torch.stack(self._calls, dim=1).to(self.dtype)  # [rows * seq, layers, k]
         self._calls = [None] * len(self.routers)
         return stacked.view(rows, seq, len(self.routers), self.top_k).cpu()
+
+
+_EXPERT_NAME = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def _fused_expert_slice(params: dict, name: str):
+    """(fused name, the view of one expert's gate/up/down weight in it) for a checkpoint's per-expert name, when
+    the model holds its experts fused (transformers 5: gate_up_proj [E, 2I, H] with gate rows first, down_proj
+    [E, H, I]); None otherwise."""
+    match = _EXPERT_NAME.match(name)
+    if match is None:
+        return None
+    base, e, which = match.group(1), int(match.group(2)), match.group(3)
+    fused_name = f"{base}.gate_up_proj" if which in ("gate", "up") else f"{base}.down_proj"
+    fused = params.get(fused_name)
+    if fused is None or fused.dim() != 3 or e >= fused.shape[0]:
+        return None
+    if which == "down":
+        return fused_name, fused.data[e]
+    inter = fused.shape[1] // 2
+    return fused_name, fused.data[e, :inter] if which == "gate" else fused.data[e, inter:]
+
+
+def _slices_of(fused: torch.Tensor, fused_name: str) -> int:
+    """Per-expert tensors that make up a fused expert tensor (gate and up: two per expert)."""
+    return fused.shape[0] * (2 if fused_name.endswith("gate_up_proj") else 1)
 
 
 class HFRolloutEngine(RolloutEngine):
@@ -382,10 +414,24 @@ class HFRolloutEngine(RolloutEngine):
         non-empty list is a ValueError instead.
         """
         params = dict(self.model.named_parameters(remove_duplicate=False))
+        # MoE: the router's expert bias is a buffer, and transformers 5 holds the experts fused in memory
+        params.update((n, b) for n, b in self.model.named_buffers() if n.endswith("e_score_correction_bias"))
         written_by: dict[int, str] = {}  # id(parameter) -> the streamed name that wrote it
+        expert_slices: dict[str, int] = {}  # fused expert tensor -> slices written
         for name, tensor in named_tensors:
             param = params.get(name)
             if param is None:
+                fused = _fused_expert_slice(params, name)
+                if fused is not None:
+                    fused_name, view = fused
+                    if tuple(tensor.shape) != tuple(view.shape):
+                        raise ValueError(f"update_weights: expert {name!r} has shape {tuple(view.shape)} in "
+                                         f"{fused_name} but the streamed tensor has shape {tuple(tensor.shape)}")
+                    view.copy_(tensor.detach().to(device=view.device, dtype=view.dtype))
+                    expert_slices[fused_name] = expert_slices.get(fused_name, 0) + 1
+                    if expert_slices[fused_name] == _slices_of(params[fused_name], fused_name):
+                        written_by[id(params[fused_name])] = name
+                    continue
                 raise ValueError(f"update_weights: unknown parameter {name!r} (not in the rollout model)")
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"update_weights: parameter {name!r} has shape {tuple(param.shape)} but the "

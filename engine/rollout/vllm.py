@@ -54,7 +54,12 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams, check_prompts
+from engine.rollout.base import (
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    check_prompts,
+)
 
 
 def _import_vllm():

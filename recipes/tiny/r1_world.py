@@ -28,7 +28,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.tiny.corpus import DATA_DIR, has_carry, question, reasoning, train_pairs, write_jsonl
+from recipes.tiny.corpus import (
+    DATA_DIR,
+    has_carry,
+    question,
+    reasoning,
+    train_pairs,
+    write_jsonl,
+)
 
 R1_DATA_DIR = DATA_DIR / "r1"
 # the R1 stages' prompt template: a plain dialogue (the R1-Zero template asks for <think> tags, the readable

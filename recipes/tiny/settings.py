@@ -45,3 +45,6 @@ def tiny_distill():
         onpolicy=onpolicy, rl=rl,
         eval=EvalSettings(samples=4, max_new_tokens=budget, template="r1-zero"),
     )
+
+# `--model.preset tiny-moe`: the same settings on the DeepSeek-V3-shaped base (recipes/tiny/moe_base), run here
+TINY_MOE_OUT = "outputs/r1_zero_tiny_moe"

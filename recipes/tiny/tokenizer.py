@@ -24,10 +24,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from recipes.tiny.corpus import EOS_TOKEN, R1_ZERO_TEMPLATE, TAGS, tokenizer_training_texts
+from recipes.tiny.corpus import (
+    EOS_TOKEN,
+    R1_ZERO_TEMPLATE,
+    TAGS,
+    tokenizer_training_texts,
+)
 
 # Everything before " {prompt}" is the same in every prompt: one token.
 TEMPLATE_PREFIX = R1_ZERO_TEMPLATE.split(" {prompt}")[0]

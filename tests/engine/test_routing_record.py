@@ -18,7 +18,7 @@ from tests.parallel._moe_tiny import write_moe_checkpoint
 # Qwen3-MoE with a dense layer between two MoE layers (the record's layer axis skips it); DeepSeek-V3 as written
 # (layer 0 dense, 1 and 2 MoE, top-4 of 8 in groups).
 CHECKPOINTS = {"qwen3_moe": {"num_hidden_layers": 3, "mlp_only_layers": [1]}, "deepseek_v3": {}}
-MOE_LAYERS = {"qwen3_moe": [0, 2], "deepseek_v3": [1, 2]}
+MOE_LAYERS = {"qwen3_moe": [0, 2], "deepseek_v3": [1, 2, 3]}
 TOP_K = {"qwen3_moe": 2, "deepseek_v3": 4}
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20, 21, 22, 23, 24]]
 EOS = list(range(0, 250, 9))  # many EOS ids: some completions stop after a few tokens, others run to the limit

@@ -1,0 +1,84 @@
+"""The GRPO trainer on the tiny DeepSeek-V3-shaped MoE base (recipes/tiny/moe_base): routing recorded by the HF
+rollout engine reaches the policy's rows and is replayed there; the reference routes by itself; weight sync
+writes per-expert tensors into the rollout model's fused experts; the MoE metrics are logged."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.engine._trainer_common import DATA, tiny_config
+
+
+@pytest.fixture(scope="module")
+def moe_base():
+    from recipes.tiny.pretrain import is_valid_base_model
+    from recipes.tiny.pretrain_moe import MOE_DIR, MoEPretrainConfig
+
+    assert is_valid_base_model(MOE_DIR, MoEPretrainConfig())  # the committed checkpoint, never rebuilt here
+    return MOE_DIR
+
+
+def _trainer(moe_base, out, replay: bool):
+    from engine.data import load_prompts
+    from engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(out, steps=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routing_replay=replay),
+                              algo=dataclasses.replace(cfg.algo, epochs_per_batch=1))
+    return GRPOTrainer(cfg, moe_base, load_prompts(DATA / "train.jsonl"))
+
+
+def test_one_step_with_routing_replay(moe_base, tmp_path):
+    from engine.batch import ROUTED_EXPERTS
+    from parallel.moe import router_modules
+
+    trainer = _trainer(moe_base, tmp_path / "on", replay=True)
+    seen = {}
+    update = trainer.update
+
+    def spy(minis):
+        seen["minis"] = minis
+        return update(minis)
+
+    trainer.update = spy
+    replayed = []
+    hooks = [r.register_forward_pre_hook(lambda m, a: replayed.append(m.router_replay.router_replay_action))
+             for r in router_modules(trainer.policy)]
+    metrics = trainer.train_one_step()
+    for h in hooks:
+        h.remove()
+    minis = seen["minis"]
+    routed = minis[0].extras[ROUTED_EXPERTS]
+    assert routed.shape[:2] == minis[0].tokens.shape and routed.shape[2:] == (3, 4)  # 3 MoE layers, top-4
+    real = minis[0].seq_ids >= 0
+    assert int(routed[real].max()) < 16 and int(routed[real].min()) >= 0
+    assert replayed and all(a is not None for a in replayed)  # every policy forward replayed the rollout's experts
+    assert 1.0 <= metrics["train/moe/load_max"] < 16 and metrics["train/moe/load_min"] <= 1.0
+    # the rollout's log-probs and the replayed policy's agree to fp32 round-off
+    assert metrics["train/mismatch_abs"] < 1e-4
+    # the weight sync reached the rollout model's fused experts and the router bias (the bias moved this step)
+    hf = trainer.rollout_engine.model
+    from parallel.convert import export_hf_state
+
+    exported = dict(export_hf_state(trainer.policy))
+    torch.testing.assert_close(hf.model.layers[1].mlp.experts.gate_up_proj.data[5, :48],
+                               exported["model.layers.1.mlp.experts.5.gate_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(hf.model.layers[2].mlp.gate.e_score_correction_bias,
+                               exported["model.layers.2.mlp.gate.e_score_correction_bias"], rtol=0, atol=0)
+    trainer.close()
+
+
+def test_replay_off_records_nothing(moe_base, tmp_path):
+    from engine.batch import ROUTED_EXPERTS
+
+    trainer = _trainer(moe_base, tmp_path / "off", replay=False)
+    assert not trainer.rollout_engine.record_routing
+    seen = {}
+    update = trainer.update
+    trainer.update = lambda minis: (seen.setdefault("minis", minis), update(minis))[1]
+    metrics = trainer.train_one_step()
+    assert ROUTED_EXPERTS not in seen["minis"][0].extras
+    assert "train/moe/load_max" in metrics
+    trainer.close()
