@@ -180,9 +180,11 @@ class SFTTrainer:
         self.cfg = cfg = config
         self.model_dir = Path(model_dir)
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else self.model_dir
-        self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed)
+        self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed,
+                                       expert_parallel=cfg.model.expert_parallel)
         self.device = self.ps.device
-        info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel)
+        info = models.parse_hf_config(self.model_dir / "config.json", cfg.model.tensor_parallel,
+                                      cfg.model.expert_parallel)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.tokenizer_dir)
         if cfg.train.batch_size < self.ps.dp_size:
@@ -211,7 +213,8 @@ class SFTTrainer:
             self._check_resumable(ckpt, json.loads((ckpt / "trainer.json").read_text()))
 
         policy = models.build_gpt_model(self.model_dir / "config.json", dtype=_DTYPES[cfg.model.dtype],
-                                        fp8=cfg.model.fp8)
+                                        fp8=cfg.model.fp8, moe_bias_update_rate=cfg.model.moe_bias_update_rate,
+                                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
         convert.load_hf_checkpoint(policy, self.model_dir)
         self.policy = wrap_for_training(policy)
         o = cfg.optim

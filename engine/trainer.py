@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +42,7 @@ from engine.metrics import MetricsLogger, PhaseTimer
 from engine.objectives import policy_objective
 from engine.preflight import check_layout, check_lengths, check_teacher
 from engine.profiling import StepProfiler
-from engine.rewards import RewardOutput, build_reward_composer, check_reward_weights
+from engine.rewards import build_reward_composer, check_reward_weights
 from engine.rollout import build_rollout_engine
 from engine.rollout.base import RolloutBatch, SamplingParams
 from engine.scoring import (
@@ -53,6 +52,7 @@ from engine.scoring import (
     check_reward_models,
     reward_workers,
 )
+from engine.step_metrics import CollectedStep, step_metrics
 from kernels import distillation_advantages
 from parallel import convert, models
 from parallel import state as pstate
@@ -66,18 +66,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CURVES = ("accuracy", "format_rate", "eval/pass@1", "eval/format_rate", "reward/mean", "response_length/mean",
           "train/kl", "train/entropy", "train/grad_norm", "train/clip_low", "train/clip_high", "train/mismatch_abs",
           "time/step", "throughput/tokens_per_s")
-
-
-@dataclass
-class CollectedStep:
-    """What one step trains on: the first sampling round (what the step's metrics describe), the packed
-    mini-batches (with dynamic sampling, from the kept groups) and the step's extra metrics."""
-
-    rollout: RolloutBatch
-    scores: RewardOutput
-    rewards: torch.Tensor
-    minis: list[PackedRows]
-    metrics: dict[str, float]
 
 
 class GRPOTrainer:
@@ -222,7 +210,8 @@ class GRPOTrainer:
         with self.timer("weight_sync"):
             self.sync_weights()
         self.step += 1
-        return self._step_metrics(step, updates, lr, time.perf_counter() - t0)
+        return step_metrics(step, updates, lr, time.perf_counter() - t0, timings=self.timer.metrics(prefix="time/"),
+                            generated_tokens=self._generated_tokens, ps=self.ps)
 
     def _draw(self):
         """One sampling round: this rank's share of the next prompt batch, G completions each, rewards."""
@@ -366,48 +355,6 @@ class GRPOTrainer:
         else:
             for _ in stream:
                 pass
-
-    def _step_metrics(self, step: "CollectedStep", updates, lr, seconds) -> dict[str, float]:
-        rollout, scores, rewards = step.rollout, step.scores, step.rewards
-        lengths = rollout.lengths.double()
-        m: dict[str, float] = {
-            "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-            "response_length/mean": lengths.mean().item(),
-            "response_length/max": lengths.max().item(),
-            "response_length/truncated_frac": rollout.truncated.double().mean().item(),
-            "reward/errors": float(scores.num_errors),
-            "reward/timeouts": float(scores.num_timeouts),
-            "optim/lr": lr,
-        }
-        counts = {}  # a component's mean is over the rows of its kind (NaN elsewhere): sums and counts, DP-reduced
-        for name, values in scores.components.items():
-            kept = [v for v in values if not math.isnan(v)]
-            m[f"reward/{name}"], counts[f"reward/{name}"] = sum(kept), float(len(kept))
-        for key in updates[0]:
-            m[f"train/{key}"] = sum(u[key] for u in updates) / len(updates)
-        m.update(self.timer.metrics(prefix="time/"))
-        m["time/step"] = seconds
-        tokens = sum(len(p) + len(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids))
-        m["throughput/tokens_per_s"] = tokens * self.ps.dp_size / max(seconds, 1e-9)
-        m["throughput/rollout_tokens_per_s"] = self._generated_tokens / max(m.get("time/rollout", 1e-9), 1e-9)
-        m.update(step.metrics)  # the same keys on every rank (they follow the config)
-        keys, count_keys = sorted(m), sorted(counts)
-        t = torch.tensor([m[k] for k in keys] + [counts[k] for k in count_keys], dtype=torch.float64)
-        if self.ps.dp_size > 1:  # average over data-parallel replicas
-            t = t.to(self.device)
-            dist.all_reduce(t, group=self.ps.dp_group)
-            t = t.cpu()
-        values = dict(zip(keys, (t[:len(keys)] / self.ps.dp_size).tolist()))
-        for k, c in zip(count_keys, t[len(keys):].tolist()):
-            if c > 0:
-                values[k] = values[k] * self.ps.dp_size / c
-            else:
-                del values[k]  # no row of this kind in the step
-        for short, key in (("accuracy", "reward/accuracy"), ("format_rate", "reward/format")):
-            if key in values:  # over the reasoning rows
-                values[short] = values[key]
-        return values
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, limit: int | None = None) -> dict[str, float]:
