@@ -99,8 +99,8 @@ def test_padding_changes_neither_logprobs_nor_the_step(single_process_parallel, 
 
     seen = []
     forward = step._model_forward
-    monkeypatch.setattr(step, "_model_forward", lambda model, mb, use_thd: seen.append(mb.tokens.shape)
-                        or forward(model, mb, use_thd))
+    monkeypatch.setattr(step, "_model_forward", lambda model, mb, use_thd, moe: seen.append(mb.tokens.shape)
+                        or forward(model, mb, use_thd, moe))
 
     def run(multiple):
         monkeypatch.setattr(step, "_token_multiple", lambda config: multiple)

@@ -47,3 +47,20 @@ def test_rerun_resumes_and_keeps_the_base_score(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward/mean" in x] == [1, 2, 3]
+
+
+def test_tiny_moe_preset_learns(tmp_path):
+    """`--model.preset tiny-moe`: the DeepSeek-V3-shaped base (MLA, routed + shared experts, expert bias) with
+    routing replay learns as the dense default does, and logs its expert load."""
+    from recipes.r1_zero import resolve_config
+
+    cfg, embedded = resolve_config(["--model.preset", "tiny-moe"])
+    assert embedded and cfg.train.out == "outputs/r1_zero_tiny_moe" and cfg.model.routing_replay
+    out = tmp_path / "moe"
+    before, after = main(["--model.preset", "tiny-moe", "--out", str(out), "--train.no-export-hf"])
+    assert after["eval/pass@1"] >= before["eval/pass@1"] + 0.15, (before, after)
+    assert after["eval/format_rate"] >= 0.9, after
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    loads = [x["train/moe/load_max"] for x in steps if "train/moe/load_max" in x]
+    assert len(loads) == 60 and all(1.0 <= v < 4.0 for v in loads)
+    assert max(x["train/mismatch_abs"] for x in steps if "train/mismatch_abs" in x) < 1e-4
