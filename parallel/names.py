@@ -164,6 +164,9 @@ _LAYER_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "self_attention.linear_kv_down_proj.weight": ("replicated", ("self_attn.kv_a_proj_with_mqa.weight",)),
     "self_attention.linear_kv_up_proj.weight": ("col", ("self_attn.kv_b_proj.weight",)),
     "self_attention.kv_layernorm.weight": ("replicated", ("self_attn.kv_a_layernorm.weight",)),
+    # the TE spec fuses MLA's norms into the up projections (read from megatron-core's spec, UNVERIFIED)
+    "self_attention.linear_q_up_proj.layer_norm_weight": ("replicated", ("self_attn.q_a_layernorm.weight",)),
+    "self_attention.linear_kv_up_proj.layer_norm_weight": ("replicated", ("self_attn.kv_a_layernorm.weight",)),
     # MoE
     "mlp.router.weight": ("replicated", ("mlp.gate.weight",)),
     "mlp.router.expert_bias": ("replicated", ("mlp.gate.e_score_correction_bias",)),
