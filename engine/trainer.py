@@ -313,7 +313,8 @@ class GRPOTrainer:
         samples; the student's log-probs double as old_logp (they are the policy's at sampling time)."""
         T, mb = self.cfg.rollout.temperature, self.cfg.algo.num_microbatches
         student = logprobs(self.policy, batch, temperature=T, num_microbatches=mb)
-        teacher = logprobs(self.teacher, batch.with_extras(**{ROUTED_EXPERTS: None}), temperature=T, num_microbatches=mb)
+        teacher = logprobs(self.teacher, batch.with_extras(**{ROUTED_EXPERTS: None}), temperature=T,
+                           num_microbatches=mb)
         batch = batch.with_extras(**{ADVANTAGES: distillation_advantages(student, teacher, batch.loss_mask)})
         return with_logprobs(batch, old_logp=student)
 

@@ -149,7 +149,8 @@ def parse_hf_config(hf_config: dict | str | Path, tensor_parallel: int = 1, expe
         raise ValueError(f"expert_parallel={expert_parallel}: {where} is a dense model ({model_type}), it has no "
                          f"experts to distribute")
     if mla is not None:  # the rope (and its yarn scaling) is MLA's own: only the base is read here
-        theta, scaling = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))), None
+        params = cfg.get("rope_parameters") or {}
+        theta, scaling = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0))), None
         head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     else:
         theta, scaling = _rope(cfg, where)

@@ -23,6 +23,7 @@ counts the load for the step's metrics.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,7 +128,8 @@ def parse_moe(cfg: dict, model_type: str, where: str, num_layers: int) -> tuple[
         first_dense = int(cfg.get("first_k_dense_replace", 3) or 0)  # transformers' default is 3
         layers = tuple(i >= first_dense for i in range(num_layers))  # (HF reads no moe_layer_freq)
         moe = MoEInfo(num_experts=experts, topk=topk, ffn_hidden_size=_int(cfg, "moe_intermediate_size", where),
-                      shared_ffn_hidden_size=int(cfg.get("n_shared_experts", 1) or 0) * int(cfg["moe_intermediate_size"]),
+                      shared_ffn_hidden_size=int(cfg.get("n_shared_experts", 1) or 0)
+                      * int(cfg["moe_intermediate_size"]),
                       moe_layers=layers, score_function="sigmoid", norm_topk_prob=True, expert_bias=True,
                       num_groups=groups if groups > 1 else None, group_topk=group_topk if groups > 1 else None,
                       scaling_factor=float(cfg.get("routed_scaling_factor", 2.5)))
@@ -254,7 +256,7 @@ class MoEForward:
       `local_tokens_per_expert` right after its forward (aux and z losses still see padding positions);
     * routing replay: with the rows' `routed_experts` and `replay=True`, every router takes the recorded experts
       instead of its own top-k (the weights still come from its current scores, so it keeps its gradient);
-    * expert load: tokens routed to each expert of each MoE layer over the forwards since `reset_load`.
+    * expert load: tokens routed to each expert of each MoE layer over the forwards inside `count_load()`.
     Tokens reach a router as [S, B] flattened S-major (sequence parallelism: this TP rank's slice of S;
     packed `thd`: one row of B * S)."""
 
@@ -273,7 +275,6 @@ class MoEForward:
                           if hasattr(layer.mlp, "router")]
         self.load = None
         self._pad_flat = None
-        self._hooks = []
 
     @property
     def active(self) -> bool:
@@ -290,10 +291,10 @@ class MoEForward:
             flat = flat.chunk(tp, dim=0)[rank]
         return flat
 
-    def forward_kwargs(self, mb, thd: bool) -> dict:
-        """Set this micro-batch's replay targets; the model's extra forward arguments."""
+    def prepare(self, mb, thd: bool) -> None:
+        """Before a micro-batch's forward: its padding (for the load) and, with replay, its routers' targets."""
         if not self.active:
-            return {}
+            return
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
         padding = mb.seq_ids < 0
@@ -314,7 +315,6 @@ class MoEForward:
             else:
                 replay.target_topk_idx = self._flat(routed[:, :, layer], thd).long()
                 replay.router_replay_action = RouterReplayAction.REPLAY_FORWARD
-        return {}
 
     def clear(self) -> None:
         for mlp in self.mlps:
@@ -324,26 +324,21 @@ class MoEForward:
 
     # -- expert load ---------------------------------------------------------------------------
 
+    @contextlib.contextmanager
     def count_load(self):
-        """Context: count tokens per expert of each MoE layer in the forwards inside it."""
-        owner = self
-
-        class _Counting:
-            def __enter__(self_inner):
-                if owner.active:
-                    owner.load = torch.zeros(owner.moe.num_moe_layers, owner.moe.num_experts, dtype=torch.float64)
-                    for mlp, layer in zip(owner.mlps, owner.layer_ids):
-                        owner._hooks.append(mlp.router.register_forward_hook(owner._hook(layer)))
-                return owner
-
-            def __exit__(self_inner, *exc):
-                for h in owner._hooks:
-                    h.remove()
-                owner._hooks.clear()
-                owner.clear()
-                return False
-
-        return _Counting()
+        """Count tokens per expert of each MoE layer in the forwards inside this context; replay targets are
+        cleared on the way out."""
+        hooks = []
+        if self.active:
+            self.load = torch.zeros(self.moe.num_moe_layers, self.moe.num_experts, dtype=torch.float64)
+            hooks = [mlp.router.register_forward_hook(self._hook(layer))
+                     for mlp, layer in zip(self.mlps, self.layer_ids)]
+        try:
+            yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            self.clear()
 
     def _hook(self, layer: int):
         def hook(module, args, output):

@@ -95,7 +95,8 @@ def _mlp_shapes(info: ModelInfo, p: str, layer: int) -> dict[str, tuple[int, ...
     h, moe = info.hidden_size, info.moe
     if moe is None or not moe.moe_layers[layer]:
         f = info.ffn_hidden_size
-        return {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f)}
+        return {p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f)}
     shapes: dict[str, tuple[int, ...]] = {p + "mlp.gate.weight": (moe.num_experts, h)}
     if moe.expert_bias:
         shapes[p + "mlp.gate.e_score_correction_bias"] = (moe.num_experts,)

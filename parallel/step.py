@@ -114,7 +114,7 @@ def _tp_group_and_vocab_start(local_vocab: int) -> tuple[Any, int]:
 
 def _model_forward(model: torch.nn.Module, mb: PackedRows, use_thd: bool, moe: MoEForward) -> torch.Tensor:
     """One micro-batch through this pipeline stage. On the last stage: logits [b, S, V/tp]."""
-    extra = moe.forward_kwargs(mb, use_thd)  # MoE: padding mask, routing replay targets
+    moe.prepare(mb, use_thd)  # MoE: padding for the expert load, routing replay targets
     if use_thd:
         from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -124,11 +124,11 @@ def _model_forward(model: torch.nn.Module, mb: PackedRows, use_thd: bool, moe: M
             max_seqlen_kv=max_len,
         )
         out = model(mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None,
-                    packed_seq_params=params, **extra)
+                    packed_seq_params=params)
         if out.dim() == 3 and out.shape[0] == 1 and mb.num_rows > 1:  # logits [1, b*S, V]
             out = out.reshape(mb.num_rows, mb.seq_len, -1)
         return out
-    return model(mb.tokens, mb.position_ids, mb.attention_mask(), **extra)
+    return model(mb.tokens, mb.position_ids, mb.attention_mask())
 
 
 def _schedule_shape(mb: PackedRows, use_thd: bool) -> tuple[int, int]:
