@@ -67,10 +67,33 @@ def _info(model) -> ModelInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-class _CheckpointReader:
-    """Lazy access to the tensors of an HF safetensors checkpoint (single file or sharded)."""
+def _fp8_block(info: ModelInfo, where: Path) -> tuple[int, int] | None:
+    """The weight block of a block-scaled FP8 checkpoint (DeepSeek-V3's published weights: e4m3 with one
+    `weight_scale_inv` per 128 x 128 block), None for an unquantized one."""
+    quant = info.hf_config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    block = quant.get("weight_block_size")
+    if method != "fp8" or not (isinstance(block, list) and len(block) == 2):
+        raise ValueError(f"{where}: unsupported quantization_config (quant_method={method!r}, weight_block_size="
+                         f"{block!r}); supported: block-scaled fp8, or an unquantized checkpoint")
+    return int(block[0]), int(block[1])
 
-    def __init__(self, hf_dir: str | Path):
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp32 weight = fp8 weight x its block's scale (scale_inv [ceil(out / b0), ceil(in / b1)])."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+class _CheckpointReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint (single file or sharded); block-scaled FP8
+    weights come back dequantized to fp32."""
+
+    def __init__(self, hf_dir: str | Path, fp8_block: tuple[int, int] | None = None):
+        self.fp8_block = fp8_block
         from safetensors import safe_open
 
         self._safe_open = safe_open
@@ -107,7 +130,26 @@ class _CheckpointReader:
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(expected_shape)}"
             )
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale_name = name + "_scale_inv"
+            if self.fp8_block is None or scale_name not in self.file_of:
+                raise ValueError(f"{path}: tensor {name!r} is fp8 but the checkpoint has no block-scaled fp8 "
+                                 f"quantization_config with its {scale_name!r}")
+            rows, cols = tensor.shape
+            b0, b1 = self.fp8_block
+            scale = self.get(scale_name, (-(-rows // b0), -(-cols // b1)))
+            tensor = dequantize_fp8_blocks(tensor, scale, self.fp8_block)
         return tensor
+
+
+def _is_mtp_tensor(info: ModelInfo, name: str) -> bool:
+    """DeepSeek-V3's multi-token-prediction layers, stored as layers num_hidden_layers.. of the checkpoint: not
+    part of the model transformers (or this engine) builds, so they are left unread."""
+    extra = int(info.hf_config.get("num_nextn_predict_layers") or 0)
+    if not extra or not name.startswith("model.layers."):
+        return False
+    index = name.split(".")[2]
+    return index.isdigit() and info.num_layers <= int(index) < info.num_layers + extra
 
 
 def _check_config_matches(info: ModelInfo, hf_dir: Path) -> None:
@@ -137,13 +179,15 @@ def load_hf_checkpoint(model, hf_dir: str | Path) -> None:
     info = _info(model)
     hf_dir = Path(hf_dir)
     _check_config_matches(info, hf_dir)
-    reader = _CheckpointReader(hf_dir)
+    reader = _CheckpointReader(hf_dir, _fp8_block(info, hf_dir / "config.json"))
     expected = hf_tensor_shapes(info)
     unexpected = [
         n for n in reader.file_of
         if n not in expected
         and not n.endswith(IGNORED_SUFFIXES)
         and not (n == "lm_head.weight" and info.tie_word_embeddings)
+        and not (reader.fp8_block is not None and n.endswith(".weight_scale_inv"))
+        and not _is_mtp_tensor(info, n)
     ]
     if unexpected:
         raise ValueError(f"{hf_dir}: unexpected tensors for {info.architecture}: {unexpected[:5]}")
@@ -336,6 +380,10 @@ def save_hf_checkpoint(
 
     config = dict((info if hf_config is None else parse_hf_config(hf_config)).hf_config)
     config.setdefault("architectures", [info.architecture])
+    # written unquantized and without multi-token-prediction layers, whatever the checkpoint read
+    config.pop("quantization_config", None)
+    if config.get("num_nextn_predict_layers"):
+        config["num_nextn_predict_layers"] = 0
     config["torch_dtype"] = dtype_name
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 

@@ -258,3 +258,61 @@ def test_load_balancing_loss_is_trained_and_reported(tmp_path, single_process_pa
     grad = router.weight.main_grad if hasattr(router.weight, "main_grad") else router.weight.grad
     assert grad is not None and grad.abs().max() > 0
     assert 0.9 < metrics["moe/aux_loss"] < 4.0 and metrics["moe/load_max"] >= 1.0
+
+
+def test_fp8_block_scaled_checkpoint_with_mtp_layers(moe_dirs, tmp_path, single_process_parallel):
+    """DeepSeek-V3 as published: linear weights in e4m3 with one scale per block (here 16 x 16, partial blocks at
+    the edges) and a multi-token-prediction layer after the last layer. The weights load dequantized (checked
+    against a float64 dequantization), the MTP layer is left unread, and the export is unquantized without it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
+    from parallel.models import build_gpt_model
+
+    src = moe_dirs["deepseek_v3"]
+    tensors = read_safetensors_dir(src)
+    quantized, want = {}, {}
+    for name, w in tensors.items():
+        if w.dim() == 2 and "layers." in name and not name.endswith(("norm.weight", "gate.weight")):
+            blocks = torch.zeros(-(-w.shape[0] // 16), -(-w.shape[1] // 16), dtype=torch.float32)
+            q = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
+            for i in range(blocks.shape[0]):
+                for j in range(blocks.shape[1]):
+                    part = w[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]
+                    blocks[i, j] = part.abs().max() / 448.0
+                    q[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)] = (part / blocks[i, j]).to(torch.float8_e4m3fn)
+            quantized[name], quantized[name + "_scale_inv"] = q, blocks
+            scale64 = torch.kron(blocks.double(), torch.ones(16, 16, dtype=torch.float64))[: w.shape[0], : w.shape[1]]
+            want[name] = (q.double() * scale64).float()
+        else:
+            quantized[name] = w
+    # one MTP layer (DeepSeek-V3 stores it as layer num_hidden_layers)
+    quantized["model.layers.4.enorm.weight"] = torch.ones(48)
+    quantized["model.layers.4.eh_proj.weight"] = torch.randn(48, 96)
+    out = tmp_path / "fp8"
+    out.mkdir()
+    save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16],
+                                     "activation_scheme": "dynamic"}
+    config["num_nextn_predict_layers"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+
+    model = build_gpt_model(out)
+    load_hf_checkpoint(model, out)
+    exported = {k: v.clone() for k, v in export_hf_state(model)}
+    assert len(want) >= 30 and set(exported) == set(tensors)
+    for name, value in want.items():
+        assert torch.equal(exported[name], value), name
+        assert not torch.equal(value, tensors[name])  # the quantization really changed the weight
+    save_hf_checkpoint(model, tmp_path / "export")
+    written = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert "quantization_config" not in written and written["num_nextn_predict_layers"] == 0
+    assert set(read_safetensors_dir(tmp_path / "export")) == set(tensors)
+
+    config["quantization_config"] = {"quant_method": "awq"}
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported quantization_config \(quant_method='awq'"):
+        load_hf_checkpoint(build_gpt_model(out), out)
