@@ -316,3 +316,24 @@ def test_fp8_block_scaled_checkpoint_with_mtp_layers(moe_dirs, tmp_path, single_
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"unsupported quantization_config \(quant_method='awq'"):
         load_hf_checkpoint(build_gpt_model(out), out)
+
+
+@pytest.mark.parametrize("mscale", [1.0, 0.707])
+def test_yarn_rope_matches_hf(mscale, tmp_path, single_process_parallel):
+    """DeepSeek-V3's yarn rope (factor 4 over an original context of 64, read at 120 positions), with mscale equal
+    to mscale_all_dim and not (then HF also scales cos/sin): Megatron's MLA yarn equals transformers'."""
+    from parallel.convert import load_hf_checkpoint
+    from parallel.models import build_gpt_model
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": mscale,
+            "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}
+    ckpt = write_moe_checkpoint("deepseek_v3", tmp_path / "yarn", rope_scaling=yarn)
+    plain = write_moe_checkpoint("deepseek_v3", tmp_path / "plain")
+    model = build_gpt_model(ckpt)
+    load_hf_checkpoint(model, ckpt)
+    ids = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf_reference(ckpt)(ids).logits
+        unscaled = hf_reference(plain)(ids).logits
+    assert (want - unscaled).abs().max() > 0.05  # the scaling changes the model at these positions
+    torch.testing.assert_close(_megatron_logits(model, ids).double(), want, rtol=0, atol=2e-5)
