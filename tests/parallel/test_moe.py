@@ -38,16 +38,22 @@ def test_parse_moe_configs(moe_dirs):
     assert (ds.mla.q_lora_rank, ds.mla.kv_lora_rank, ds.mla.qk_rope_head_dim) == (24, 16, 4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_logits_match_hf_float64(kind, moe_dirs, single_process_parallel):
+@pytest.mark.parametrize("kind, changes", [
+    ("qwen3_moe", {}), ("deepseek_v3", {}),
+    ("qwen3_moe", {"norm_topk_prob": False}),  # transformers' default: softmax over all experts, no renormalising
+    ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),  # MoE every second layer
+    ("deepseek_v3", {"q_lora_rank": None}),  # one q_proj (DeepSeek-V2-Lite style)
+])
+def test_logits_match_hf_float64(kind, changes, moe_dirs, tmp_path, single_process_parallel):
     from parallel.convert import load_hf_checkpoint
     from parallel.models import build_gpt_model
 
-    model = build_gpt_model(moe_dirs[kind])
-    load_hf_checkpoint(model, moe_dirs[kind])
+    ckpt = write_moe_checkpoint(kind, tmp_path / "ckpt", **changes) if changes else moe_dirs[kind]
+    model = build_gpt_model(ckpt)
+    load_hf_checkpoint(model, ckpt)
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        want = hf_reference(moe_dirs[kind])(ids).logits
+        want = hf_reference(ckpt)(ids).logits
     got = _megatron_logits(model, ids)
     assert want.abs().max() > 1.0  # logits of a size where a wrong mapping shows
     torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5)
