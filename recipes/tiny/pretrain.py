@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -120,16 +121,35 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, progress: bool = True)
     """Build the tokenizer, pretrain the model and save both to out_dir (written atomically).
 
     Returns the run summary (also saved as pretrain_meta.json): losses per step, time, parameters."""
-    out_dir = Path(out_dir)
+    return with_threads(config.threads, lambda: _pretrain(config, Path(out_dir), progress))
+
+
+def with_threads(threads: int, fn):
+    """fn() with torch using `threads` intra-op threads, restored afterwards."""
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    torch.set_num_threads(threads)
     try:
-        return _pretrain(config, out_dir, progress)
+        return fn()
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _pretrain(config: PretrainConfig, out_dir: Path, progress: bool) -> dict:
+@dataclass
+class PretrainRun:
+    """What the dense loop here and the MoE one (pretrain_moe.py) share: the staging directory, the tokenizer as
+    consumers load it, the model, the tokenized corpus and the optimizer."""
+
+    staging: Path
+    tokenizer: Any
+    model: torch.nn.Module
+    token_ids: list[list[int]]
+    optimizer: torch.optim.Optimizer
+    began: float
+
+
+def start_run(config: PretrainConfig, out_dir: Path, build) -> PretrainRun:
+    """A fresh staging directory beside out_dir with the tokenizer, `build(vocab_size, eos_token_id)`'s model
+    (its config.json saved first), the corpus tokenized as consumers will and AdamW (no decay on vectors)."""
     from transformers import AutoTokenizer
 
     began = time.perf_counter()
@@ -138,10 +158,9 @@ def _pretrain(config: PretrainConfig, out_dir: Path, progress: bool) -> dict:
         shutil.rmtree(staging)
 
     tokenizer = build_tokenizer(staging)
-    model = build_model(config.model, len(tokenizer), tokenizer.eos_token_id, config.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    # Train with the tokenizer exactly as consumers will load it: next to a qwen2 config.json,
-    # AutoTokenizer picks Qwen2Tokenizer (see tokenizer.py).
+    model = build(len(tokenizer), tokenizer.eos_token_id)
+    # Train with the tokenizer exactly as consumers will load it: next to the model's config.json,
+    # AutoTokenizer picks the tokenizer class that config names (see tokenizer.py).
     model.config.save_pretrained(staging)
     tokenizer = AutoTokenizer.from_pretrained(staging)
 
@@ -159,37 +178,42 @@ def _pretrain(config: PretrainConfig, out_dir: Path, progress: bool) -> dict:
         betas=(0.9, 0.95),
         eps=1e-8,
     )
+    return PretrainRun(staging, tokenizer, model, token_ids, optimizer, began)
 
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, mininterval=2.0)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        rows = token_ids[step * config.batch_size : (step + 1) * config.batch_size]
-        input_ids, attention_mask, labels = _batch(rows, tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step, config):.2e}")
-    seconds = time.perf_counter() - start
 
+def train_step(run: PretrainRun, config: PretrainConfig, step: int, before_forward=None) -> float:
+    """One optimizer step on the step's slice of the corpus; `before_forward(attention_mask)` sees the batch."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    rows = run.token_ids[step * config.batch_size : (step + 1) * config.batch_size]
+    input_ids, attention_mask, labels = _batch(rows, run.tokenizer.pad_token_id)
+    if before_forward is not None:
+        before_forward(attention_mask)
+    loss = run.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.optimizer.step()
+    return loss.item()
+
+
+def finish_run(run: PretrainRun, config: PretrainConfig, out_dir: Path, losses: list[float], seconds: float,
+               **extra) -> dict:
+    """Save the model beside its tokenizer with the run summary (`extra` after the common fields), then move the
+    staging directory onto out_dir."""
+    model, tokenizer, staging = run.model, run.tokenizer, run.staging
     model.eval()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging)
     summary = {
         "config": _config_dict(config),
-        "parameters": n_params,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "tokenizer_size": len(tokenizer),
         "train_seconds": round(seconds, 1),  # the optimisation loop
-        "total_seconds": round(time.perf_counter() - began, 1),  # with tokenizer, corpus and saving
+        "total_seconds": round(time.perf_counter() - run.began, 1),  # with tokenizer, corpus and saving
         "final_loss": sum(losses[-50:]) / len(losses[-50:]),  # mean of the last 50 steps
+        **extra,
         "losses": losses,
     }
     on_disk = dict(summary, losses=[round(x, 6) for x in losses])
@@ -198,6 +222,19 @@ def _pretrain(config: PretrainConfig, out_dir: Path, progress: bool) -> dict:
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     return summary
+
+
+def _pretrain(config: PretrainConfig, out_dir: Path, progress: bool) -> dict:
+    run = start_run(config, out_dir, lambda vocab, eos: build_model(config.model, vocab, eos, config.seed))
+    run.model.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(range(config.steps), desc="pretrain", disable=not progress, mininterval=2.0)
+    for step in bar:
+        losses.append(train_step(run, config, step))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(step, config):.2e}")
+    return finish_run(run, config, out_dir, losses, time.perf_counter() - start)
 
 
 def _config_dict(config: PretrainConfig) -> dict:

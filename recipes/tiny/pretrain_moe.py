@@ -16,7 +16,6 @@ settings, and otherwise rebuilds it there.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.tiny.corpus import pretraining_documents
 from recipes.tiny.pretrain import (
     BASE_DIR,
-    META_FILE,
     VOCAB_MULTIPLE,
     PretrainConfig,
-    _batch,
-    _config_dict,
     evaluate_base,
+    finish_run,
     is_valid_base_model,
     lr_at,
     round_up,
+    start_run,
+    train_step,
+    with_threads,
 )
-from recipes.tiny.tokenizer import build_tokenizer
 
 MOE_DIR = Path(__file__).resolve().parent / "moe_base"
 LOAD_WINDOW = 50  # steps whose expert loads the meta file reports
@@ -222,66 +220,28 @@ def pretrain_moe(config: MoEPretrainConfig, out_dir: str | Path, progress: bool 
     """Build the tokenizer, pretrain the MoE model and save both to out_dir (written atomically).
 
     Returns the run summary (also saved as pretrain_meta.json): losses, time, parameters, expert loads and biases."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        return _pretrain_moe(config, Path(out_dir), progress)
-    finally:
-        torch.set_num_threads(previous_threads)
+    return with_threads(config.threads, lambda: _pretrain_moe(config, Path(out_dir), progress))
 
 
 def _pretrain_moe(config: MoEPretrainConfig, out_dir: Path, progress: bool) -> dict:
-    from transformers import AutoTokenizer
-
-    began = time.perf_counter()
-    staging = out_dir.with_name(out_dir.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-
-    tokenizer = build_tokenizer(staging)  # deterministic: the dense base's very files
-    model = build_moe_model(config.model, len(tokenizer), tokenizer.eos_token_id, config.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    # Train with the tokenizer exactly as consumers load it: beside a deepseek_v3 config.json.
-    model.config.save_pretrained(staging)
-    tokenizer = AutoTokenizer.from_pretrained(staging)
-
-    documents = pretraining_documents(config.steps * config.batch_size, seed=config.seed, config=config.corpus)
-    token_ids = tokenizer(documents, add_special_tokens=False)["input_ids"]
-    longest = max(len(ids) for ids in token_ids)
-    if longest > config.model.max_position_embeddings:
-        raise ValueError(f"a document has {longest} tokens, more than max_position_embeddings")
-
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
-
-    counter = ExpertLoadCounter(model)
+    # the tokenizer is deterministic: the dense base's very files, read beside a deepseek_v3 config.json
+    run = start_run(config, out_dir, lambda vocab, eos: build_moe_model(config.model, vocab, eos, config.seed))
+    counter = ExpertLoadCounter(run.model)
     window = {index: torch.zeros(gate.num_experts, dtype=torch.long) for index, gate in counter.gates.items()}
     balance_history: list[dict] = []  # every 100 steps: max/mean load per layer over that step
-    model.train()
+    run.model.train()
     losses: list[float] = []
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc="pretrain moe", disable=not progress, mininterval=2.0)
+
+    def count_real_tokens(attention_mask):
+        counter.token_mask = attention_mask
+
     try:
         for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
-            rows = token_ids[step * config.batch_size : (step + 1) * config.batch_size]
-            input_ids, attention_mask, labels = _batch(rows, tokenizer.pad_token_id)
-            counter.token_mask = attention_mask
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            losses.append(train_step(run, config, step, before_forward=count_real_tokens))
             loads = counter.step_loads()
             update_expert_bias(counter.gates, loads, config.expert_bias_rate)
-            losses.append(loss.item())
             if step >= config.steps - LOAD_WINDOW:
                 for index in window:
                     window[index] += loads[index]
@@ -292,37 +252,20 @@ def _pretrain_moe(config: MoEPretrainConfig, out_dir: Path, progress: bool) -> d
     finally:
         counter.remove()
     seconds = time.perf_counter() - start
-
-    model.eval()
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(staging)
     stats = load_stats(window)
-    summary = {
-        "config": _config_dict(config),
-        "parameters": n_params,
-        "active_parameters": active_parameters(model, config.model),
-        "tokenizer_size": len(tokenizer),
-        "train_seconds": round(seconds, 1),  # the optimisation loop
-        "total_seconds": round(time.perf_counter() - began, 1),  # with tokenizer, corpus and saving
-        "final_loss": sum(losses[-50:]) / len(losses[-50:]),  # mean of the last 50 steps
-        "expert_load": {
+    return finish_run(
+        run, config, out_dir, losses, seconds,
+        active_parameters=active_parameters(run.model, config.model),
+        expert_load={
             "window_steps": min(LOAD_WINDOW, config.steps),
             "max_over_mean": max(s["max_over_mean"] for s in stats.values()),  # the worst MoE layer
             "min_over_mean": min(s["min_over_mean"] for s in stats.values()),
             "layers": stats,
         },
-        "expert_bias": {str(index): [round(x, 6) for x in gate.e_score_correction_bias.tolist()]
-                        for index, gate in counter.gates.items()},
-        "balance_history": balance_history,
-        "losses": losses,
-    }
-    on_disk = dict(summary, losses=[round(x, 6) for x in losses])
-    (staging / META_FILE).write_text(json.dumps(on_disk, indent=1) + "\n", encoding="utf-8")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staging.rename(out_dir)
-    return summary
+        expert_bias={str(index): [round(x, 6) for x in gate.e_score_correction_bias.tolist()]
+                     for index, gate in counter.gates.items()},
+        balance_history=balance_history,
+    )
 
 
 def ensure_moe_base_model(cache_dir: str | Path = MOE_DIR, config: MoEPretrainConfig = MoEPretrainConfig()) -> Path:
