@@ -45,13 +45,7 @@ def random_prompts(lengths, seed=0):
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Microsecond-sized ops on a shared 2-core machine: one intra-op thread is 10-50x faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/engine/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +267,9 @@ def test_vllm_engine_import_guard():
         pytest.skip("vLLM is installed; the guard only matters without it")
     except ImportError:
         pass
-    from engine.rollout.vllm import VLLMRolloutEngine  # importing the module itself must not need vLLM
+    from engine.rollout.vllm import (
+        VLLMRolloutEngine,  # importing the module itself must not need vLLM
+    )
 
     with pytest.raises(ImportError, match=r"needs vLLM.*install the gpu extra.*HFRolloutEngine"):
         VLLMRolloutEngine("some/model")

@@ -55,14 +55,18 @@ def tiny_hf_model(kind: str, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.15 * torch.randn(param.shape, generator=gen))
+    randomize_weights(model, torch.Generator().manual_seed(seed))
     return model.eval()
+
+
+@torch.no_grad()
+def randomize_weights(model, gen: torch.Generator) -> None:
+    """Norm weights around 1, the rest N(0, 0.15^2): larger than HF's init, so a wrong mapping shows."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+        else:
+            param.copy_(0.15 * torch.randn(param.shape, generator=gen))
 
 
 def write_tiny_checkpoint(kind: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tests.parallel._models_tiny import randomize_weights
+
 VOCAB = 250
 
 
@@ -48,12 +50,8 @@ def moe_hf_model(kind: str, seed: int = 0, dtype=torch.float32, **changes):
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager",
                                              attn_implementation="sdpa")
     gen = torch.Generator().manual_seed(seed)
+    randomize_weights(model, gen)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.15 * torch.randn(param.shape, generator=gen))
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(0.05 * torch.rand(buf.shape, generator=gen))  # >= 0: HF and Megatron mask groups alike
