@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kernels.reference import kl_ref
+from r1_engine.kernels.reference import kl_ref
 
 
 class Unavailable(Exception):

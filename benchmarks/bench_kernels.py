@@ -27,7 +27,7 @@ from benchmarks.cases import CPU_SIZES, GPU_SIZES, LossSettings, Sizes, input_dt
 from benchmarks.checks import check_passed, compare, reference_outputs, rel_error, sample_rows, tolerances
 from benchmarks.runners import LINEAR_IMPLS, LOGITS_IMPLS, Outputs, make_runner
 from benchmarks.timing import free_memory, sync
-from kernels.reference import grpo_loss_ref, token_logprobs_ref
+from r1_engine.kernels.reference import grpo_loss_ref, token_logprobs_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from kernels.reference import token_logprobs_ref
+from r1_engine.kernels.reference import token_logprobs_ref
 
 
 @dataclass(frozen=True)

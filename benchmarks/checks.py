@@ -13,7 +13,7 @@ import torch
 from benchmarks.baselines import eager_grpo_loss, eager_linear_grpo_loss, eager_token_logprobs
 from benchmarks.cases import LossSettings
 from benchmarks.runners import Outputs
-from kernels.reference import grpo_loss_ref, token_logprobs_ref
+from r1_engine.kernels.reference import grpo_loss_ref, token_logprobs_ref
 
 
 def sample_rows(n_tokens: int, device, count: int = 1024) -> torch.Tensor:

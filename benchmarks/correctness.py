@@ -16,8 +16,8 @@ T = 0.7  # a temperature other than 1, so the 1/T factors of the value and the g
 
 
 def _logprobs(suite: Suite, case, label, dtype, tol):
-    from kernels import token_logprobs
-    from kernels.reference import token_logprobs_ref
+    from r1_engine.kernels.logprobs import token_logprobs
+    from r1_engine.kernels.reference import token_logprobs_ref
 
     with torch.no_grad():
         logp, ent = token_logprobs(case.logits, case.targets, T, return_entropy=True)
@@ -46,8 +46,8 @@ def _grpo(suite: Suite, case, label, dtype, tol):
 
 def _grpo_variants(suite: Suite, case, label, dtype, tol):
     """Entropy bonus (the gradient pass's entropy term), dual clip and token-mean vs the spec reference."""
-    from kernels import grpo_loss
-    from kernels.reference import grpo_loss_ref
+    from r1_engine.kernels.logits_loss import grpo_loss
+    from r1_engine.kernels.reference import grpo_loss_ref
 
     kw = dict(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, beta=0.04, kl="k3", temperature=T,
               entropy_coef=0.01, aggregation="token-mean")
@@ -65,7 +65,7 @@ def _grpo_variants(suite: Suite, case, label, dtype, tol):
 
 def _linear(suite: Suite, sizes: Sizes, chunk: int, dtype):
     """linear_grpo_loss over 3 chunks of rows: loss, dL/dhidden, dL/dweight."""
-    from kernels import linear_grpo_loss
+    from r1_engine.kernels.linear_grpo import linear_grpo_loss
 
     case = make_linear_case(sizes, dtype, suite.device, seed=21, full_mask=False)
     s = suite.settings

@@ -1,7 +1,7 @@
 """The kernel microbenchmarks on a CPU, as CI runs them: ours vs the eager torch reference (in the input dtype)
 vs torch.compile of it, with time, bytes moved, peak memory and the ratios side by side.
 
-    python benchmarks/cpu_bench.py --out ci-cpu-microbench.json [--sizes B,L,V,H] [--no-compile]
+    python -m benchmarks.cpu_bench --out ci-cpu-microbench.json [--sizes B,L,V,H] [--no-compile]
 
 Every variant (op, mode, implementation) runs in a fresh subprocess, so its memory is its own: peak extra memory is
 the process's peak RSS during one call (VmHWM, reset after a warm-up call) minus its RSS before the call, outputs
@@ -147,7 +147,6 @@ def _child(variant, sizes, compile_ok: bool, timeout_s: float) -> dict:
     op, mode, impl = variant
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # freed blocks go back to the OS: the peak RSS sees every allocation
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "benchmarks.cpu_bench", "--one", f"{op}:{mode}:{impl}",
            "--sizes", ",".join(map(str, sizes))] + ([] if compile_ok else ["--no-compile"])
     t0 = time.perf_counter()
@@ -250,6 +249,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     sys.exit(main())

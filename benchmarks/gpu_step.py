@@ -1,7 +1,7 @@
 """Megatron step checks for a GPU session (issue 3): bf16 parity and the step time of a 0.5B-shaped Qwen2.
 
-    python benchmarks/gpu_step.py --out $OUT          # on the GPU machine, megatron-core installed
-    python benchmarks/gpu_step.py --dry-run --out /tmp/x   # CPU, a tiny shape: exercises the code paths
+    python -m benchmarks.gpu_step --out $OUT          # on the GPU machine, megatron-core installed
+    python -m benchmarks.gpu_step --dry-run --out /tmp/x   # CPU, a tiny shape: exercises the code paths
 
 1. parity: the same random weights in fp32 and in bf16; per-token log-probs of a packed batch and the
    GRPO loss, bf16 vs fp32 (max / mean |diff|), through parallel.step.logprobs and train_step's loss.
@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 QWEN2_05B = dict(
     architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=896, intermediate_size=4864,
     num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
@@ -34,7 +32,7 @@ TINY = dict(QWEN2_05B, hidden_size=64, intermediate_size=128, num_hidden_layers=
 
 
 def _batch(vocab: int, n_seq: int, prompt: int, completion: int, row: int, seed: int = 0):
-    from engine.batch import rl_rows
+    from r1_engine.engine.batch import rl_rows
 
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (prompt,), generator=g).tolist() for _ in range(n_seq)]
@@ -66,9 +64,10 @@ def _timed(fn, reps: int):
 
 
 def parity(cfg: dict, device, batch_args) -> dict:
-    from kernels import PolicyLossConfig, policy_loss
-    from parallel import build_gpt_model
-    from parallel.step import logprobs
+    from r1_engine.kernels.loss_family import PolicyLossConfig
+    from r1_engine.kernels.logits_loss import policy_loss
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.step import logprobs
 
     torch.manual_seed(0)
     fp32 = build_gpt_model(cfg, dtype=torch.float32).to(device)
@@ -96,12 +95,12 @@ def parity(cfg: dict, device, batch_args) -> dict:
 
 
 def step_time(cfg: dict, device, batch_args, reps: int) -> dict:
-    from engine.batch import with_logprobs
-    from engine.objectives import policy_objective
-    from kernels import PolicyLossConfig
-    from parallel import build_gpt_model
-    from parallel.optim import build_optimizer, wrap_for_training
-    from parallel.step import logprobs, train_step
+    from r1_engine.engine.batch import with_logprobs
+    from r1_engine.engine.objectives import policy_objective
+    from r1_engine.kernels.loss_family import PolicyLossConfig
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.optim import build_optimizer, wrap_for_training
+    from r1_engine.parallel.step import logprobs, train_step
 
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = build_gpt_model(cfg, dtype=dtype).to(device)
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shape")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args(argv)
-    from parallel import init_parallel
+    from r1_engine.parallel.state import init_parallel
 
     state = init_parallel(1, 1)
     device = state.device

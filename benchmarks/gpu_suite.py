@@ -1,7 +1,7 @@
 """Every GPU check and benchmark of the kernels in one call (< 10 minutes on an H100), results to JSON + markdown.
 
-    python benchmarks/gpu_suite.py --out DIR            # on a CUDA machine: realistic sizes
-    python benchmarks/gpu_suite.py --dry-run            # anywhere: tiny sizes on CPU, wall clock, temp dir
+    python -m benchmarks.gpu_suite --out DIR            # on a CUDA machine: realistic sizes
+    python -m benchmarks.gpu_suite --dry-run            # anywhere: tiny sizes on CPU, wall clock, temp dir
 
 Sections, in order (each failing sub-benchmark is recorded as an error and the suite goes on; results are
 rewritten after every section, so a run cut short still leaves its numbers):
@@ -88,8 +88,6 @@ def main(argv=None) -> int:
     if args.dry_run:
         # the kernels run in Triton's interpreter; must be set before triton is imported (by the imports in run)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     return run(args)
 
 

@@ -67,7 +67,7 @@ if [ "$STAGE" = "setup" ]; then
   exit 0
 elif [ "$STAGE" = "step" ]; then
   echo "== gpu_step"
-  timeout 540 $PY benchmarks/gpu_step.py --out "$OUT" 2>&1 | tee "$OUT/step.log"
+  timeout 540 $PY -m benchmarks.gpu_step --out "$OUT" 2>&1 | tee "$OUT/step.log"
   echo "gpu_step exit code: ${PIPESTATUS[0]}"
   ls -la "$OUT"
   exit 0
@@ -77,7 +77,7 @@ elif [ "$STAGE" != "kernels" ]; then
 fi
 
 echo "== gpu_suite"
-timeout 400 $PY benchmarks/gpu_suite.py --out "$OUT" --budget-s 330 2>&1 | tee "$OUT/suite.log"
+timeout 400 $PY -m benchmarks.gpu_suite --out "$OUT" --budget-s 330 2>&1 | tee "$OUT/suite.log"
 echo "gpu_suite exit code: ${PIPESTATUS[0]}"
 
 echo "== kernel tests on CUDA"

@@ -72,7 +72,7 @@ def _autograd_runner(base: torch.Tensor, compute: Callable, backward: bool, clob
 def _token_logprobs_runner(impl, case: LossCase, backward, s: LossSettings, allow_compile_on_cpu) -> Runner:
     targets, t = case.targets, s.temperature
     if impl in ("ours", "ours-inplace"):
-        from kernels import token_logprobs
+        from r1_engine.kernels.logprobs import token_logprobs
 
         inplace = impl == "ours-inplace"
         if inplace and not backward:
@@ -109,7 +109,7 @@ def _token_logprobs_runner(impl, case: LossCase, backward, s: LossSettings, allo
 def _grpo_loss_runner(impl, case: LossCase, backward, s: LossSettings, allow_compile_on_cpu) -> Runner:
     args = (case.targets, case.old_logp, case.ref_logp)
     if impl in ("ours", "ours-inplace"):
-        from kernels import grpo_loss
+        from r1_engine.kernels.logits_loss import grpo_loss
 
         inplace = impl == "ours-inplace"
         if inplace and not backward:
@@ -156,7 +156,7 @@ def _grpo_loss_runner(impl, case: LossCase, backward, s: LossSettings, allow_com
 def _linear_runner(impl, case: LinearCase, backward, s: LossSettings, allow_compile_on_cpu) -> Runner:
     device = case.hidden.device
     if impl == "ours":
-        from kernels import linear_grpo_loss
+        from r1_engine.kernels.linear_grpo import linear_grpo_loss
 
         def compute(h, w):
             loss, _ = linear_grpo_loss(h, w, case.targets, case.old_logp, case.ref_logp, case.adv_tokens, case.mask,

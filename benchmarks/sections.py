@@ -45,7 +45,8 @@ def variants(suite: Suite):
     [N] vectors between the same statistics and gradient passes (GRPO_SPEC.md's split), so the times should
     agree within noise; GSPO's sequence coupling costs nothing extra on logits (only the fused-lm_head
     form needs a second sweep). Correctness of each variant is the kernel tests' job (float64 references)."""
-    from kernels import PolicyLossConfig, policy_loss
+    from r1_engine.kernels.loss_family import PolicyLossConfig
+    from r1_engine.kernels.logits_loss import policy_loss
 
     case = make_loss_case(suite.sizes, suite.dtype, suite.device, seed=12)
     configs = {

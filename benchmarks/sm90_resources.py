@@ -1,6 +1,6 @@
 """Registers, spills and occupancy of the Triton kernels compiled for an H100 (sm_90), without a GPU.
 
-    python benchmarks/sm90_resources.py [--out benchmarks/results/sm90-resources.md]
+    python -m benchmarks.sm90_resources [--out benchmarks/results/sm90-resources.md]
 
 Triton compiles the kernels ahead of time for GPUTarget("cuda", 90, 32) and the cuobjdump bundled with its
 wheel reads the cubin's resource usage. Occupancy is derived from the H100's per-SM limits (65,536 registers,
@@ -27,16 +27,14 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 def _imports():
     """triton + our kernels, compiled for real: the interpreter (TRITON_INTERPRET=1) must be off before
     kernels.logprobs is imported, so this module imports them lazily and only as a script."""
-    if os.environ.get("TRITON_INTERPRET") == "1" and "kernels.logprobs" in sys.modules:
+    if os.environ.get("TRITON_INTERPRET") == "1" and "r1_engine.kernels.logprobs" in sys.modules:
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run this script in its own process")
     os.environ.pop("TRITON_INTERPRET", None)
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import logprobs
+    from r1_engine.kernels import logprobs
 
     return triton, GPUTarget("cuda", 90, 32), ASTSource, logprobs
 

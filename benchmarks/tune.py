@@ -59,7 +59,7 @@ def tune(suite: Suite):
     timed alone on the same bf16 logits, then rerun grpo_loss fwd+bwd with the best pair of each pass
     (impl `ours-tuned`). The defaults in kernels/logprobs.py stay as committed: the best pairs are printed
     as an R1_KERNEL_LAUNCH value and go into DEFAULT_LAUNCH in a later commit."""
-    from kernels import logprobs as lp
+    from r1_engine.kernels import logprobs as lp
 
     if not lp.HAS_TRITON:
         raise RuntimeError("triton is not importable")

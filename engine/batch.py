@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from parallel.rows import PackedRows
+from r1_engine.parallel.rows import PackedRows
 
 ADVANTAGES, OLD_LOGP, REF_LOGP, ROLLOUT_LOGP = "advantages", "old_logp", "ref_logp", "rollout_logp"
 ROUTED_EXPERTS = "routed_experts"  # the name parallel.moe's routing replay reads

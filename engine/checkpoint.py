@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from parallel.optim import (
+from r1_engine.parallel.optim import (
     load_training_state,
     save_sharded_optimizer_state,
     training_state,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 # re-exported: the recipes and tests import the config machinery from here
-from engine.cli import (  # noqa: F401
+from r1_engine.engine.cli import (  # noqa: F401
     CONFIG_HELP,
     USER_ERRORS,
     from_dict,
@@ -23,7 +23,7 @@ from engine.cli import (  # noqa: F401
     run_cli,
     to_dict,
 )
-from kernels import PolicyLossConfig
+from r1_engine.kernels.loss_family import PolicyLossConfig
 
 
 @dataclass

@@ -72,7 +72,7 @@ class PromptExample:
         """What the row's rewards check against: the answer, or for a code row its engine.rewards.code.CodeTests."""
         if self.kind != "code":
             return self.answer
-        from engine.rewards.code import CodeTests
+        from r1_engine.engine.rewards.code import CodeTests
 
         return CodeTests(io=self.tests, test_code=self.test_code)
 
@@ -142,7 +142,7 @@ def _row(record: Any, *, path: Path, row: int, row_word: str, kind: str, **keys)
     """A row as an example; a row with `tests` or `test_code` is a code prompt (no reference answer needed)."""
     if isinstance(record, dict) and any(record.get(name) is not None for name in CODE_FIELDS):
         example = _row_to_example(record, path=path, row=row, row_word=row_word, **{**keys, "require_answer": False})
-        from engine.rewards.code import parse_code_tests
+        from r1_engine.engine.rewards.code import parse_code_tests
 
         tests, test_code = parse_code_tests(record, f"{path}, {row_word} {row}")
         return dataclasses.replace(example, kind="code", tests=tests, test_code=test_code)

@@ -35,15 +35,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.rewards.accuracy import (
+from r1_engine.engine.rewards.accuracy import (
     MAX_ANSWER_CHARS,
     answers_equivalent,
     extract_final_answers,
     normalize_answer,
     verdict_without_parsing,
 )
-from engine.rewards.compose import RewardComposer, RewardSpec
-from engine.rollout.base import SamplingParams
+from r1_engine.engine.rewards.compose import RewardComposer, RewardSpec
+from r1_engine.engine.rollout.base import SamplingParams
 
 
 @dataclass

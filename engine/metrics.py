@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from parallel.nvtx import nvtx_range
+from r1_engine.parallel.nvtx import nvtx_range
 
 
 class MetricsLogger:

@@ -18,10 +18,10 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from engine.data import PromptDataset, PromptExample, load_tokenizer
-from engine.eval import EquivalenceJudge, results_to_json, sample_questions, summarize
-from engine.rewards import build_reward_composer
-from engine.rollout import SamplingParams, build_rollout_engine
+from r1_engine.engine.data import PromptDataset, PromptExample, load_tokenizer
+from r1_engine.engine.eval import EquivalenceJudge, results_to_json, sample_questions, summarize
+from r1_engine.engine.rewards import build_reward_composer
+from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
 
 
 @dataclass

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from engine.batch import ADVANTAGES, LOGPROB_VECTORS, REF_LOGP
-from kernels import PolicyLossConfig
-from parallel.rows import PackedRows
-from parallel.step import LossFn, ModelOutput
+from r1_engine.kernels.linear_grpo import linear_policy_loss
+from r1_engine.kernels.logits_loss import policy_loss
+from r1_engine.engine.batch import ADVANTAGES, LOGPROB_VECTORS, REF_LOGP
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.parallel.rows import PackedRows
+from r1_engine.parallel.step import LossFn, ModelOutput
 
 
 def _run_kernel(mb: PackedRows, out: ModelOutput, config: PolicyLossConfig, temperature: float,
@@ -27,10 +28,10 @@ def _run_kernel(mb: PackedRows, out: ModelOutput, config: PolicyLossConfig, temp
                   num_sequences=out.num_sequences, num_tokens=out.num_tokens, tp_group=out.tp_group,
                   vocab_start=out.vocab_start, **vectors)
     if out.fused:
-        return kernels.linear_policy_loss(out.hidden, out.weight, mb.targets, **common)
+        return linear_policy_loss(out.hidden, out.weight, mb.targets, **common)
     # the logits are the output layer's fresh output, needed by nothing after the loss: the gradient pass
     # overwrites them instead of allocating a second [b, S, V/tp] buffer
-    return kernels.policy_loss(out.logits, mb.targets, inplace_backward=True, **common)
+    return policy_loss(out.logits, mb.targets, inplace_backward=True, **common)
 
 
 def policy_objective(config: PolicyLossConfig, temperature: float = 1.0) -> LossFn:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.config import GRPOConfig
-from engine.data import TOKENIZER_FILES, load_tokenizer
-from parallel import models
+from r1_engine.engine.config import GRPOConfig
+from r1_engine.engine.data import TOKENIZER_FILES, load_tokenizer
+from r1_engine.parallel import models
 
 
 def check_prompt_file(flag: str, path: str | Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import parse_profile_steps
-from parallel.nvtx import enabled as nvtx_enabled
+from r1_engine.engine.config import parse_profile_steps
+from r1_engine.parallel.nvtx import enabled as nvtx_enabled
 
 __all__ = ["StepProfiler", "parse_profile_steps"]
 

@@ -65,7 +65,7 @@ def summary_of(response: str) -> str:
 # --------------------------------------------------------------------------- the model directory
 def _weight_files(model_dir: Path) -> tuple[list[str], dict | None]:
     """The safetensors files of a checkpoint and its index (None for a single file)."""
-    from parallel.convert import SAFETENSORS_FILE, SAFETENSORS_INDEX
+    from r1_engine.parallel.convert import SAFETENSORS_FILE, SAFETENSORS_INDEX
 
     index_file = model_dir / SAFETENSORS_INDEX
     if index_file.is_file():
@@ -85,7 +85,7 @@ def _weight_files(model_dir: Path) -> tuple[list[str], dict | None]:
 
 
 def _check_model_dir(model_dir: Path) -> dict:
-    from engine.data import TOKENIZER_FILES
+    from r1_engine.engine.data import TOKENIZER_FILES
 
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir}: not a directory (an HF model directory is needed)")
@@ -119,7 +119,7 @@ def _add_to_tokenizer_files(model_dir: Path, work: Path, tokens: tuple[str, ...]
     from tokenizers import AddedToken, Tokenizer
 
     if not (model_dir / "tokenizer.json").is_file():
-        from engine.data import load_tokenizer
+        from r1_engine.engine.data import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
         tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
@@ -203,8 +203,8 @@ def add_readable_tokens(model_dir: str | Path, out_dir: str | Path, tokens: tupl
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    from engine.data import load_tokenizer
-    from parallel.convert import CHAT_TEMPLATE_DIR, SAFETENSORS_INDEX
+    from r1_engine.engine.data import load_tokenizer
+    from r1_engine.parallel.convert import CHAT_TEMPLATE_DIR, SAFETENSORS_INDEX
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     tokens = tuple(dict.fromkeys(tokens))

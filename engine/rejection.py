@@ -30,13 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.rewards.format import format_reward
-from engine.rewards.language import (
+from r1_engine.engine.rewards.format import format_reward
+from r1_engine.engine.rewards.language import (
     SUPPORTED_LANGUAGES,
     chain_of_thought,
     language_consistency_reward,
 )
-from engine.rollout.base import SamplingParams
+from r1_engine.engine.rollout.base import SamplingParams
 
 DROP_REASONS = ("incorrect", "format", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_limit")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")

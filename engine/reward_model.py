@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import torch
 
-from engine.data import encode_text, load_tokenizer
-from engine.preflight import check_model_dir
-from engine.readable import summary_of
+from r1_engine.engine.data import encode_text, load_tokenizer
+from r1_engine.engine.preflight import check_model_dir
+from r1_engine.engine.readable import summary_of
 
 SCOPES = ("summary", "response")
 

@@ -23,10 +23,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from engine.data import _read_jsonl, load_tokenizer, required_strings
-from engine.metrics import MetricsLogger
-from engine.preflight import check_model_dir
-from engine.reward_model import (
+from r1_engine.engine.data import _read_jsonl, load_tokenizer, required_strings
+from r1_engine.engine.metrics import MetricsLogger
+from r1_engine.engine.preflight import check_model_dir
+from r1_engine.engine.reward_model import (
     SCOPES,
     default_max_length,
     encode_reward_text,
@@ -35,7 +35,7 @@ from engine.reward_model import (
     reward_text,
     set_pad_id,
 )
-from parallel.convert import copy_tokenizer_files
+from r1_engine.parallel.convert import copy_tokenizer_files
 
 NEW_HEAD_MODULES = ("score", "classifier")  # what transformers' *ForSequenceClassification heads are called
 HF_SUBDIR = "hf"  # out_dir/hf holds the trained reward model, as the GRPO trainer's out/hf holds the policy

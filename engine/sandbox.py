@@ -5,7 +5,7 @@ or built here, and one call that runs a program under it.
     result = sandbox.run([sandbox.python, "-I", "-S", "-c", "print(1)"], limits=Limits(wall_s=2))
     result.ok, result.stdout, sandbox.isolation             # True, b"1\\n", "namespaces"
 
-`python -m engine.sandbox --build` compiles the launcher into build/r1-sandbox and prints the isolation this machine
+`python -m r1_engine.engine.sandbox --build` compiles the launcher into build/r1-sandbox and prints the isolation this machine
 gives: "namespaces" (fresh user/PID/network/mount/IPC namespaces, a read-only root, a tmpfs cwd) where the kernel
 permits, else "seccomp" (a syscall filter, Landlock when the kernel has it, an own uid when started as root). Without
 a C compiler, or when the launcher cannot start a program here, the sandbox is "rlimits", a pure-Python fallback:
@@ -307,7 +307,7 @@ def describe(sandbox: Sandbox) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.sandbox", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m r1_engine.engine.sandbox", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", action="store_true", help=f"(re)compile the launcher into {LAUNCHER}")
     parser.add_argument("--bench", action="store_true",
                         help="time the code judge: 128 trivial Python programs x 10 tests through 2 reward workers")
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001
         print(f"r1-sandbox: WARNING: the launcher could not be probed: {err}. {weak}.", file=sys.stderr)
     if args.bench:
-        from engine.rewards.code import benchmark
+        from r1_engine.engine.rewards.code import benchmark
 
         wall, cpu = benchmark(completions=128, tests=10, workers=2)
         print(f"r1-sandbox: 128 completions x 10 tests through 2 reward workers: {wall:.2f} s wall, {cpu:.2f} "

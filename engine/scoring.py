@@ -18,8 +18,8 @@ import math
 import os
 from typing import Mapping, Sequence
 
-from engine.rewards.compose import RewardComposer, RewardOutput
-from parallel.nvtx import nvtx_range
+from r1_engine.engine.rewards.compose import RewardComposer, RewardOutput
+from r1_engine.parallel.nvtx import nvtx_range
 
 KINDS = ("reasoning", "general", "code")
 NAN = float("nan")
@@ -102,7 +102,7 @@ def nanmean(values: Sequence[float]) -> float:
 def check_reward_models(models: Mapping[str, str], examples: Sequence) -> None:
     """Before anything is built: every reward-model dir is a sequence-classification checkpoint, and general
     prompts come with at least one reward model (a ValueError naming the flag, path or file otherwise)."""
-    from engine.reward_model import check_reward_model_dir
+    from r1_engine.engine.reward_model import check_reward_model_dir
 
     for name, path in models.items():
         check_reward_model_dir(f"--reward.models {name}", path)
@@ -119,7 +119,7 @@ def build_code_judge(reward_config, examples: Sequence):
     code = [e for e in examples if getattr(e, "kind", "reasoning") == "code"]
     if not code:
         return None
-    from engine.rewards.code import CodeLimits, make_code_judge
+    from r1_engine.engine.rewards.code import CodeLimits, make_code_judge
 
     rw = reward_config
     limits = CodeLimits(test_timeout_s=rw.code_test_timeout_s, memory_mb=rw.code_memory_mb,
@@ -139,7 +139,7 @@ def build_reward_models(reward_config, device, dtype):
     """The RewardModelSet of reward_config.models (None when there are none), on the rollout device."""
     if not reward_config.models:
         return None
-    from engine.reward_model import RewardModelSet, RewardModelSpec
+    from r1_engine.engine.reward_model import RewardModelSet, RewardModelSpec
 
     specs = [RewardModelSpec(name=name, path=path, weight=float(reward_config.weights.get(name, 1.0)),
                              scope=reward_config.model_scope.get(name, "summary"))

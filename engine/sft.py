@@ -32,10 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.batch import pack_sequences
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.config import to_dict
-from engine.data import (
+from r1_engine.engine.batch import pack_sequences
+from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1_engine.engine.config import to_dict
+from r1_engine.engine.data import (
     ROUND_TRIP_PROMPTS,
     _read_jsonl,
     _read_parquet,
@@ -46,20 +46,20 @@ from engine.data import (
     load_tokenizer,
     required_strings,
 )
-from engine.metrics import MetricsLogger
-from engine.objectives import sft_objective
-from engine.sft_config import (
+from r1_engine.engine.metrics import MetricsLogger
+from r1_engine.engine.objectives import sft_objective
+from r1_engine.engine.sft_config import (
     SFTConfig,
     SFTDataConfig,
     SFTOptimConfig,
     SFTTrainConfig,
     check_sft_ranges,
 )
-from parallel import convert, models
-from parallel import state as pstate
-from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
-from parallel.rows import PackedRows
-from parallel.step import logprobs, train_step
+from r1_engine.parallel import convert, models
+from r1_engine.parallel import state as pstate
+from r1_engine.parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
+from r1_engine.parallel.rows import PackedRows
+from r1_engine.parallel.step import logprobs, train_step
 
 __all__ = ["SFTExample", "load_sft_examples", "TokenizedExample", "tokenize_sft_examples", "sft_learning_rate",
            "SFTTrainer", "SFTConfig", "SFTDataConfig", "SFTOptimConfig", "SFTTrainConfig", "check_sft_ranges"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.config import ModelConfig, _flag
+from r1_engine.engine.config import ModelConfig, _flag
 
 
 @dataclass

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.rewards import RewardOutput
-from engine.rollout import RolloutBatch
-from parallel.rows import PackedRows
+from r1_engine.engine.rewards import RewardOutput
+from r1_engine.engine.rollout import RolloutBatch
+from r1_engine.parallel.rows import PackedRows
 
 
 @dataclass

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.batch import ADVANTAGES, with_logprobs
-from engine.config import GRPOConfig
-from engine.preflight import check_teacher
-from engine.trainer import GRPOTrainer
-from kernels import distillation_advantages
-from parallel import models
-from parallel.rows import PackedRows
-from parallel.step import logprobs
+from r1_engine.engine.batch import ADVANTAGES, with_logprobs
+from r1_engine.engine.config import GRPOConfig
+from r1_engine.engine.preflight import check_teacher
+from r1_engine.engine.trainer import GRPOTrainer
+from r1_engine.kernels.loss_family import distillation_advantages
+from r1_engine.parallel import models
+from r1_engine.parallel.rows import PackedRows
+from r1_engine.parallel.step import logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

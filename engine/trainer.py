@@ -27,39 +27,39 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
-from engine.batch import ADVANTAGES, OLD_LOGP, ROUTED_EXPERTS, rl_rows, with_logprobs
-from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from engine.config import GRPOConfig, check_ranges, to_dict
-from engine.data import (
+from r1_engine.engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
+from r1_engine.engine.batch import ADVANTAGES, OLD_LOGP, ROUTED_EXPERTS, rl_rows, with_logprobs
+from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1_engine.engine.config import GRPOConfig, check_ranges, to_dict
+from r1_engine.engine.data import (
     PromptDataset,
     PromptSampler,
     check_tokenizer_fits,
     load_tokenizer,
 )
-from engine.eval import gather_results, sample_questions, summarize
-from engine.metrics import MetricsLogger, PhaseTimer
-from engine.objectives import policy_objective
-from engine.preflight import check_layout, check_lengths, check_teacher
-from engine.profiling import StepProfiler
-from engine.rewards import build_reward_composer, check_reward_weights
-from engine.rollout import build_rollout_engine
-from engine.rollout.base import RolloutBatch, SamplingParams
-from engine.scoring import (
+from r1_engine.engine.eval import gather_results, sample_questions, summarize
+from r1_engine.engine.metrics import MetricsLogger, PhaseTimer
+from r1_engine.engine.objectives import policy_objective
+from r1_engine.engine.preflight import check_layout, check_lengths, check_teacher
+from r1_engine.engine.profiling import StepProfiler
+from r1_engine.engine.rewards import build_reward_composer, check_reward_weights
+from r1_engine.engine.rollout import build_rollout_engine
+from r1_engine.engine.rollout.base import RolloutBatch, SamplingParams
+from r1_engine.engine.scoring import (
     RolloutScorer,
     build_code_judge,
     build_reward_models,
     check_reward_models,
     reward_workers,
 )
-from engine.step_metrics import CollectedStep, step_metrics
-from kernels import distillation_advantages
-from parallel import convert, models
-from parallel import state as pstate
-from parallel.nvtx import nvtx_range
-from parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
-from parallel.rows import PackedRows
-from parallel.step import logprobs, train_step
+from r1_engine.engine.step_metrics import CollectedStep, step_metrics
+from r1_engine.kernels.loss_family import distillation_advantages
+from r1_engine.parallel import convert, models
+from r1_engine.parallel import state as pstate
+from r1_engine.parallel.nvtx import nvtx_range
+from r1_engine.parallel.optim import build_optimizer, set_learning_rate, wrap_for_training
+from r1_engine.parallel.rows import PackedRows
+from r1_engine.parallel.step import logprobs, train_step
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # the curves a person looks at first (curves.png); everything else is in metrics.jsonl and TensorBoard

@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from parallel.models import ModelInfo, parse_hf_config, unwrap_model
-from parallel.names import (
+from r1_engine.parallel.models import ModelInfo, parse_hf_config, unwrap_model
+from r1_engine.parallel.names import (
     IGNORED_SUFFIXES,
     Unit,
     full_to_hf,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from parallel.moe import MLAInfo, MoEInfo, parse_moe
+from r1_engine.parallel.moe import MLAInfo, MoEInfo, parse_moe
 
 __all__ = ["ModelInfo", "parse_hf_config"]
 

@@ -8,7 +8,12 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+
+# Megatron warns at import that TE/Apex are absent, once per module; on CPU that is the plan, not news.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
 
 __all__ = ["megatron_without_te_fixes", "local_mla_core_attention", "replicated_linear", "SequenceParallelTorchNorm",
            "replace_module"]

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from parallel.hf_config import ModelInfo, parse_hf_config
-from parallel.megatron_compat import megatron_without_te_fixes
-from parallel.moe import decoder_spec, moe_config_fields
+from r1_engine.parallel.hf_config import ModelInfo, parse_hf_config
+from r1_engine.parallel.megatron_compat import megatron_without_te_fixes
+from r1_engine.parallel.moe import decoder_spec, moe_config_fields
 
 __all__ = [
     "ModelInfo",

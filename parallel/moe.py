@@ -204,7 +204,7 @@ def decoder_spec(config, use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    from parallel.megatron_compat import (
+    from r1_engine.parallel.megatron_compat import (
         SequenceParallelTorchNorm,
         local_mla_core_attention,
         replace_module,
@@ -230,7 +230,7 @@ def decoder_spec(config, use_te: bool):
 
 def moe_layers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
     """This stage's MoE layers' `mlp` modules, in order."""
-    from parallel.models import unwrap_model
+    from r1_engine.parallel.models import unwrap_model
 
     core = unwrap_model(model)
     return [layer.mlp for layer in core.decoder.layers if hasattr(layer.mlp, "router")]
@@ -261,7 +261,7 @@ class MoEForward:
     packed `thd`: one row of B * S)."""
 
     def __init__(self, model: torch.nn.Module, replay: bool = True):
-        from parallel.models import unwrap_model
+        from r1_engine.parallel.models import unwrap_model
 
         core = unwrap_model(model)
         info = getattr(core, "model_info", None)

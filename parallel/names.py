@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.models import ModelInfo
+from r1_engine.parallel.models import ModelInfo
 
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

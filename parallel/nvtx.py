@@ -34,7 +34,7 @@ this tree.
 """
 from __future__ import annotations
 
-from kernels.nvtx import enabled, nvtx_range, set_enabled
+from r1_engine.kernels.nvtx import enabled, nvtx_range, set_enabled
 
 __all__ = ["enabled", "install_nvtx_timers", "nvtx_range", "set_enabled"]
 

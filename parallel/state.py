@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-from parallel.nvtx import install_nvtx_timers, nvtx_range  # noqa: F401 - re-exported: the phase ranges' old home
+from r1_engine.parallel import megatron_compat  # noqa: F401 - first: quiets Megatron's import-time warnings
+from r1_engine.parallel.nvtx import install_nvtx_timers, nvtx_range  # noqa: F401 - re-exported: the phase ranges' old home
 
 __all__ = [
     "ParallelState",

@@ -48,12 +48,12 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from kernels import token_logprobs
-from parallel.models import unwrap_model
-from parallel.moe import MoEForward
-from parallel.nvtx import install_nvtx_timers, nvtx_range
-from parallel.optim import optimizer_step
-from parallel.rows import PackedRows
+from r1_engine.kernels.logprobs import token_logprobs
+from r1_engine.parallel.models import unwrap_model
+from r1_engine.parallel.moe import MoEForward
+from r1_engine.parallel.nvtx import install_nvtx_timers, nvtx_range
+from r1_engine.parallel.optim import optimizer_step
+from r1_engine.parallel.rows import PackedRows
 
 __all__ = ["ModelOutput", "LossFn", "logprobs", "train_step"]
 

@@ -30,13 +30,10 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python recipes/distill.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
-from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
-from engine.sft_config import check_sft_ranges
-from recipes.distill_config import DistillConfig
+from r1_engine.engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
+from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from r1_engine.engine.sft_config import check_sft_ranges
+from r1_engine.recipes.distill_config import DistillConfig
 
 HELP = ("Distillation (offline: SFT on the teacher's rejection-sampled samples; onpolicy: the teacher scores the "
         "student's samples) against GRPO on the same student for the same time (--baseline-clock). Without --teacher "
@@ -44,7 +41,7 @@ HELP = ("Distillation (offline: SFT on the teacher's rejection-sampled samples; 
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
-    from recipes.tiny.settings import tiny_distill
+    from r1_engine.recipes.tiny.settings import tiny_distill
 
     path, args = pop_config_arg(list(sys.argv[1:] if argv is None else argv))
     yaml_data = read_yaml(path) if path else {}
@@ -98,8 +95,8 @@ def check_inputs(cfg: DistillConfig) -> None:
 
 
 def check_teacher_for_onpolicy(cfg: DistillConfig) -> None:
-    from engine.data import load_tokenizer
-    from parallel import models
+    from r1_engine.engine.data import load_tokenizer
+    from r1_engine.parallel import models
 
     if load_tokenizer(cfg.teacher).get_vocab() != load_tokenizer(cfg.student).get_vocab():
         raise ValueError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's ({cfg.student}); "
@@ -122,12 +119,12 @@ def embedded_models(ps) -> tuple[Path, Path]:
     (recipes/tiny/student, pretrained now if absent)."""
     import torch.distributed as dist
 
-    from recipes.tiny.pretrain import ensure_student_model
-    from recipes.tiny.settings import TINY_DEFAULT
+    from r1_engine.recipes.tiny.pretrain import ensure_student_model
+    from r1_engine.recipes.tiny.settings import TINY_DEFAULT
 
     teacher = Path(TINY_DEFAULT.train.out) / "hf"
     if not (teacher / "model.safetensors").is_file():
-        from recipes import r1_zero
+        from r1_engine.recipes import r1_zero
 
         if ps.is_main:
             print(f"[tiny] no teacher in {teacher}: training recipes/r1_zero.py's embedded default first", flush=True)
@@ -141,7 +138,7 @@ def embedded_models(ps) -> tuple[Path, Path]:
 def main(argv: list[str] | None = None):
     cfg, embedded = resolve_config(argv)
     if embedded:
-        from recipes.tiny.corpus import DATA_DIR
+        from r1_engine.recipes.tiny.corpus import DATA_DIR
 
         cfg = dataclasses.replace(cfg, data=cfg.data or str(DATA_DIR / "train.jsonl"),
                                   eval_data=cfg.eval_data or str(DATA_DIR / "eval.jsonl"))
@@ -163,8 +160,8 @@ def run(cfg: DistillConfig, embedded: bool):
     """Every phase, the evaluations and the table (inputs checked); the results.json of rank 0."""
     from transformers.utils import logging as hf_logging
 
-    from parallel.state import init_parallel
-    from recipes.distill_phases import Distillation
+    from r1_engine.parallel.state import init_parallel
+    from r1_engine.recipes.distill_phases import Distillation
 
     hf_logging.disable_progress_bar()  # every phase loads a few checkpoints: their bars would bury the phases' own
     ps = init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.rl.train.seed)
@@ -182,5 +179,10 @@ def run(cfg: DistillConfig, embedded: bool):
     return json.loads((Path(cfg.out) / "results.json").read_text()) if ps.is_main else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject's [project.scripts]): exit 2 with one line on a config or data mistake."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.config import GRPOConfig, ModelConfig
-from engine.model_eval import EvalSettings
-from engine.rejection import RejectionConfig
-from engine.sft_config import SFTConfig
+from r1_engine.engine.config import GRPOConfig, ModelConfig
+from r1_engine.engine.model_eval import EvalSettings
+from r1_engine.engine.rejection import RejectionConfig
+from r1_engine.engine.sft_config import SFTConfig
 
 PHASES = {"offline": "offline distillation (teacher samples, rejection sampling, SFT)",
           "onpolicy": "on-policy distillation (student samples, teacher scores each token)",

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine.data import load_prompts
-from recipes.distill_config import PHASES
+from r1_engine.engine.data import load_prompts
+from r1_engine.recipes.distill_config import PHASES
 
 
 def _write_json(path: Path, obj) -> None:
@@ -67,7 +67,7 @@ class Distillation:
 
     def _on_main(self, fn):
         """fn() on rank 0 while the others wait; its result, or its user error (one line), reaches every rank."""
-        from engine.config import USER_ERRORS
+        from r1_engine.engine.config import USER_ERRORS
 
         result = error = None
         if self.ps.is_main:
@@ -118,7 +118,7 @@ class Distillation:
 
     def evaluate(self, model_dir: Path) -> dict:
         """Rank 0 only: the held-out numbers of one checkpoint (engine.model_eval: pass@1 over k, cons@k)."""
-        from engine.model_eval import ModelEvaluator
+        from r1_engine.engine.model_eval import ModelEvaluator
 
         settings = dataclasses.replace(self.cfg.eval, template=self.cfg.template)
         with ModelEvaluator(settings) as evaluator:
@@ -136,7 +136,7 @@ class Distillation:
 
     # ------------------------------------------------------------------------------------------ offline
     def offline(self) -> tuple[Path, dict]:
-        from engine.sft import SFTTrainer, load_sft_examples
+        from r1_engine.engine.sft import SFTTrainer, load_sft_examples
 
         rows, cost_file = self.out / "offline" / "rejection.jsonl", self.out / "offline" / "sampling.json"
         if not (rows.is_file() and cost_file.is_file()):
@@ -163,10 +163,10 @@ class Distillation:
 
     def rejection_sample(self, rows: Path, cost_file: Path) -> None:
         """Rank 0: the teacher's k samples a prompt, filtered by the rule rewards (engine.rejection)."""
-        from engine.data import PromptDataset, load_tokenizer
-        from engine.rejection import rejection_sample
-        from engine.rewards import build_reward_composer
-        from engine.rollout import build_rollout_engine
+        from r1_engine.engine.data import PromptDataset, load_tokenizer
+        from r1_engine.engine.rejection import rejection_sample
+        from r1_engine.engine.rewards import build_reward_composer
+        from r1_engine.engine.rollout import build_rollout_engine
 
         cfg, started, cpu = self.cfg, time.perf_counter(), time.process_time()
         prompts = self.prompts()[:cfg.offline_prompts]
@@ -199,14 +199,14 @@ class Distillation:
 
     # ------------------------------------------------------------------------------------------ the RL trainers
     def _grpo_trainer(self, config, phase: str):
-        from engine.trainer import GRPOTrainer
+        from r1_engine.engine.trainer import GRPOTrainer
 
         config = self._placed(config, self.out / phase, self.student)
         prompts = self.prompts()
         if phase != "onpolicy":
             return GRPOTrainer(config, self.student, prompts)
         if self.cfg.teacher_backend == "hf":
-            from engine.teacher import HFTeacherTrainer
+            from r1_engine.engine.teacher import HFTeacherTrainer
 
             return HFTeacherTrainer(config, self.student, prompts, teacher_dir=self.teacher,
                                     offload=self.cfg.teacher_offload)
@@ -295,6 +295,6 @@ class Distillation:
         return rows
 
     def report(self) -> str:
-        from recipes.distill_report import write_report
+        from r1_engine.recipes.distill_report import write_report
 
         return write_report(self.rows(), self.out, self.cfg)

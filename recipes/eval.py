@@ -19,13 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-if __package__ in (None, ""):  # `python recipes/eval.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.config import RolloutConfig, load_config, run_cli
-from engine.data import TEMPLATES, load_prompts
-from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
-from recipes.tiny.settings import TINY_DEFAULT
+from r1_engine.engine.config import RolloutConfig, load_config, run_cli
+from r1_engine.engine.data import TEMPLATES, load_prompts
+from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from r1_engine.recipes.tiny.settings import TINY_DEFAULT
 
 TINY_RUN = Path(TINY_DEFAULT.train.out)  # where recipes/r1_zero.py's embedded default writes its run
 
@@ -158,7 +155,7 @@ def resolve_model(path: str | Path) -> Path:
 def models_and_data(cfg: EvalConfig, embedded: bool):
     """[(name, HF dir)], [(name, path)]; the embedded default's base model is pretrained if missing."""
     if embedded:
-        from recipes.tiny.pretrain import ensure_base_model
+        from r1_engine.recipes.tiny.pretrain import ensure_base_model
 
         models = [("tiny-base", ensure_base_model())]
         if (TINY_RUN / "hf" / "config.json").is_file():
@@ -168,7 +165,7 @@ def models_and_data(cfg: EvalConfig, embedded: bool):
                   for i, path in enumerate(cfg.models)]
     paths = list(cfg.data.paths)
     if not paths:
-        from recipes.tiny.corpus import DATA_DIR
+        from r1_engine.recipes.tiny.corpus import DATA_DIR
 
         paths = [str(DATA_DIR / "eval.jsonl")]
     for path in paths:
@@ -233,20 +230,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from engine.data import PromptDataset, check_tokenizer_fits, load_tokenizer
-    from engine.eval import (
+    from r1_engine.engine.data import PromptDataset, check_tokenizer_fits, load_tokenizer
+    from r1_engine.engine.eval import (
         EquivalenceJudge,
         gather_results,
         results_to_json,
         sample_questions,
         summarize,
     )
-    from engine.rewards import build_reward_composer
-    from engine.rollout import SamplingParams, build_rollout_engine
+    from r1_engine.engine.rewards import build_reward_composer
+    from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
 
     dp_rank, dp_size, group, device = 0, 1, None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank is a data-parallel replica
-        from parallel.state import init_parallel
+        from r1_engine.parallel.state import init_parallel
 
         ps = init_parallel(1, 1, cfg.seed)
         dp_rank, dp_size, group, device = ps.dp_rank, ps.dp_size, ps.dp_group, ps.device
@@ -298,5 +295,10 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject's [project.scripts]): exit 2 with one line on a config or data mistake."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

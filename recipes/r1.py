@@ -25,20 +25,17 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python recipes/r1.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
-from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
-from engine.sft_config import check_sft_ranges
-from recipes.r1_config import STAGES, R1Config, R1Data
+from r1_engine.engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
+from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from r1_engine.engine.sft_config import check_sft_ranges
+from r1_engine.recipes.r1_config import STAGES, R1Config, R1Data
 
 HELP = ("DeepSeek-R1's four stages. Without a model (--model DIR, or model.path in the YAML) the embedded tiny world "
         "runs, and the defaults shown here are its settings. Each stage's model, data and out are set by the recipe.")
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
-    from recipes.tiny.r1_settings import tiny_r1
+    from r1_engine.recipes.tiny.r1_settings import tiny_r1
 
     args = [("--model.path" + a[len("--model"):]) if a == "--model" or a.startswith("--model=") else a
             for a in (sys.argv[1:] if argv is None else argv)]
@@ -74,8 +71,8 @@ def data_files(cfg: R1Config, embedded: bool) -> R1Data:
     """The data files of the run (the tiny world's where none is given), checked to exist."""
     d = cfg.data
     if embedded:
-        from recipes.tiny.corpus import DATA_DIR
-        from recipes.tiny.r1_world import R1_DATA_DIR
+        from r1_engine.recipes.tiny.corpus import DATA_DIR
+        from r1_engine.recipes.tiny.r1_world import R1_DATA_DIR
 
         tiny = {"cold_start": R1_DATA_DIR / "cold_start.jsonl", "reasoning": DATA_DIR / "train.jsonl",
                 "general_sft": R1_DATA_DIR / "general_sft.jsonl", "general": R1_DATA_DIR / "general_train.jsonl",
@@ -102,14 +99,14 @@ def main(argv: list[str] | None = None):
     check_out_dir("--out", cfg.out)
     data = data_files(cfg, embedded)
     if cfg.until_stage >= 4:
-        from engine.reward_model import check_reward_model_dir
+        from r1_engine.engine.reward_model import check_reward_model_dir
 
         for name, path in cfg.all_scenario_rl.reward.models.items():
             check_reward_model_dir(f"--all-scenario-rl.reward.models {name}", path)
     from transformers.utils import logging as hf_logging
 
-    from parallel.state import init_parallel
-    from recipes.r1_stages import Pipeline
+    from r1_engine.parallel.state import init_parallel
+    from r1_engine.recipes.r1_stages import Pipeline
 
     hf_logging.disable_progress_bar()  # every stage loads a few checkpoints: their bars would bury the stages' own
 
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None):
     if embedded:
         import torch.distributed as dist
 
-        from recipes.tiny.pretrain import ensure_base_model
+        from r1_engine.recipes.tiny.pretrain import ensure_base_model
 
         if ps.is_main:
             ensure_base_model()  # the committed checkpoint, or pretrain it (~7 minutes on 2 cores)
@@ -133,5 +130,10 @@ def main(argv: list[str] | None = None):
     return json.loads((Path(cfg.out) / "results.json").read_text()) if ps.is_main else None
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject's [project.scripts]): exit 2 with one line on a config or data mistake."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

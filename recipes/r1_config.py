@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.config import GRPOConfig, ModelConfig
-from engine.model_eval import EvalSettings
-from engine.rejection import RejectionConfig
-from engine.reward_model_train import RewardModelTrainConfig
-from engine.sft_config import SFTConfig
+from r1_engine.engine.config import GRPOConfig, ModelConfig
+from r1_engine.engine.model_eval import EvalSettings
+from r1_engine.engine.rejection import RejectionConfig
+from r1_engine.engine.reward_model_train import RewardModelTrainConfig
+from r1_engine.engine.sft_config import SFTConfig
 
 STAGES = {1: "cold start SFT", 2: "reasoning RL", 3: "rejection sampling + SFT", 4: "all-scenario RL"}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from engine.data import load_prompts
+from r1_engine.engine.data import load_prompts
 
 
 def _write_json(path: Path, obj) -> None:
@@ -75,7 +75,7 @@ class Pipeline:
         return result
 
     def run(self) -> None:
-        from recipes.r1_config import STAGES
+        from r1_engine.recipes.r1_config import STAGES
 
         first = next((n for n in range(self.cfg.from_stage, self.cfg.until_stage + 1) if not self.done(n)), None)
         if first is not None and first > 1:
@@ -102,7 +102,7 @@ class Pipeline:
     # ------------------------------------------------------------------------------------------ shared pieces
     def base_with_tokens(self) -> Path:
         """The base model with the readable format's special tokens (built once, deterministic)."""
-        from engine.readable import add_readable_tokens
+        from r1_engine.engine.readable import add_readable_tokens
 
         hf = self.dir(0) / "hf"
         if not (hf / "config.json").is_file():
@@ -115,7 +115,7 @@ class Pipeline:
         return load_prompts(path or self.data.reasoning)
 
     def sft(self, stage: int, config, start: Path, examples) -> Path:
-        from engine.sft import SFTTrainer
+        from r1_engine.engine.sft import SFTTrainer
 
         config = dataclasses.replace(
             config, model=dataclasses.replace(self.cfg.model, path=str(start)),
@@ -130,7 +130,7 @@ class Pipeline:
         return hf
 
     def rl(self, out: Path, config, start: Path, examples) -> Path:
-        from engine.trainer import GRPOTrainer
+        from r1_engine.engine.trainer import GRPOTrainer
 
         config = dataclasses.replace(
             config, model=dataclasses.replace(self.cfg.model, path=str(start)),
@@ -152,13 +152,13 @@ class Pipeline:
         if given or self.data.preferences is None:
             self._rm_dirs = given
             return given
-        from engine.reward_model_train import load_preference_pairs, train_reward_model
+        from r1_engine.engine.reward_model_train import load_preference_pairs, train_reward_model
 
         run_dir = self.out / "reward_models" / "helpfulness"
         rm_dir = run_dir / "hf"
         if not (rm_dir / "config.json").is_file():
             def train():
-                from engine.data import apply_template, load_tokenizer
+                from r1_engine.engine.data import apply_template, load_tokenizer
 
                 # the reward model reads what the policy's rows hold: the templated prompt, then the response
                 tokenizer = load_tokenizer(self.base_with_tokens_path())
@@ -179,8 +179,8 @@ class Pipeline:
 
     def evaluate(self, model_dir: Path) -> dict:
         """Rank 0 only: the held-out numbers of one checkpoint (engine.model_eval)."""
-        from engine.model_eval import ModelEvaluator
-        from engine.reward_model import RewardModelSet, RewardModelSpec
+        from r1_engine.engine.model_eval import ModelEvaluator
+        from r1_engine.engine.reward_model import RewardModelSet, RewardModelSpec
 
         settings = dataclasses.replace(self.cfg.eval, template=self.data.template,
                                        backend=self._solo_backend(self.cfg.eval.backend))
@@ -188,7 +188,7 @@ class Pipeline:
         rms = [RewardModelSpec(name=k, path=v, scope=scopes.get(k, "summary")) for k, v in (self._rm_dirs or {}).items()]
         metric = None
         if self.tiny:
-            from recipes.tiny.r1_world import helpful_rate
+            from r1_engine.recipes.tiny.r1_world import helpful_rate
 
             def metric(prompts, responses):
                 return {"helpful_rate": helpful_rate(prompts, responses)}
@@ -207,7 +207,7 @@ class Pipeline:
         def write():
             report = self.evaluate(hf)
             _write_json(self.dir(stage) / "eval.json", report)
-            from recipes.r1_config import STAGES
+            from r1_engine.recipes.r1_config import STAGES
 
             record = {"stage": stage, "name": f"{stage}: {STAGES[stage]}", "model": str(hf),
                       "summary": report["summary"], "extra": list(extra)}
@@ -218,7 +218,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ the stages
     def stage_1(self) -> None:
-        from engine.sft import load_sft_examples
+        from r1_engine.engine.sft import load_sft_examples
 
         examples = load_sft_examples(self.data.cold_start)
         self.finish(1, self.sft(1, self.cfg.cold_start, self.base_with_tokens(), examples))
@@ -239,7 +239,7 @@ class Pipeline:
         self.finish(2, hf, extra)
 
     def stage_3(self) -> None:
-        from engine.sft import load_sft_examples
+        from r1_engine.engine.sft import load_sft_examples
 
         rows = self.dir(3) / "rejection.jsonl"
         if not rows.is_file():
@@ -249,10 +249,10 @@ class Pipeline:
         self.finish(3, self.sft(3, self.cfg.sft, self.base_with_tokens(), examples))
 
     def rejection_sample(self, model_dir: Path, rows: Path) -> None:
-        from engine.data import PromptDataset, load_tokenizer
-        from engine.rejection import rejection_sample
-        from engine.rewards import build_reward_composer
-        from engine.rollout import build_rollout_engine
+        from r1_engine.engine.data import PromptDataset, load_tokenizer
+        from r1_engine.engine.rejection import rejection_sample
+        from r1_engine.engine.rewards import build_reward_composer
+        from r1_engine.engine.rollout import build_rollout_engine
 
         cfg = self.cfg
         prompts = self.reasoning_prompts()[:self.data.rejection_prompts]
@@ -302,6 +302,6 @@ class Pipeline:
         return rows
 
     def report(self) -> str:
-        from recipes.r1_report import write_report
+        from r1_engine.recipes.r1_report import write_report
 
         return write_report(self.rows(), self.out, self.cfg, self.data)

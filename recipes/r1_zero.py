@@ -14,14 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # `python recipes/r1_zero.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist
 
-from engine.config import (
+from r1_engine.engine.config import (
     GRPOConfig,
     check_ranges,
     from_dict,
@@ -30,10 +26,10 @@ from engine.config import (
     read_yaml,
     run_cli,
 )
-from engine.data import load_prompts
-from engine.preflight import check_model_dir, check_out_dir, check_prompt_file
-from parallel.state import init_parallel
-from recipes.tiny.settings import TINY_DEFAULT, TINY_GRPO_EPS_HIGH, TINY_MOE_OUT
+from r1_engine.engine.data import load_prompts
+from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
+from r1_engine.parallel.state import init_parallel
+from r1_engine.recipes.tiny.settings import TINY_DEFAULT, TINY_GRPO_EPS_HIGH, TINY_MOE_OUT
 
 # `--model DIR --data FILE --out DIR --eval-data FILE`: short forms of --model.path, --data.path, --train.out,
 # --data.eval-path
@@ -96,7 +92,7 @@ def check_paths(cfg: GRPOConfig) -> None:
 def main(argv: list[str] | None = None):
     cfg, embedded = resolve_config(argv)
     check_paths(cfg)
-    from engine.trainer import (
+    from r1_engine.engine.trainer import (
         GRPOTrainer,  # here: a config mistake is reported without importing Megatron
     )
 
@@ -104,9 +100,9 @@ def main(argv: list[str] | None = None):
                        expert_parallel=cfg.model.expert_parallel)
 
     if embedded:
-        from recipes.tiny.corpus import DATA_DIR
-        from recipes.tiny.pretrain import ensure_base_model
-        from recipes.tiny.pretrain_moe import ensure_moe_base_model
+        from r1_engine.recipes.tiny.corpus import DATA_DIR
+        from r1_engine.recipes.tiny.pretrain import ensure_base_model
+        from r1_engine.recipes.tiny.pretrain_moe import ensure_moe_base_model
 
         ensure = ensure_moe_base_model if cfg.model.preset == "tiny-moe" else ensure_base_model
         if ps.is_main:
@@ -158,5 +154,10 @@ def main(argv: list[str] | None = None):
     return before, after
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console command (pyproject's [project.scripts]): exit 2 with one line on a config or data mistake."""
     sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,9 +1,18 @@
 """Test-wide setup. Triton kernels run in the interpreter on CPU-only machines: the variable must be
 set before triton is first imported, which is why it lives here and not in a fixture."""
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# Tests import their helpers as `tests.*` (spawned gloo workers too, which inherit sys.path). The repository root is
+# appended, never put first: the project itself is imported as the installed `r1_engine`, and the folders engine/,
+# kernels/, ... must not shadow an installed package (Hugging Face's `kernels`, which transformers imports).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

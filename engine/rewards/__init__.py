@@ -1,20 +1,20 @@
 """Rule-based rewards as in DeepSeek-R1-Zero (accuracy, format, language consistency), R1's code reward (the
 program passes the row's tests in the sandboxed judge), and the composer that adds them up, weighted, in a pool of
 worker processes with a per-sample timeout."""
-from engine.rewards.accuracy import (
+from r1_engine.engine.rewards.accuracy import (
                                    accuracy_reward,
                                    answers_equivalent,
                                    extract_final_answers,
                                    normalize_answer,
 )
-from engine.rewards.code import (
+from r1_engine.engine.rewards.code import (
                                    CodeJudge,
                                    CodeLimits,
                                    CodeTests,
                                    code_reward,
                                    make_code_judge,
 )
-from engine.rewards.compose import (
+from r1_engine.engine.rewards.compose import (
                                    REWARDS,
                                    RewardComposer,
                                    RewardOutput,
@@ -22,8 +22,8 @@ from engine.rewards.compose import (
                                    build_reward_composer,
                                    check_reward_weights,
 )
-from engine.rewards.format import format_reward
-from engine.rewards.language import (
+from r1_engine.engine.rewards.format import format_reward
+from r1_engine.engine.rewards.language import (
                                    chain_of_thought,
                                    count_words_by_language,
                                    language_consistency_reward,

@@ -30,7 +30,7 @@ import threading
 
 from math_verify import parse, verify
 
-from engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
+from r1_engine.engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
 
 MAX_ANSWER_CHARS = 1000  # longer answers score 0 (also keeps sympy away from 100k-digit strings)
 MAX_DISTINCT_ANSWERS = 8  # more distinct candidates than this score 0 without being compared

@@ -31,8 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.rewards.accuracy import _answer_region
-from engine.sandbox import Limits, Sandbox, describe, find_cxx, get_sandbox
+from r1_engine.engine.rewards.accuracy import _answer_region
+from r1_engine.engine.sandbox import Limits, Sandbox, describe, find_cxx, get_sandbox
 
 HARNESS = (Path(__file__).with_name("code_harness.py")).read_text()
 _FENCE = re.compile(r"```[ \t]*(python3?|py|cpp|c\+\+|cc|cxx)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -212,7 +212,7 @@ def make_code_judge(limits: CodeLimits = CodeLimits(), *, allow_unsandboxed: boo
     if not sandbox.contained:
         if not allow_unsandboxed:
             raise ValueError(f"{where}: code rewards need the sandboxed judge, but here programs would run under "
-                             f"{describe(sandbox)}; install a C compiler and run `python -m engine.sandbox --build`, "
+                             f"{describe(sandbox)}; install a C compiler and run `python -m r1_engine.engine.sandbox --build`, "
                              f"or pass --reward.allow-unsandboxed-code to judge programs anyway (a hostile program "
                              f"can then read and write your files and use the network)")
         if not _WARNED:
@@ -240,7 +240,7 @@ def benchmark(completions: int = 128, tests: int = 10, workers: int = 2) -> tupl
     programs with `tests` stdin/stdout tests each through a reward pool of `workers` processes."""
     import time
 
-    from engine.rewards.compose import build_reward_composer
+    from r1_engine.engine.rewards.compose import build_reward_composer
 
     def cpu(pids):  # utime + stime + reaped children's
         fields = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in pids]

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Sequence
 
-from engine.rewards.accuracy import accuracy_reward
-from engine.rewards.code import CodeJudge, code_reward
-from engine.rewards.format import format_reward
-from engine.rewards.language import SUPPORTED_LANGUAGES, language_consistency_reward
+from r1_engine.engine.rewards.accuracy import accuracy_reward
+from r1_engine.engine.rewards.code import CodeJudge, code_reward
+from r1_engine.engine.rewards.format import format_reward
+from r1_engine.engine.rewards.language import SUPPORTED_LANGUAGES, language_consistency_reward
 
 WORKER_START_TIMEOUT_S = 180.0  # spawning a worker imports sympy; generous for loaded machines
 MAX_ERROR_MESSAGES = 8
@@ -89,7 +89,7 @@ class RewardOutput:
 def _worker_main(conn, fns) -> None:
     """Loop of one worker process: receive (task_id, spec_index, completion, reference), send back
     (task_id, ok, value_or_message). None or a closed pipe ends it."""
-    from engine.rewards.accuracy import answers_equivalent
+    from r1_engine.engine.rewards.accuracy import answers_equivalent
 
     answers_equivalent("1/2", "0.5")  # warm up math-verify's lazily built parser before taking work
     conn.send("ready")

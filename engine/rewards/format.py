@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-from engine.readable import READABLE_TOKENS, split_readable
-from engine.rewards.accuracy import extract_final_answers
+from r1_engine.engine.readable import READABLE_TOKENS, split_readable
+from r1_engine.engine.rewards.accuracy import extract_final_answers
 
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _THINK_TAGS = _TAGS[:2]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
+from r1_engine.engine.readable import REASONING_TOKEN, SUMMARY_TOKEN
 
 SUPPORTED_LANGUAGES = ("en", "zh")
 

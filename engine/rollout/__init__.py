@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import torch
 
-from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
-from engine.rollout.hf import HFRolloutEngine
+from r1_engine.engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from r1_engine.engine.rollout.hf import HFRolloutEngine
 
 __all__ = ["RolloutBatch", "RolloutEngine", "SamplingParams", "HFRolloutEngine", "build_rollout_engine"]
 
@@ -31,10 +31,10 @@ def build_rollout_engine(backend: Literal["hf", "vllm"], model_dir: str | Path, 
     if backend == "vllm":
         import torch.distributed as dist
 
-        from engine.rollout.vllm import VLLMRolloutEngine
+        from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
         if dist.is_initialized() and dist.get_world_size() > 1:
-            from engine.rollout.colocate import build_colocated_vllm
+            from r1_engine.engine.rollout.colocate import build_colocated_vllm
 
             return build_colocated_vllm(model_dir, tokenizer, dtype=dtype, seed=seed,
                                         gpu_memory_utilization=gpu_memory_utilization, record_routing=record_routing)

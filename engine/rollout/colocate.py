@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
-from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from r1_engine.engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
 
 __all__ = ["ColocatePlan", "ColocatedRolloutEngine", "build_colocated_vllm", "concat_batches", "plan_colocated",
            "split_prompts"]
@@ -196,7 +196,7 @@ def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, s
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     if mpu.get_context_parallel_world_size() != 1:
         raise ValueError("colocated vLLM does not support context parallelism")

@@ -33,7 +33,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from engine.rollout.base import (
+from r1_engine.engine.rollout.base import (
     RolloutBatch,
     RolloutEngine,
     SamplingParams,

@@ -18,7 +18,7 @@ mildly and the base model stays clearly improvable at the evaluation temperature
 The held-out split is a fixed, seeded set of 200 (a, b) pairs; neither they nor their swapped forms
 (b, a) appear in the pretraining documents or the RL prompts.
 
-Run `python -m recipes.tiny.corpus` to regenerate the shipped data files (identical bytes every time).
+Run `python -m r1_engine.recipes.tiny.corpus` to regenerate the shipped data files (identical bytes every time).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Literal
 
 # The engine owns the template; the tiny tokenizer folds its fixed prefix into one token, so a change to
 # its wording means pretraining the base again (tests/recipes/test_tiny.py checks the prompt tokens).
-from engine.data import R1_ZERO_TEMPLATE
+from r1_engine.engine.data import R1_ZERO_TEMPLATE
 
 EOS_TOKEN = "<|endoftext|>"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")

@@ -1,8 +1,8 @@
 """Pretrain the embedded default's base model: a ~0.8M-parameter Qwen2 on two-digit additions, on CPU.
 
-    python -m recipes.tiny.pretrain --out DIR      # tokenizer + pretraining (~6 min on 2 idle cores), HF model dir
-    python -m recipes.tiny.pretrain --check DIR    # sample the held-out prompts: pass@1 and format rate
-    python -m recipes.tiny.pretrain --student      # recipes/distill.py's smaller student (~3 min on 2 cores)
+    python -m r1_engine.recipes.tiny.pretrain --out DIR      # tokenizer + pretraining (~6 min on 2 idle cores), HF model dir
+    python -m r1_engine.recipes.tiny.pretrain --check DIR    # sample the held-out prompts: pass@1 and format rate
+    python -m r1_engine.recipes.tiny.pretrain --student      # recipes/distill.py's smaller student (~3 min on 2 cores)
 
 `ensure_base_model()` returns the committed checkpoint (recipes/tiny/base/) when it matches the current
 settings, and otherwise rebuilds it there. Pretraining is a fixed number of steps from a seed, so the
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from recipes.tiny.corpus import (
+from r1_engine.recipes.tiny.corpus import (
     CorpusConfig,
     eval_pairs,
     has_carry,
@@ -33,7 +33,7 @@ from recipes.tiny.corpus import (
     r1_zero_prompt,
     reasoning,
 )
-from recipes.tiny.tokenizer import build_tokenizer
+from r1_engine.recipes.tiny.tokenizer import build_tokenizer
 
 BASE_DIR = Path(__file__).resolve().parent / "base"
 META_FILE = "pretrain_meta.json"
@@ -380,7 +380,7 @@ def _evaluate_base(
 ) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.rewards import accuracy_reward, format_reward
+    from r1_engine.engine.rewards import accuracy_reward, format_reward
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()

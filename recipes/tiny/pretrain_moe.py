@@ -1,8 +1,8 @@
 """Pretrain the embedded default's MoE base: a ~1.4M-parameter DeepSeek-V3 (MLA, a shared expert, a sigmoid router
 with e_score_correction_bias and group-limited top-k, one dense first layer) on the dense base's tiny world, on CPU.
 
-    python -m recipes.tiny.pretrain_moe --out DIR      # tokenizer + pretraining (~8 min on 2 idle cores), HF model dir
-    python -m recipes.tiny.pretrain_moe --check DIR    # pass@1 on the held-out prompts, next to the dense base's
+    python -m r1_engine.recipes.tiny.pretrain_moe --out DIR      # tokenizer + pretraining (~8 min on 2 idle cores), HF model dir
+    python -m r1_engine.recipes.tiny.pretrain_moe --check DIR    # pass@1 on the held-out prompts, next to the dense base's
 
 Same tokenizer, corpus, optimiser and schedule as recipes/tiny/pretrain.py (whose helpers this reuses). Experts are
 balanced without an auxiliary loss, as DeepSeek-V3 does: after every optimiser step each MoE layer's
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from recipes.tiny.pretrain import (
+from r1_engine.recipes.tiny.pretrain import (
     BASE_DIR,
     VOCAB_MULTIPLE,
     PretrainConfig,
@@ -309,6 +309,6 @@ if __name__ == "__main__":
 
     import tyro
 
-    from engine.cli import run_cli
+    from r1_engine.engine.cli import run_cli
 
     sys.exit(run_cli(lambda: tyro.cli(main)))  # tyro reports bad flags; run_cli what main raises

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import replace
 
-from engine.config import GRPOConfig
-from engine.model_eval import EvalSettings
-from engine.rejection import RejectionConfig
-from engine.reward_model_train import RewardModelTrainConfig
-from engine.sft_config import SFTConfig
-from kernels import PolicyLossConfig
-from recipes.tiny.r1_world import R1_TEMPLATE
-from recipes.tiny.settings import TINY_GRPO_EPS_HIGH
+from r1_engine.engine.config import GRPOConfig
+from r1_engine.engine.model_eval import EvalSettings
+from r1_engine.engine.rejection import RejectionConfig
+from r1_engine.engine.reward_model_train import RewardModelTrainConfig
+from r1_engine.engine.sft_config import SFTConfig
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.recipes.tiny.r1_world import R1_TEMPLATE
+from r1_engine.recipes.tiny.settings import TINY_GRPO_EPS_HIGH
 
 MAX_NEW_TOKENS = 48  # a readable-format completion is ~35 tokens (a language-mixed one ~40)
 
@@ -37,7 +37,7 @@ def _rl(steps: int, weights: dict[str, float]) -> GRPOConfig:
 
 
 def tiny_r1():
-    from recipes.r1_config import R1Config, R1Data
+    from r1_engine.recipes.r1_config import R1Config, R1Data
 
     return R1Config(
         data=R1Data(template=R1_TEMPLATE, rejection_prompts=400, general_fraction=0.25),

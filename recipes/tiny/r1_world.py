@@ -20,7 +20,7 @@ General (non-reasoning) prompts: greet, thank, say goodbye to a name. Each has a
   disjoint names.
 Reasoning prompts and the held-out reasoning set are R1-Zero's (data/train.jsonl, data/eval.jsonl).
 
-`python -m recipes.tiny.r1_world` rewrites data/r1/ (identical bytes every time).
+`python -m r1_engine.recipes.tiny.r1_world` rewrites data/r1/ (identical bytes every time).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from recipes.tiny.corpus import (
+from r1_engine.recipes.tiny.corpus import (
     DATA_DIR,
     has_carry,
     question,
@@ -73,7 +73,7 @@ def readable_reasoning(a: int, b: int, slip: bool, mixed: bool) -> tuple[str, in
 
 
 def readable_sample(a: int, b: int, slip: bool = False, mixed: bool = False) -> str:
-    from engine.readable import readable_completion
+    from r1_engine.engine.readable import readable_completion
 
     steps, result = readable_reasoning(a, b, slip, mixed)
     return readable_completion(steps, f"\\boxed{{{result}}}")

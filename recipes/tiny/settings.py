@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from engine.config import GRPOConfig
-from kernels import PolicyLossConfig
+from r1_engine.engine.config import GRPOConfig
+from r1_engine.kernels.loss_family import PolicyLossConfig
 
 # 16 prompts x 8 samples a step
 TINY_DEFAULT = dataclasses.replace(
@@ -25,10 +25,10 @@ def tiny_distill():
     except what each method needs: distillation takes no reference KL (the teacher is the anchor), GRPO keeps
     the run above's beta and clip-higher. One torch thread, and the GRPO baseline's budget in CPU seconds: on a
     shared 2-core box the load changes between phases, and wall times with it (up to 4x, measured)."""
-    from engine.model_eval import EvalSettings
-    from engine.rejection import RejectionConfig
-    from engine.sft_config import SFTConfig
-    from recipes.distill_config import DistillConfig
+    from r1_engine.engine.model_eval import EvalSettings
+    from r1_engine.engine.rejection import RejectionConfig
+    from r1_engine.engine.sft_config import SFTConfig
+    from r1_engine.recipes.distill_config import DistillConfig
 
     rl = dataclasses.replace(TINY_DEFAULT, loss=PolicyLossConfig(beta=0.001, eps_high=TINY_GRPO_EPS_HIGH),
                              train=dataclasses.replace(TINY_DEFAULT.train, steps=1000, eval_every=0))

@@ -36,7 +36,7 @@ from tokenizers import (
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from recipes.tiny.corpus import (
+from r1_engine.recipes.tiny.corpus import (
     EOS_TOKEN,
     R1_ZERO_TEMPLATE,
     TAGS,

@@ -5,7 +5,7 @@ import torch
 from benchmarks import report
 from benchmarks.cases import LossSettings, Sizes, logp_rows
 from benchmarks.roofline import counted_bytes, derive
-from kernels.reference import token_logprobs_ref
+from r1_engine.kernels.reference import token_logprobs_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

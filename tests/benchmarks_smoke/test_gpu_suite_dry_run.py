@@ -68,7 +68,7 @@ def test_dry_run_refuses_bad_sizes(tmp_path):
 
 
 def test_variants_and_tune_sections(tmp_path):
-    from kernels import logprobs
+    from r1_engine.kernels import logprobs
 
     before = dict(logprobs.LAUNCH)
     rc = gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--sections", "roofline,variants,tune", "--no-liger"])

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from engine.config import GRPOConfig
-from kernels import PolicyLossConfig
+from r1_engine.engine.config import GRPOConfig
+from r1_engine.kernels.loss_family import PolicyLossConfig
 
 DATA = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "data"
 
@@ -15,7 +15,7 @@ DATA = Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "data"
 def write_tiny_model(out: Path, seed: int = 0) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from recipes.tiny.tokenizer import build_tokenizer
+    from r1_engine.recipes.tiny.tokenizer import build_tokenizer
 
     tok = build_tokenizer(out)
     torch.manual_seed(seed)
@@ -44,8 +44,8 @@ def tiny_config(out: Path, **train) -> GRPOConfig:
 def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, resume: bool = False,
                 algo: dict | None = None):
     """Train `steps` steps (resuming from `out` if asked); returns the per-step metrics without timings."""
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(Path(out), steps=steps, resume=resume)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tensor_parallel),
@@ -62,8 +62,8 @@ def dynamic_sampling_rank_worker(model_dir: str, out: str):
     its second informative. Returns (rounds, filler groups, draws, sampler state) as this rank saw them."""
     import torch.distributed as dist
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(Path(out), steps=1)
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, dynamic_sampling=True, max_sampling_rounds=3))

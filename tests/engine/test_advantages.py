@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
+from r1_engine.engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
 
 
 def reference_advantages(rewards, G, scale, estimator, unbiased=True, eps=1e-6):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.batch import pack_sequences, rl_rows, with_logprobs
-from parallel.rows import PackedRows
+from r1_engine.engine.batch import pack_sequences, rl_rows, with_logprobs
+from r1_engine.parallel.rows import PackedRows
 
 PAD = 0
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
+from r1_engine.engine.checkpoint import _set_rng_state, latest_checkpoint, load_checkpoint, save_checkpoint, step_dir
 
 
 class _Optimizer:

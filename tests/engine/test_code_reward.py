@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from engine.data import load_prompts
-from engine.rewards import build_reward_composer
-from engine.rewards.code import (
+from r1_engine.engine.data import load_prompts
+from r1_engine.engine.rewards import build_reward_composer
+from r1_engine.engine.rewards.code import (
     CodeJudge,
     CodeLimits,
     CodeTests,
@@ -22,8 +22,8 @@ from engine.rewards.code import (
     parse_frames,
     same_output,
 )
-from engine.sandbox import Sandbox, find_cxx, get_sandbox
-from engine.scoring import RolloutScorer, nanmean
+from r1_engine.engine.sandbox import Sandbox, find_cxx, get_sandbox
+from r1_engine.engine.scoring import RolloutScorer, nanmean
 
 LIMITS = CodeLimits(test_timeout_s=1.5, memory_mb=256, compile_timeout_s=20.0, completion_timeout_s=30.0)
 SANDBOX = get_sandbox()
@@ -183,7 +183,7 @@ def test_128_completions_through_the_reward_pool(judge):
 
 # --------------------------------------------------------------------------- without a sandbox
 def test_unsandboxed_judge_is_refused_unless_allowed(monkeypatch, capsys):
-    from engine.rewards import code
+    from r1_engine.engine.rewards import code
 
     weak = Sandbox(None, "rlimits", "no C compiler found", get_sandbox().python)
     monkeypatch.setattr(code, "get_sandbox", lambda: weak)
@@ -200,9 +200,9 @@ def test_unsandboxed_judge_is_refused_unless_allowed(monkeypatch, capsys):
 
 
 def test_trainer_refuses_code_prompts_without_a_sandbox(tmp_path, monkeypatch):
-    from engine.config import GRPOConfig
-    from engine.rewards import code
-    from engine.scoring import build_code_judge
+    from r1_engine.engine.config import GRPOConfig
+    from r1_engine.engine.rewards import code
+    from r1_engine.engine.scoring import build_code_judge
 
     monkeypatch.setattr(code, "get_sandbox", lambda: Sandbox(None, "rlimits", "no C compiler found", "python3"))
     path = tmp_path / "code.jsonl"
@@ -220,7 +220,7 @@ def test_trainer_refuses_code_prompts_without_a_sandbox(tmp_path, monkeypatch):
     ("code_workers", 0, "--reward.code-workers=0: must be >= 1"),
 ])
 def test_code_settings_are_range_checked(key, value, message):
-    from engine.config import GRPOConfig, check_ranges
+    from r1_engine.engine.config import GRPOConfig, check_ranges
 
     cfg = GRPOConfig()
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, **{key: value}))
@@ -231,7 +231,7 @@ def test_code_settings_are_range_checked(key, value, message):
 # --------------------------------------------------------------------------- the trainer on code prompts
 @needs_sandbox
 def test_trainer_smoke_run_on_code_prompts(tmp_path):
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.trainer import GRPOTrainer
     from tests.engine._trainer_common import tiny_config, write_tiny_model
 
     model_dir = write_tiny_model(tmp_path / "model")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import GRPOConfig, load_config, load_yaml
+from r1_engine.engine.config import GRPOConfig, load_config, load_yaml
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "recipes" / "configs" / "r1_zero_qwen2.5_7b.yaml"
 
@@ -78,7 +78,7 @@ def test_yaml_values_are_typed_and_overlay_the_given_default(tmp_path):
 
 
 def test_run_cli_prints_one_line_and_exits_2(capsys, monkeypatch):
-    from engine.config import run_cli
+    from r1_engine.engine.config import run_cli
 
     def main():
         raise ValueError("prompts.jsonl:3: missing field 'answer'")
@@ -105,7 +105,7 @@ def _with(cfg, key, value):
 
 
 def test_defaults_and_the_example_are_in_range():
-    from engine.config import check_ranges
+    from r1_engine.engine.config import check_ranges
 
     check_ranges(GRPOConfig())
     check_ranges(load_yaml(GRPOConfig, EXAMPLE))
@@ -167,7 +167,7 @@ def test_defaults_and_the_example_are_in_range():
     ("train.keep_checkpoints", 0, "--train.keep-checkpoints=0: must be >= 1"),
 ])
 def test_out_of_range_values_name_their_flag(key, value, flag):
-    from engine.config import check_ranges
+    from r1_engine.engine.config import check_ranges
 
     with pytest.raises(ValueError) as err:
         check_ranges(_with(GRPOConfig(), key, value))
@@ -177,7 +177,7 @@ def test_out_of_range_values_name_their_flag(key, value, flag):
 def test_rloo_needs_two_samples_a_group():
     import dataclasses
 
-    from engine.config import check_ranges
+    from r1_engine.engine.config import check_ranges
 
     cfg = _with(GRPOConfig(), "rollout.group_size", 1)
     check_ranges(cfg)  # GRPO (and distillation) accept a group of one

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from engine.data import (
+from r1_engine.engine.data import (
     R1_ZERO_TEMPLATE, PromptDataset, PromptExample, PromptSampler, apply_template, check_tokenizer_fits,
     load_prompts, load_tokenizer,
 )

@@ -6,7 +6,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from engine.eval import (
+from r1_engine.engine.eval import (
     EquivalenceJudge,
     QuestionResult,
     Sample,
@@ -164,10 +164,10 @@ def model_dir(tmp_path_factory):
 
 
 def _run_eval(model_dir, k=3, questions=5, seed=11, dp_rank=0, dp_size=1, per_call=2):
-    from engine.data import PromptDataset, load_prompts, load_tokenizer
-    from engine.rewards import build_reward_composer
-    from engine.rollout.base import SamplingParams
-    from engine.rollout.hf import HFRolloutEngine
+    from r1_engine.engine.data import PromptDataset, load_prompts, load_tokenizer
+    from r1_engine.engine.rewards import build_reward_composer
+    from r1_engine.engine.rollout.base import SamplingParams
+    from r1_engine.engine.rollout.hf import HFRolloutEngine
 
     tok = load_tokenizer(model_dir)
     items = PromptDataset(load_prompts(DATA / "eval.jsonl")[:questions], tok).items
@@ -186,7 +186,7 @@ def _run_eval(model_dir, k=3, questions=5, seed=11, dp_rank=0, dp_size=1, per_ca
 def _dp_worker(model_dir):
     import torch.distributed as dist
 
-    from parallel.state import init_parallel
+    from r1_engine.parallel.state import init_parallel
 
     ps = init_parallel(1, 1, 0)
     local = _run_eval(model_dir, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
@@ -224,8 +224,8 @@ def test_trainer_evaluate_runs_this_code(model_dir, tmp_path):
     format reward, pass@k for the powers of two up to train.eval_samples (recomputed here from the samples)."""
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
     from tests.engine._trainer_common import tiny_config
 
     cfg = tiny_config(tmp_path / "run", steps=1)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from engine.metrics import MetricsLogger, PhaseTimer, read_metrics
+from r1_engine.engine.metrics import MetricsLogger, PhaseTimer, read_metrics
 
 
 def test_jsonl_lines_are_written_and_flushed_each_step(tmp_path):

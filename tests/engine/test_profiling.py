@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-import kernels.nvtx
-from engine import profiling
-from engine.config import check_ranges, parse_profile_steps
-from engine.profiling import StepProfiler
+import r1_engine.kernels.nvtx
+from r1_engine.engine import profiling
+from r1_engine.engine.config import check_ranges, parse_profile_steps
+from r1_engine.engine.profiling import StepProfiler
 from tests.engine._trainer_common import DATA, tiny_config, write_tiny_model
 
 
@@ -69,8 +69,8 @@ def child(nodes, name):
 
 
 def test_two_step_run_ranges_and_capture(recorder, tmp_path):
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     model_dir = write_tiny_model(tmp_path / "model")
     cfg = tiny_config(tmp_path / "run", steps=2, save_every=1, eval_every=1, profile_steps="2:2",

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.data import check_tokenizer_fits, load_tokenizer
-from engine.readable import (
+from r1_engine.engine.data import check_tokenizer_fits, load_tokenizer
+from r1_engine.engine.readable import (
     READABLE_TOKENS,
     REASONING_TOKEN,
     SUMMARY_TOKEN,
@@ -60,7 +60,7 @@ def test_summary_of(response, expected):
 # --------------------------------------------------------------------------- add_readable_tokens
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from recipes.tiny.tokenizer import build_tokenizer
+    from r1_engine.recipes.tiny.tokenizer import build_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(out)
@@ -274,8 +274,8 @@ def test_add_readable_tokens_errors(tmp_path, tokenizer_dir):
 
 # --------------------------------------------------------------------------- decoding keeps the markers
 def test_rollout_decoding_keeps_special_tokens_but_not_eos(tmp_path, tokenizer_dir):
-    from engine.rollout.hf import HFRolloutEngine
-    from engine.rollout.vllm import _text_ids
+    from r1_engine.engine.rollout.hf import HFRolloutEngine
+    from r1_engine.engine.rollout.vllm import _text_ids
 
     out = add_readable_tokens(write_model(tmp_path / "src", tokenizer_dir, tie=True, vocab=448), tmp_path / "out")
     tok = load_tokenizer(out)

@@ -7,11 +7,11 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.data import PromptExample, TokenizedPrompt
-from engine.readable import readable_completion
-from engine.rejection import DROP_REASONS, RejectionConfig, RejectionSummary, filter_samples, rejection_sample
-from engine.rewards import build_reward_composer
-from engine.rollout.base import RolloutBatch
+from r1_engine.engine.data import PromptExample, TokenizedPrompt
+from r1_engine.engine.readable import readable_completion
+from r1_engine.engine.rejection import DROP_REASONS, RejectionConfig, RejectionSummary, filter_samples, rejection_sample
+from r1_engine.engine.rewards import build_reward_composer
+from r1_engine.engine.rollout.base import RolloutBatch
 
 GOOD = readable_completion("4+4=8.", " So \\boxed{8}.")
 GOOD_2 = readable_completion("4 and 4 is 8.", " \\boxed{8}")

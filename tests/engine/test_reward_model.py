@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import encode_text, load_tokenizer
-from engine.reward_model import RewardModelScorer, RewardModelSet, RewardModelSpec, check_reward_model_dir
-from engine.reward_model_train import (
+from r1_engine.engine.data import encode_text, load_tokenizer
+from r1_engine.engine.reward_model import RewardModelScorer, RewardModelSet, RewardModelSpec, check_reward_model_dir
+from r1_engine.engine.reward_model_train import (
     PreferencePair,
     RewardModelTrainConfig,
     bradley_terry_loss,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine.rewards import (
+from r1_engine.engine.rewards import (
     REWARDS,
     RewardComposer,
     RewardSpec,

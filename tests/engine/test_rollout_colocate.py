@@ -8,8 +8,8 @@ from collections import defaultdict
 import pytest
 import torch
 
-from engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
-from engine.rollout.colocate import (
+from r1_engine.engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
+from r1_engine.engine.rollout.colocate import (
     ColocatedRolloutEngine,
     concat_batches,
     plan_colocated,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from engine.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
+from r1_engine.engine.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
 
 VOCAB = 100
 
@@ -267,7 +267,7 @@ def test_vllm_engine_import_guard():
         pytest.skip("vLLM is installed; the guard only matters without it")
     except ImportError:
         pass
-    from engine.rollout.vllm import (
+    from r1_engine.engine.rollout.vllm import (
         VLLMRolloutEngine,  # importing the module itself must not need vLLM
     )
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from engine.rollout.base import SamplingParams
+from r1_engine.engine.rollout.base import SamplingParams
 from tests.engine import _fake_vllm
 
 
@@ -16,7 +16,7 @@ from tests.engine import _fake_vllm
 def engine(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine("some/model", seed=5)
 
@@ -72,7 +72,7 @@ def test_sleep_level_two_needs_new_weights_before_generating(engine):
 
 def test_sleep_level_is_checked(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     with pytest.raises(ValueError, match="sleep_level must be 1 or 2, got 3"):
         VLLMRolloutEngine("some/model", sleep_level=3)
@@ -81,7 +81,7 @@ def test_sleep_level_is_checked(monkeypatch):
 def test_external_launcher_arguments(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", _fake_vllm.module())
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     engine = VLLMRolloutEngine("m", seed=3, tensor_parallel_size=2, distributed_executor_backend="external_launcher")
     import os
@@ -94,7 +94,7 @@ def test_external_launcher_arguments(monkeypatch):
 
 
 def test_greedy_evaluation_with_several_samples_is_a_config_error():
-    from engine.config import GRPOConfig, check_ranges
+    from r1_engine.engine.config import GRPOConfig, check_ranges
 
     cfg = GRPOConfig()
     greedy = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_temperature=0.0, eval_samples=4))
@@ -108,7 +108,7 @@ def test_greedy_evaluation_with_several_samples_is_a_config_error():
 
 
 def test_eval_recipe_refuses_greedy_with_several_samples(capsys, tmp_path):
-    from recipes.eval import main
+    from r1_engine.recipes.eval import main
     from tests.recipes.helpers import one_error_line
 
     line = one_error_line(capsys, main, ["--k", "4", "--rollout.temperature", "0", "--out", str(tmp_path)])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.batch import ROUTED_EXPERTS, rl_rows
-from engine.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
-from engine.rollout.colocate import concat_batches
+from r1_engine.engine.batch import ROUTED_EXPERTS, rl_rows
+from r1_engine.engine.rollout import HFRolloutEngine, RolloutBatch, SamplingParams
+from r1_engine.engine.rollout.colocate import concat_batches
 from tests.engine import _fake_vllm
 from tests.parallel._moe_tiny import write_moe_checkpoint
 
@@ -204,7 +204,7 @@ def routed_vllm_engine(monkeypatch, layout: str, prefix_hit: bool = False):
         return outputs
 
     monkeypatch.setattr(_fake_vllm.LLM, "generate", with_routing)
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     return VLLMRolloutEngine("some/model", record_routing=True)
 
@@ -245,7 +245,7 @@ def test_vllm_without_the_option_is_named(monkeypatch):
             raise TypeError("EngineArgs.__init__() got an unexpected keyword argument 'enable_return_routed_experts'")
 
     monkeypatch.setattr(_fake_vllm.LLM, "__init__", old_llm)
-    from engine.rollout.vllm import VLLMRolloutEngine
+    from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
     with pytest.raises(ValueError, match=r"record_routing=True needs a vLLM that returns routed experts"):
         VLLMRolloutEngine("some/model", record_routing=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.rewards.code import CodeJudge, CodeLimits, CodeTests, code_reward
-from engine.sandbox import LAUNCHER, Limits, find_cxx, get_sandbox
+from r1_engine.engine.rewards.code import CodeJudge, CodeLimits, CodeTests, code_reward
+from r1_engine.engine.sandbox import LAUNCHER, Limits, find_cxx, get_sandbox
 
 LIMITS = CodeLimits(test_timeout_s=1.0, memory_mb=256, compile_timeout_s=3.0, compile_memory_mb=1024,
                     completion_timeout_s=8.0, output_bytes=1 << 16, processes=24, file_size_mb=8)

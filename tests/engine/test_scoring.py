@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from engine.rewards import build_reward_composer
-from engine.scoring import RolloutScorer, check_reward_models, nanmean
+from r1_engine.engine.rewards import build_reward_composer
+from r1_engine.engine.scoring import RolloutScorer, check_reward_models, nanmean
 
 
 class FakeRewardModels:
@@ -58,7 +58,7 @@ def test_general_rows_without_a_reward_model_are_an_error():
 
 
 def test_check_reward_models_names_the_file_row(tmp_path):
-    from engine.data import load_prompts
+    from r1_engine.engine.data import load_prompts
 
     path = tmp_path / "general.jsonl"
     path.write_text('{"prompt": "Greet Ann."}\n')

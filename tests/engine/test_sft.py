@@ -141,7 +141,7 @@ def test_sft_loss_and_gradient_match_hf_two_processes(world1, world2, problem, l
 
 
 def test_load_sft_examples(tmp_path):
-    from engine.sft import load_sft_examples
+    from r1_engine.engine.sft import load_sft_examples
 
     path = tmp_path / "sft.jsonl"
     path.write_text('{"q": "What is 1?", "a": " <answer>1</answer>", "x": 3}\n\n{"q": "b", "a": "c"}\n')
@@ -158,7 +158,7 @@ def test_load_sft_examples(tmp_path):
     ('["p", "c"]', "line 2: expected a JSON object per row"),
 ])
 def test_load_sft_examples_names_file_line_and_field(tmp_path, second_line, why):
-    from engine.sft import load_sft_examples
+    from r1_engine.engine.sft import load_sft_examples
 
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "p", "completion": "c"}\n' + second_line + "\n")
@@ -168,7 +168,7 @@ def test_load_sft_examples_names_file_line_and_field(tmp_path, second_line, why)
 
 
 def test_load_sft_examples_refuses_empty_and_missing_files(tmp_path):
-    from engine.sft import load_sft_examples
+    from r1_engine.engine.sft import load_sft_examples
 
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="empty.jsonl: no examples"):
@@ -189,7 +189,7 @@ def test_load_sft_examples_refuses_empty_and_missing_files(tmp_path):
     ("data", dict(max_tokens=1), "--data.max-tokens=1"),
 ])
 def test_check_sft_ranges_names_the_flag(section, changes, flag):
-    from engine.sft import SFTConfig, check_sft_ranges
+    from r1_engine.engine.sft import SFTConfig, check_sft_ranges
 
     cfg = SFTConfig()
     check_sft_ranges(cfg)
@@ -199,8 +199,8 @@ def test_check_sft_ranges_names_the_flag(section, changes, flag):
 
 
 def test_sft_config_from_yaml_and_command_line(tmp_path):
-    from engine.config import load_config
-    from engine.sft import SFTConfig
+    from r1_engine.engine.config import load_config
+    from r1_engine.engine.sft import SFTConfig
 
     path = tmp_path / "sft.yaml"
     path.write_text("optim: {lr: 2e-5, warmup_ratio: 0.05}\ndata: {completion_key: response}\n")
@@ -213,7 +213,7 @@ def test_sft_config_from_yaml_and_command_line(tmp_path):
 
 
 def test_learning_rate_schedule_by_hand():
-    from engine.sft import sft_learning_rate
+    from r1_engine.engine.sft import sft_learning_rate
 
     lrs = [sft_learning_rate(s, 7, 1.0, warmup_steps=2, min_lr_ratio=0.2) for s in range(7)]
     # warm-up 0.5, 1; then 0.2 + 0.4 * (1 + cos(pi * k / 4)) for k = 0..4
@@ -230,7 +230,7 @@ NUM_EXAMPLES, BATCH_SIZE = 7, 3  # 3 steps an epoch: 3, 3 and a partial batch of
 
 
 def _write_examples(path, start: int, n: int, long_one: bool = False):
-    from recipes.tiny.corpus import completion, question
+    from r1_engine.recipes.tiny.corpus import completion, question
 
     rows = [{"prompt": question(10 + (start + 7 * i) % 90, 10 + (start + 13 * i) % 90),
              "completion": completion(10 + (start + 7 * i) % 90, 10 + (start + 13 * i) % 90)} for i in range(n)]
@@ -242,7 +242,7 @@ def _write_examples(path, start: int, n: int, long_one: bool = False):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from engine.sft import load_sft_examples
+    from r1_engine.engine.sft import load_sft_examples
 
     root = tmp_path_factory.mktemp("sft")
     model_dir = write_tiny_model(root / "model")
@@ -252,7 +252,7 @@ def tiny(tmp_path_factory):
 
 
 def _config(out, **train):
-    from engine.sft import SFTConfig
+    from r1_engine.engine.sft import SFTConfig
 
     base = SFTConfig()
     return dataclasses.replace(
@@ -263,14 +263,14 @@ def _config(out, **train):
 
 
 def _weights(trainer):
-    from parallel.convert import export_hf_state
+    from r1_engine.parallel.convert import export_hf_state
 
     return {k: v.detach().clone() for k, v in export_hf_state(trainer.policy)}
 
 
 @pytest.fixture(scope="module")
 def full_run(tiny):
-    from engine.sft import SFTTrainer
+    from r1_engine.engine.sft import SFTTrainer
 
     trainer = SFTTrainer(_config(tiny["root"] / "full"), tiny["model_dir"], tiny["train"])
     before = trainer.evaluate_loss(tiny["held_out"])
@@ -282,8 +282,8 @@ def full_run(tiny):
 
 
 def test_tokenized_examples_are_prompt_then_completion_and_eos(tiny):
-    from engine.data import R1_ZERO_TEMPLATE, encode_text, load_tokenizer
-    from engine.sft import tokenize_sft_examples
+    from r1_engine.engine.data import R1_ZERO_TEMPLATE, encode_text, load_tokenizer
+    from r1_engine.engine.sft import tokenize_sft_examples
 
     tok = load_tokenizer(tiny["model_dir"])
     items, skipped = tokenize_sft_examples(tiny["train"], tok, "r1-zero", max_tokens=96)
@@ -296,8 +296,8 @@ def test_tokenized_examples_are_prompt_then_completion_and_eos(tiny):
 
 
 def test_training_lowers_the_loss_and_writes_metrics_curves_and_hf(full_run, tiny):
-    from engine.data import load_tokenizer
-    from engine.sft import sft_learning_rate
+    from r1_engine.engine.data import load_tokenizer
+    from r1_engine.engine.sft import sft_learning_rate
 
     trainer, history = full_run["trainer"], full_run["history"]
     assert trainer.num_skipped_too_long == 1 and len(trainer.items) == NUM_EXAMPLES
@@ -330,7 +330,7 @@ def test_training_lowers_the_loss_and_writes_metrics_curves_and_hf(full_run, tin
 
 
 def test_stop_and_resume_continue_the_same_run(full_run, tiny):
-    from engine.sft import SFTTrainer
+    from r1_engine.engine.sft import SFTTrainer
 
     out = tiny["root"] / "split"
     first = SFTTrainer(_config(out), tiny["model_dir"], tiny["train"])

@@ -16,10 +16,10 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from engine.data import (
+from r1_engine.engine.data import (
     ROUND_TRIP_PROMPTS, PromptDataset, apply_template, check_tokenizer_round_trip, load_prompts, load_tokenizer,
 )
-from parallel.convert import copy_tokenizer_files
+from r1_engine.parallel.convert import copy_tokenizer_files
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_BASE = ROOT / "recipes" / "tiny" / "base"
@@ -245,7 +245,7 @@ def test_a_run_trains_on_the_prompts_as_written(tmp_path, model_type, tokenizer_
     """The trainer, its rollout engine and its eval set share the one tokenizer; every prompt decodes back."""
     import dataclasses
 
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.trainer import GRPOTrainer
     from tests.engine._trainer_common import tiny_config
 
     model_dir = write_model_dir(tmp_path / "m", model_type, tokenizer_class, weights=True)
@@ -268,7 +268,7 @@ def test_a_run_trains_on_the_prompts_as_written(tmp_path, model_type, tokenizer_
 def test_vllm_backend_refuses_a_tokenizer_other_than_the_files(tmp_path):
     """vLLM builds its own tokenizer from the directory (AutoTokenizer rules): the engine compares its ids with the
     trainer's on a probe and stops with one line when they differ (the check runs without vLLM installed)."""
-    from engine.rollout.vllm import check_same_tokenizer
+    from r1_engine.engine.rollout.vllm import check_same_tokenizer
 
     model_dir = write_model_dir(tmp_path / "m", "qwen2")
     ours = load_tokenizer(model_dir)

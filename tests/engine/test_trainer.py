@@ -16,8 +16,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trainer(model_dir, tmp_path_factory):
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path_factory.mktemp("run"), steps=1)
     t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))
@@ -28,8 +28,8 @@ def trainer(model_dir, tmp_path_factory):
 def test_one_update_moves_the_surrogate_the_right_way(trainer):
     import dataclasses
 
-    from engine.rewards import accuracy_reward, format_reward
-    from parallel.step import logprobs
+    from r1_engine.engine.rewards import accuracy_reward, format_reward
+    from r1_engine.parallel.step import logprobs
 
     # scripted reward totals (a random model earns ~nothing), so the advantages checked below are not all 0
     script = [1.0, 0.0, 0.0, 0.0] + [0.5] * 4 + [2.0, 1.0, 0.0, -1.0] + [0.0, 0.0, 1.0, 1.0]
@@ -74,7 +74,7 @@ def test_one_update_moves_the_surrogate_the_right_way(trainer):
 
 
 def test_weight_sync_hf_logits_equal_megatron(trainer):
-    from parallel import unwrap_model
+    from r1_engine.parallel.models import unwrap_model
 
     trainer.sync_weights()
     ids = torch.tensor([trainer.train_set[0].prompt_ids + [5, 9, 11]])
@@ -101,8 +101,8 @@ def test_bad_model_dirs_name_the_problem(model_dir, tmp_path):
     import json
     import shutil
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     prompts = load_prompts(DATA / "eval.jsonl")
@@ -129,8 +129,8 @@ def test_bad_model_dirs_name_the_problem(model_dir, tmp_path):
 def test_mini_batches_and_epochs_go_off_policy(model_dir, tmp_path):
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mini_batches=3, epochs_per_batch=2))
@@ -152,8 +152,8 @@ def test_mini_batches_and_epochs_go_off_policy(model_dir, tmp_path):
 def test_layout_errors_are_raised_before_any_collective(model_dir, tmp_path):
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     too_many = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mini_batches=17))
@@ -167,9 +167,9 @@ def test_layout_errors_are_raised_before_any_collective(model_dir, tmp_path):
 def test_overlong_shaping_and_leader_errors_reach_every_rank(model_dir, tmp_path):
     import dataclasses
 
-    from engine.advantages import overlong_penalty
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.advantages import overlong_penalty
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     cfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, overlong_buffer=4))
@@ -220,8 +220,8 @@ def _scripted_rewards(t, script):
 def test_dynamic_sampling_keeps_informative_groups_and_refills(model_dir, tmp_path, max_rounds):
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, dynamic_sampling=True,
@@ -261,8 +261,8 @@ def test_dynamic_sampling_keeps_informative_groups_and_refills(model_dir, tmp_pa
 def test_mask_truncated_gives_cut_completions_no_loss(model_dir, tmp_path):
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mask_truncated=True))
@@ -297,8 +297,8 @@ def test_a_step_without_loss_tokens_does_not_move_the_weights(model_dir, tmp_pat
     weight decay would otherwise move the weights with no signal)."""
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, mask_truncated=True, epochs_per_batch=1),
@@ -330,8 +330,8 @@ def test_a_step_without_loss_tokens_does_not_move_the_weights(model_dir, tmp_pat
 def test_no_resume_refuses_to_overwrite_and_lengths_are_checked_early(model_dir, tmp_path):
     import dataclasses
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     run_trainer(str(model_dir), str(tmp_path / "run"), steps=1)
     cfg = tiny_config(tmp_path / "run", steps=2, resume=False)
@@ -354,8 +354,8 @@ def test_on_policy_distillation_advantages_are_teacher_minus_student(model_dir, 
 
     from transformers import AutoModelForCausalLM
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     teacher_dir = write_tiny_model(tmp_path / "teacher", seed=1)
     cfg = tiny_config(tmp_path / "run", steps=1)
@@ -392,8 +392,8 @@ def test_distillation_teacher_needs_the_same_tokenizer(model_dir, tmp_path):
 
     from transformers import AutoTokenizer
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     other = tmp_path / "other_tok"
     shutil.copytree(model_dir, other)
@@ -410,8 +410,8 @@ def test_distillation_teacher_needs_the_same_tokenizer(model_dir, tmp_path):
 def test_rollout_engine_sleeps_while_training_and_wakes_for_generation(model_dir, tmp_path):
     """The order a colocated vLLM needs: generate, sleep (KV cache freed) for log-probs and updates, weights
     in, wake; never a generation while asleep."""
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(tmp_path / "run", steps=1)
     t = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))

@@ -13,16 +13,16 @@ from tests.engine._trainer_common import DATA, tiny_config
 
 @pytest.fixture(scope="module")
 def moe_base():
-    from recipes.tiny.pretrain import is_valid_base_model
-    from recipes.tiny.pretrain_moe import MOE_DIR, MoEPretrainConfig
+    from r1_engine.recipes.tiny.pretrain import is_valid_base_model
+    from r1_engine.recipes.tiny.pretrain_moe import MOE_DIR, MoEPretrainConfig
 
     assert is_valid_base_model(MOE_DIR, MoEPretrainConfig())  # the committed checkpoint, never rebuilt here
     return MOE_DIR
 
 
 def _trainer(moe_base, out, replay: bool):
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     cfg = tiny_config(out, steps=1)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routing_replay=replay),
@@ -31,8 +31,8 @@ def _trainer(moe_base, out, replay: bool):
 
 
 def test_one_step_with_routing_replay(moe_base, tmp_path):
-    from engine.batch import ROUTED_EXPERTS
-    from parallel.moe import router_modules
+    from r1_engine.engine.batch import ROUTED_EXPERTS
+    from r1_engine.parallel.moe import router_modules
 
     trainer = _trainer(moe_base, tmp_path / "on", replay=True)
     seen = {}
@@ -60,7 +60,7 @@ def test_one_step_with_routing_replay(moe_base, tmp_path):
     assert metrics["train/mismatch_abs"] < 1e-4
     # the weight sync reached the rollout model's fused experts and the router bias (the bias moved this step)
     hf = trainer.rollout_engine.model
-    from parallel.convert import export_hf_state
+    from r1_engine.parallel.convert import export_hf_state
 
     exported = dict(export_hf_state(trainer.policy))
     torch.testing.assert_close(hf.model.layers[1].mlp.experts.gate_up_proj.data[5, :48],
@@ -71,7 +71,7 @@ def test_one_step_with_routing_replay(moe_base, tmp_path):
 
 
 def test_replay_off_records_nothing(moe_base, tmp_path):
-    from engine.batch import ROUTED_EXPERTS
+    from r1_engine.engine.batch import ROUTED_EXPERTS
 
     trainer = _trainer(moe_base, tmp_path / "off", replay=False)
     assert not trainer.rollout_engine.record_routing

@@ -28,8 +28,8 @@ def test_resume_after_a_crash_logs_each_step_once_and_keeps_k_checkpoints(model_
     import dataclasses
     import json
 
-    from engine.data import load_prompts
-    from engine.trainer import GRPOTrainer
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
 
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from kernels.reference import token_logprobs_ref
+from r1_engine.kernels.reference import token_logprobs_ref
 
 # METHOD.md tolerances: fp32 far under 1e-4 relative; bf16/fp16 <= 1e-2 (relative to the tensor's scale)
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}

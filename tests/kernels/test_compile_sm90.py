@@ -29,7 +29,7 @@ def _has_ptxas() -> bool:
 def test_default_launch_compiles_for_h100_without_spills(dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sm90_resources.py"), "--defaults-json",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sm90_resources", "--defaults-json",
                           "--dtype", dtype], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])

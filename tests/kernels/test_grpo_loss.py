@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from kernels import PolicyLossConfig, grpo_loss, policy_loss
-from kernels.reference import (aggregate_ref, cispo_loss_ref, grpo_loss_ref, gspo_loss_ref, kl_ref,
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.kernels.logits_loss import grpo_loss, policy_loss
+from r1_engine.kernels.reference import (aggregate_ref, cispo_loss_ref, grpo_loss_ref, gspo_loss_ref, kl_ref,
                                token_logprobs_ref)
 from tests.kernels.helpers import (TOL, assert_close, perturbed_vectors, random_logits,
                                    run_both)
@@ -214,8 +215,8 @@ def test_bad_vector_shape_raises():
 def test_on_policy_distillation_is_the_sample_based_reverse_kl(aggregation, temperature):
     """A_t = -(logp_student - logp_teacher) in the surrogate (on-policy, no KL term) has the value and the
     gradient of the reverse KL(student || teacher) on the student's tokens."""
-    from kernels import distillation_advantages
-    from kernels.reference import reverse_kl_distill_ref
+    from r1_engine.kernels.loss_family import distillation_advantages
+    from r1_engine.kernels.reference import reverse_kl_distill_ref
 
     logits, targets, _, teacher, _, _, mask = make_batch(temperature=temperature)
     student = token_logprobs_ref(logits.double(), targets, temperature)[0].float()

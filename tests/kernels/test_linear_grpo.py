@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from kernels import PolicyLossConfig, linear_grpo_loss, linear_policy_loss
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.kernels.linear_grpo import linear_grpo_loss, linear_policy_loss
 from torch.utils.flop_counter import FlopCounterMode
 
-from kernels.reference import grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
+from r1_engine.kernels.reference import grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
 from tests.kernels.helpers import TOL, assert_close, away_from_bounds, perturbed_vectors, reference_logits
 
 N, H, V = 29, 48, 389
@@ -73,7 +74,7 @@ def test_linear_gspo_two_sweeps_matches_reference():
 
 
 def test_metrics_match_unfused():
-    from kernels import grpo_loss
+    from r1_engine.kernels.logits_loss import grpo_loss
 
     hidden, weight, targets, old, ref, rollout, adv, mask, seq_ids = make()
     _, fused = linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, beta=0.04, rollout_logp=rollout,

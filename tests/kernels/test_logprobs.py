@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import token_logprobs
-from kernels.reference import token_logprobs_ref
+from r1_engine.kernels.logprobs import token_logprobs
+from r1_engine.kernels.reference import token_logprobs_ref
 
 from tests.kernels.helpers import TOL, assert_close, poisoned_allocations, random_logits
 
@@ -121,7 +121,7 @@ def test_bad_temperature():
 def test_any_launch_configuration_gives_the_same_result(stats, grad):
     """The tuner (benchmarks/gpu_suite.py `tune`) swaps BLOCK_V/num_warps: every pair must stay exact,
     including blocks that do not divide V and a -inf block straddling a block edge."""
-    from kernels import logprobs
+    from r1_engine.kernels import logprobs
 
     logits = random_logits(9, 1003, torch.float32)
     logits[2, 10:40] = float("-inf")
@@ -139,7 +139,7 @@ def test_any_launch_configuration_gives_the_same_result(stats, grad):
 @pytest.mark.parametrize("spec,match", [("stats=8192", "cannot parse"), ("forward=1024x4", "unknown pass"),
                                         ("grad=1000x4", "power-of-two"), ("grad=1024x3", "num_warps")])
 def test_bad_launch_override_names_the_problem(spec, match):
-    from kernels.logprobs import _parse_launch
+    from r1_engine.kernels.logprobs import _parse_launch
 
     with pytest.raises(ValueError, match=match):
         _parse_launch(spec)

@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from kernels import PolicyLossConfig, grpo_loss, linear_grpo_loss, linear_policy_loss, policy_loss
-from kernels.reference import MAX_LOG_RATIO, grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.kernels.logits_loss import grpo_loss, policy_loss
+from r1_engine.kernels.linear_grpo import linear_grpo_loss, linear_policy_loss
+from r1_engine.kernels.reference import MAX_LOG_RATIO, grpo_loss_ref, gspo_loss_ref, token_logprobs_ref
 from tests.kernels.helpers import (TOL, assert_close, random_logits, reference_logits,
                                    run_both)
 

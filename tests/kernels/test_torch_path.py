@@ -3,8 +3,10 @@ against the float64 references, in blocks of a few rows, and the chunk size chos
 import pytest
 import torch
 
-from kernels import linear_grpo, linear_grpo_loss, logprobs, token_logprobs
-from kernels.reference import grpo_loss_ref, token_logprobs_ref
+from r1_engine.kernels import linear_grpo, logprobs
+from r1_engine.kernels.linear_grpo import linear_grpo_loss
+from r1_engine.kernels.logprobs import token_logprobs
+from r1_engine.kernels.reference import grpo_loss_ref, token_logprobs_ref
 from tests.kernels.helpers import TOL, assert_close, away_from_bounds, reference_logits
 from tests.kernels.test_linear_grpo import grads_of, make
 

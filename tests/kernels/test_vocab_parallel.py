@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from kernels import PolicyLossConfig, linear_policy_loss, policy_loss, token_logprobs
+from r1_engine.kernels.loss_family import PolicyLossConfig
+from r1_engine.kernels.linear_grpo import linear_policy_loss
+from r1_engine.kernels.logits_loss import policy_loss
+from r1_engine.kernels.logprobs import token_logprobs
 from tests.kernels.helpers import TOL, assert_close, perturbed_vectors
 from tests.parallel.dist_utils import run_distributed
 

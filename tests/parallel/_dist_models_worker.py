@@ -52,9 +52,9 @@ def parity_worker(ckpt_dirs: dict[str, str], input_ids: torch.Tensor, layouts: l
 
     Returns {(kind, tp, pp): {"logits": tensor or None, "export_mismatch": [...], "exported": n}}.
     """
-    from parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
-    from parallel.models import build_gpt_model
-    from parallel.state import init_parallel
+    from r1_engine.parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.state import init_parallel
 
     results = {}
     for tp, pp in layouts:
@@ -90,9 +90,9 @@ def sgd_step_worker(ckpt_dirs: dict[str, str], input_ids: torch.Tensor, labels: 
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from parallel.convert import export_hf_state, load_hf_checkpoint
-    from parallel.models import build_gpt_model
-    from parallel.state import init_parallel
+    from r1_engine.parallel.convert import export_hf_state, load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.state import init_parallel
 
     init_parallel(2, 2)
     results = {}

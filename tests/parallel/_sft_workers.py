@@ -12,12 +12,13 @@ import torch
 
 
 def _run_layout(hf_dir: str, spec: dict, tp: int, pack: bool, num_microbatches: int, fused_lm_head: bool) -> dict:
-    from engine.batch import pack_sequences
-    from engine.objectives import sft_objective
-    from parallel import build_gpt_model, init_parallel
-    from parallel.convert import export_hf_state, load_hf_checkpoint
-    from parallel.optim import build_optimizer, wrap_for_training
-    from parallel.step import train_step
+    from r1_engine.engine.batch import pack_sequences
+    from r1_engine.engine.objectives import sft_objective
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.state import init_parallel
+    from r1_engine.parallel.convert import export_hf_state, load_hf_checkpoint
+    from r1_engine.parallel.optim import build_optimizer, wrap_for_training
+    from r1_engine.parallel.step import train_step
 
     state = init_parallel(tensor_parallel=tp, pipeline_parallel=1)
     batch = pack_sequences(spec["prompts"], spec["completions"], pack=pack,
@@ -47,8 +48,8 @@ def sft_layouts_worker(hf_dir: str, spec: dict, layouts: list[tuple]) -> list[di
 def sft_trainer_worker(config, model_dir: str, examples: list, held_out: list) -> dict:
     """An SFTTrainer run to the end: the per-step metrics (timings left out), the final weights in HF names and
     the held-out loss."""
-    from engine.sft import SFTTrainer
-    from parallel.convert import export_hf_state
+    from r1_engine.engine.sft import SFTTrainer
+    from r1_engine.parallel.convert import export_hf_state
 
     trainer = SFTTrainer(config, model_dir, examples)
     history = [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in trainer.fit()]

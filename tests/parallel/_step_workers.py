@@ -28,7 +28,7 @@ def _per_sequence(batch, values: torch.Tensor, dp_group) -> dict[int, torch.Tens
 
 
 def _hf_state(model, names) -> dict[str, torch.Tensor]:
-    from parallel.convert import export_hf_state
+    from r1_engine.parallel.convert import export_hf_state
 
     return {k: v.detach().double().cpu().clone() for k, v in export_hf_state(model)
             if names is None or k in names}
@@ -36,13 +36,14 @@ def _hf_state(model, names) -> dict[str, torch.Tensor]:
 
 def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_microbatches: int,
                 aggregation: str, fused_lm_head: bool = False, ep: int = 1) -> dict:
-    import kernels
-    from engine.batch import rl_rows, with_logprobs
-    from engine.objectives import policy_objective
-    from parallel import build_gpt_model, init_parallel
-    from parallel.convert import load_hf_checkpoint
-    from parallel.optim import build_optimizer, wrap_for_training
-    from parallel.step import logprobs, train_step
+    from r1_engine.kernels.loss_family import PolicyLossConfig
+    from r1_engine.engine.batch import rl_rows, with_logprobs
+    from r1_engine.engine.objectives import policy_objective
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.state import init_parallel
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.optim import build_optimizer, wrap_for_training
+    from r1_engine.parallel.step import logprobs, train_step
 
     state = init_parallel(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep)
     dp_group = state.dp_group
@@ -66,7 +67,7 @@ def _run_layout(hf_dir: str, spec: dict, tp: int, pp: int, pack: bool, num_micro
     ddp = wrap_for_training(model)
     optimizer = build_optimizer(ddp, lr=spec["lr"], eps=spec["adam_eps"], weight_decay=0.0,
                                 grad_clip=spec["grad_clip"])
-    config = kernels.PolicyLossConfig(**spec["loss"], aggregation=aggregation)
+    config = PolicyLossConfig(**spec["loss"], aggregation=aggregation)
     out["metrics"] = train_step(ddp, optimizer, local, policy_objective(config, temperature),
                                 num_microbatches=num_microbatches, fused_lm_head=fused_lm_head)
     after = _hf_state(model, names)

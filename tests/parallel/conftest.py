@@ -22,7 +22,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process_parallel():
     """TP=1, PP=1 on a one-process gloo group for the module's tests; torn down afterwards."""
-    from parallel.state import destroy_parallel, init_parallel
+    from r1_engine.parallel.state import destroy_parallel, init_parallel
 
     state = init_parallel(1, 1)
     yield state

@@ -50,7 +50,7 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
         results.put((rank, False, traceback.format_exc()))
     finally:
         try:
-            from parallel.state import destroy_parallel
+            from r1_engine.parallel.state import destroy_parallel
 
             destroy_parallel()
         except Exception:

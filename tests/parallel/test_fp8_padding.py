@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.batch import pack_sequences
-from parallel.rows import PackedRows
-from parallel.step import _micro_batches, _token_multiple
+from r1_engine.engine.batch import pack_sequences
+from r1_engine.parallel.rows import PackedRows
+from r1_engine.parallel.step import _micro_batches, _token_multiple
 
 
 def _rows(num_rows: int, seq_len: int) -> PackedRows:
@@ -87,9 +87,10 @@ def _loss_fn(mb, out):
 
 
 def test_padding_changes_neither_logprobs_nor_the_step(single_process_parallel, tiny_qwen2_dir, monkeypatch):
-    from parallel import build_gpt_model, step
-    from parallel.convert import load_hf_checkpoint
-    from parallel.optim import build_optimizer, wrap_for_training
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel import step
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.optim import build_optimizer, wrap_for_training
 
     g = torch.Generator().manual_seed(3)
     lengths = [(4, 5), (2, 5), (4, 2), (1, 3), (2, 2)]  # rows of 9 tokens at most: padding is needed

@@ -36,7 +36,7 @@ def input_ids():
 
 
 def test_parse_qwen2_and_llama_configs():
-    from parallel.models import parse_hf_config
+    from r1_engine.parallel.models import parse_hf_config
 
     qwen = parse_hf_config(_config_dict("qwen2"))
     assert (qwen.model_type, qwen.vocab_size, qwen.padded_vocab_size) == ("qwen2", 250, 256)
@@ -58,7 +58,7 @@ def test_parse_qwen2_and_llama_configs():
 
 
 def test_transformer_config_fields():
-    from parallel.models import hf_config_to_transformer_config
+    from r1_engine.parallel.models import hf_config_to_transformer_config
 
     cfg = hf_config_to_transformer_config(_config_dict("qwen2"), tensor_parallel=1, pipeline_parallel=1)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups) == (2, 64, 4, 2)
@@ -89,7 +89,7 @@ def test_transformer_config_fields():
     ],
 )
 def test_unsupported_configs_are_named(change, message):
-    from parallel.models import parse_hf_config
+    from r1_engine.parallel.models import parse_hf_config
 
     cfg = _config_dict("qwen2")
     cfg.update(change)
@@ -101,7 +101,7 @@ def test_llama3_inv_freq_matches_hf_and_megatron():
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from parallel.models import llama3_inv_freq, parse_hf_config
+    from r1_engine.parallel.models import llama3_inv_freq, parse_hf_config
 
     hf_config = tiny_hf_config("llama")
     info = parse_hf_config(hf_config.to_dict())
@@ -134,8 +134,8 @@ def test_bf16_model_has_one_parameter_dtype_and_matches_hf_in_bf16(kind, tiny_di
                                                                   single_process_parallel):
     """The local spec builds its RMSNorms in fp32 whatever params_dtype says; Megatron's mixed-precision
     optimizer needs one dtype, so every parameter is cast (as TE would build them)."""
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     model = build_gpt_model(tiny_dirs[kind], dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
@@ -148,8 +148,8 @@ def test_bf16_model_has_one_parameter_dtype_and_matches_hf_in_bf16(kind, tiny_di
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_hf_transformers(kind, tiny_dirs, input_ids, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import VOCAB_PAD_LOGIT, build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import VOCAB_PAD_LOGIT, build_gpt_model
 
     model = build_gpt_model(tiny_dirs[kind])
     load_hf_checkpoint(model, tiny_dirs[kind])
@@ -168,8 +168,8 @@ def test_logits_match_hf_transformers(kind, tiny_dirs, input_ids, single_process
 
 
 def test_padding_mask_keeps_gradients_finite(tiny_dirs, input_ids, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     model = build_gpt_model(tiny_dirs["llama"])
     load_hf_checkpoint(model, tiny_dirs["llama"])
@@ -182,8 +182,8 @@ def test_padding_mask_keeps_gradients_finite(tiny_dirs, input_ids, single_proces
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bitwise(kind, tiny_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import export_hf_state, hf_tensor_shapes, load_hf_checkpoint, save_hf_checkpoint
-    from parallel.models import build_gpt_model, parse_hf_config
+    from r1_engine.parallel.convert import export_hf_state, hf_tensor_shapes, load_hf_checkpoint, save_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model, parse_hf_config
 
     source = tiny_dirs[kind]
     reference = read_safetensors_dir(source)
@@ -222,8 +222,8 @@ def _copy_checkpoint(source, dest, edit):
 
 
 def test_missing_tensor_is_named(tiny_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     bad = _copy_checkpoint(tiny_dirs["llama"], tmp_path / "bad", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
     model = build_gpt_model(bad)
@@ -232,8 +232,8 @@ def test_missing_tensor_is_named(tiny_dirs, tmp_path, single_process_parallel):
 
 
 def test_wrong_shape_is_named(tiny_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     def shrink(tensors):
         tensors["model.layers.0.self_attn.k_proj.weight"] = tensors["model.layers.0.self_attn.k_proj.weight"][:16]
@@ -245,8 +245,8 @@ def test_wrong_shape_is_named(tiny_dirs, tmp_path, single_process_parallel):
 
 
 def test_unexpected_tensor_and_architecture_are_named(tiny_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     def add_layer(tensors):
         tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(128, 64)
@@ -273,8 +273,8 @@ def test_unexpected_tensor_and_architecture_are_named(tiny_dirs, tmp_path, singl
 
 
 def test_missing_shard_file_and_empty_dir(tiny_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     bad = tmp_path / "sharded"
     shutil.copytree(tiny_dirs["qwen2"], bad)
@@ -289,8 +289,8 @@ def test_missing_shard_file_and_empty_dir(tiny_dirs, tmp_path, single_process_pa
 
 
 def test_reference_helpers_and_state(tiny_dirs, single_process_parallel):
-    from parallel.models import build_gpt_model, freeze, offload_to_cpu, onload
-    from parallel.state import init_parallel, nvtx_range
+    from r1_engine.parallel.models import build_gpt_model, freeze, offload_to_cpu, onload
+    from r1_engine.parallel.state import init_parallel, nvtx_range
 
     assert init_parallel(1, 1) is single_process_parallel  # idempotent
     with pytest.raises(ValueError, match=r"world_size=1 is not divisible by .* 2 \* 1 = 2"):
@@ -334,8 +334,8 @@ def four_ranks(tiny_dirs, input_ids, tmp_path_factory):
 
 @pytest.mark.multiproc
 def test_tp_pp_layouts_match_tp1(four_ranks, tiny_dirs, input_ids, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     ranks, out_root = four_ranks
     ranks = [r["parity"] for r in ranks]
@@ -367,8 +367,8 @@ def test_sgd_step_tp2_pp2_matches_tp1(four_ranks, tiny_dirs, input_ids, single_p
     """A whole Megatron training step (DDP, pipeline schedule, optimizer) on the CPU shim with
     TP=2 x PP=2 gives TP=1's gradient norm and updated weights; for the tied Qwen2 this needs the
     embedding gradients of the first and last stage summed."""
-    from parallel.convert import export_hf_state, load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import export_hf_state, load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     lr = SGD_LR
     labels = torch.roll(input_ids, -1, dims=1)

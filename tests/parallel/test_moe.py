@@ -27,7 +27,7 @@ def _megatron_logits(model, ids):
 
 
 def test_parse_moe_configs(moe_dirs):
-    from parallel.models import parse_hf_config
+    from r1_engine.parallel.models import parse_hf_config
 
     qwen = parse_hf_config(moe_dirs["qwen3_moe"])
     assert qwen.moe.moe_layers == (True, False) and qwen.moe.num_experts == 4 and qwen.moe.topk == 2
@@ -45,8 +45,8 @@ def test_parse_moe_configs(moe_dirs):
     ("deepseek_v3", {"q_lora_rank": None}),  # one q_proj (DeepSeek-V2-Lite style)
 ])
 def test_logits_match_hf_float64(kind, changes, moe_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     ckpt = write_moe_checkpoint(kind, tmp_path / "ckpt", **changes) if changes else moe_dirs[kind]
     model = build_gpt_model(ckpt)
@@ -61,8 +61,8 @@ def test_logits_match_hf_float64(kind, changes, moe_dirs, tmp_path, single_proce
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_is_bitwise(kind, moe_dirs, tmp_path, single_process_parallel):
-    from parallel.convert import load_hf_checkpoint, save_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint, save_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     model = build_gpt_model(moe_dirs[kind])
     load_hf_checkpoint(model, moe_dirs[kind])
@@ -84,7 +84,7 @@ def test_round_trip_is_bitwise(kind, moe_dirs, tmp_path, single_process_parallel
     ("qwen3_moe", {"num_experts_per_tok": 5}, "num_experts_per_tok=5 must be in [1, 4]"),
 ])
 def test_unsupported_routing_is_named(kind, changes, message):
-    from parallel.models import parse_hf_config
+    from r1_engine.parallel.models import parse_hf_config
 
     cfg = moe_hf_config(kind).to_dict() | changes
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
@@ -92,7 +92,7 @@ def test_unsupported_routing_is_named(kind, changes, message):
 
 
 def test_expert_parallel_must_divide(moe_dirs):
-    from parallel.models import parse_hf_config
+    from r1_engine.parallel.models import parse_hf_config
     from tests.parallel._models_tiny import tiny_hf_config
 
     with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by expert_parallel=3"):
@@ -103,7 +103,7 @@ def test_expert_parallel_must_divide(moe_dirs):
 
 def _recorded_experts(model, rows):
     """Each token's experts in every MoE layer, read off the routers' routing maps: [B, S, layers, k]."""
-    from parallel.moe import router_modules
+    from r1_engine.parallel.moe import router_modules
 
     maps = []
     hooks = [r.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().clone()))
@@ -122,11 +122,11 @@ def _recorded_experts(model, rows):
 def test_routing_replay_restores_the_rollout_routing(moe_dirs, single_process_parallel):
     """DeepSeek-V3: shifting the routers' expert bias (it selects experts but weighs nothing) flips some tokens'
     experts; replaying the recorded experts gives back the original log-probs exactly."""
-    from engine.batch import rl_rows
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
-    from parallel.moe import ROUTED_EXPERTS, router_modules
-    from parallel.step import logprobs
+    from r1_engine.engine.batch import rl_rows
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.moe import ROUTED_EXPERTS, router_modules
+    from r1_engine.parallel.step import logprobs
 
     model = build_gpt_model(moe_dirs["deepseek_v3"])
     load_hf_checkpoint(model, moe_dirs["deepseek_v3"])
@@ -167,7 +167,7 @@ MOE_LAYOUTS = {"deepseek_v3": [MOE_REFERENCE, (1, 1, True, 2, AGG, False, 2), (1
 
 def _moe_problem(ckpt):
     """test_step's batch and loss on an MoE checkpoint, with float64 HF log-probs per sequence."""
-    from kernels.reference import token_logprobs_ref
+    from r1_engine.kernels.reference import token_logprobs_ref
     from tests.parallel.test_step import (
         COMPLETION_LENGTHS,
         LOSS,
@@ -238,13 +238,12 @@ def test_moe_layouts_match_ep1_and_hf(moe_world4):
 def test_load_balancing_loss_is_trained_and_reported(tmp_path, single_process_parallel):
     """Qwen3-MoE with transformers' default router_aux_loss_coef (0.001): the loss reaches the router's gradient
     with a zero policy loss, and train_step reports it (~1 for an even load, the Switch loss's normalisation)."""
-    import kernels  # noqa: F401
-    from engine.batch import rl_rows
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
-    from parallel.moe import router_modules
-    from parallel.optim import build_optimizer, wrap_for_training
-    from parallel.step import train_step
+    from r1_engine.engine.batch import rl_rows
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.moe import router_modules
+    from r1_engine.parallel.optim import build_optimizer, wrap_for_training
+    from r1_engine.parallel.step import train_step
 
     ckpt = write_moe_checkpoint("qwen3_moe", tmp_path / "aux", router_aux_loss_coef=0.001)
     model = build_gpt_model(ckpt)
@@ -274,8 +273,8 @@ def test_fp8_block_scaled_checkpoint_with_mtp_layers(moe_dirs, tmp_path, single_
 
     from safetensors.torch import save_file
 
-    from parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import export_hf_state, load_hf_checkpoint, save_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     src = moe_dirs["deepseek_v3"]
     tensors = read_safetensors_dir(src)
@@ -328,8 +327,8 @@ def test_fp8_block_scaled_checkpoint_with_mtp_layers(moe_dirs, tmp_path, single_
 def test_yarn_rope_matches_hf(mscale, tmp_path, single_process_parallel):
     """DeepSeek-V3's yarn rope (factor 4 over an original context of 64, read at 120 positions), with mscale equal
     to mscale_all_dim and not (then HF also scales cos/sin): Megatron's MLA yarn equals transformers'."""
-    from parallel.convert import load_hf_checkpoint
-    from parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.models import build_gpt_model
 
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": mscale,
             "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}

@@ -11,9 +11,9 @@ LR, WEIGHT_DECAY = 0.1, 0.5
 def stepped(single_process_parallel, tiny_qwen2_dir):
     """One optimizer step with all-zero gradients: Adam's update is then exactly 0, so what moves a weight is
     the decoupled decay alone, w <- w * (1 - lr * weight_decay)."""
-    from parallel import build_gpt_model
-    from parallel.convert import load_hf_checkpoint
-    from parallel.optim import build_optimizer, optimizer_step, wrap_for_training
+    from r1_engine.parallel.models import build_gpt_model
+    from r1_engine.parallel.convert import load_hf_checkpoint
+    from r1_engine.parallel.optim import build_optimizer, optimizer_step, wrap_for_training
 
     model = build_gpt_model(tiny_qwen2_dir)
     load_hf_checkpoint(model, tiny_qwen2_dir)
@@ -50,7 +50,7 @@ def test_groups_carry_their_own_decay(stepped):
 
 def test_resume_rederives_the_decay(stepped, tmp_path):
     """A checkpoint written before the per-group decay (every group at the default) is loaded with the right decay."""
-    from parallel.optim import load_training_state, training_state
+    from r1_engine.parallel.optim import load_training_state, training_state
 
     _, ddp, optimizer, _, _ = stepped
     state = training_state(ddp, optimizer)

@@ -52,7 +52,7 @@ def problem(tiny_qwen2_dir):
     entropy, and for each aggregation the loss, the gradient and its norm."""
     from transformers import AutoModelForCausalLM
 
-    from kernels.reference import grpo_loss_ref, token_logprobs_ref
+    from r1_engine.kernels.reference import grpo_loss_ref, token_logprobs_ref
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir, dtype=torch.float64, attn_implementation="eager")
     gen = torch.Generator().manual_seed(1234)

@@ -3,7 +3,7 @@
 
 def one_error_line(capsys, main, argv) -> str:
     """Run a recipe's main through run_cli; it must exit 2 with exactly one 'error: ...' line and no traceback."""
-    from engine.config import run_cli
+    from r1_engine.engine.config import run_cli
 
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from tests.recipes.helpers import one_error_line
-from recipes.r1_zero import main
+from r1_engine.recipes.r1_zero import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "recipes" / "tiny"

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from recipes.distill import main
+from r1_engine.recipes.distill import main
 from tests.recipes.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ NO_PROGRESS = ["--sft.train.no-progress", "--onpolicy.train.no-progress", "--rl.
 
 @pytest.fixture(scope="module")
 def student():
-    from recipes.tiny.pretrain import ensure_student_model
+    from r1_engine.recipes.tiny.pretrain import ensure_student_model
 
     return ensure_student_model()
 
@@ -28,8 +28,8 @@ def student():
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory):
     """The embedded default's settings as a YAML file (the at-scale defaults would sample 256 tokens at lr 1e-6)."""
-    from engine.config import to_dict
-    from recipes.tiny.settings import tiny_distill
+    from r1_engine.engine.config import to_dict
+    from r1_engine.recipes.tiny.settings import tiny_distill
 
     path = tmp_path_factory.mktemp("distill_cfg") / "tiny.yaml"
     path.write_text(yaml.safe_dump(to_dict(tiny_distill())))
@@ -59,7 +59,7 @@ def run(tmp_path_factory, settings, student):
 def test_student_is_a_smaller_tiny_qwen2_with_the_teachers_tokenizer(student):
     from safetensors.torch import load_file
 
-    from recipes.tiny.pretrain import STUDENT_CONFIG, STUDENT_DIR, is_valid_base_model
+    from r1_engine.recipes.tiny.pretrain import STUDENT_CONFIG, STUDENT_DIR, is_valid_base_model
 
     assert student == STUDENT_DIR and is_valid_base_model(STUDENT_DIR, STUDENT_CONFIG)
 
@@ -71,7 +71,7 @@ def test_student_is_a_smaller_tiny_qwen2_with_the_teachers_tokenizer(student):
 
 
 def test_offline_set_holds_only_accepted_samples_with_provenance(run):
-    from engine.rewards import accuracy_reward, format_reward
+    from r1_engine.engine.rewards import accuracy_reward, format_reward
 
     out, _ = run
     rows = [json.loads(x) for x in (out / "offline" / "rejection.jsonl").read_text().splitlines()]
@@ -114,8 +114,8 @@ def test_table_rows_and_cost(run):
 
 
 def test_baseline_budget_on_either_clock(tmp_path, settings):
-    from recipes.distill import resolve_config
-    from recipes.distill_phases import Distillation, _write_json
+    from r1_engine.recipes.distill import resolve_config
+    from r1_engine.recipes.distill_phases import Distillation, _write_json
 
     cfg, _ = resolve_config(["--config", str(settings), "--out", str(tmp_path)])
     run = Distillation(cfg, BASE, BASE, None)
@@ -153,9 +153,9 @@ def test_onpolicy_teacher_equal_to_student_moves_nothing(tmp_path, settings, stu
 
 def _hf_teacher_worker(student: str, teacher: str, out: str):
     """TP=2 student, unsharded HF teacher on the leader: one step's advantages (rank-local view) and the rollout."""
-    from engine.data import load_prompts
-    from engine.teacher import HFTeacherTrainer
-    from recipes.tiny.settings import tiny_distill
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.teacher import HFTeacherTrainer
+    from r1_engine.recipes.tiny.settings import tiny_distill
 
     cfg = tiny_distill().onpolicy
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=2),
@@ -220,7 +220,7 @@ def test_vocabularies_that_differ(capsys, tmp_path, settings, student):
     """On-policy (and both): one line before anything is built; offline: runs (the student learns the text)."""
     from transformers import AutoTokenizer
 
-    from recipes.distill import check_inputs, resolve_config
+    from r1_engine.recipes.distill import check_inputs, resolve_config
 
     teacher = tmp_path / "other_tok"
     shutil.copytree(BASE, teacher)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.recipes.helpers import one_error_line
-from recipes.eval import expand_args, main, resolve_model
+from r1_engine.recipes.eval import expand_args, main, resolve_model
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "recipes" / "tiny" / "base"

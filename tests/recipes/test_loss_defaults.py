@@ -2,8 +2,8 @@
 with its 3e-4 / 4e-4, `--loss.name cispo` is token-mean, and a value the user sets is kept."""
 import pytest
 
-from engine.config import GRPOConfig, load_config
-from recipes.r1_zero import TINY_GRPO_EPS_HIGH, resolve_config
+from r1_engine.engine.config import GRPOConfig, load_config
+from r1_engine.recipes.r1_zero import TINY_GRPO_EPS_HIGH, resolve_config
 
 MODEL = ["--model", "/models/x", "--data", "/d.jsonl"]  # a named model: the at-scale defaults (no path is read)
 GRPO, SEQ = ("grpo", 0.2, 0.2, "seq-mean-token-mean"), "seq-mean-token-mean"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.r1 import main
+from r1_engine.recipes.r1 import main
 from tests.recipes.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +37,8 @@ def test_every_stage_writes_its_model_and_the_table(run):
         assert (out / f"stage_{n}" / "hf" / "config.json").is_file()
         assert json.loads((out / f"stage_{n}" / "stage.json").read_text())["stage"] == n
     # the readable format's markers are single special tokens of every stage's tokenizer, embeddings resized
-    from engine.data import load_tokenizer
-    from engine.readable import READABLE_TOKENS
+    from r1_engine.engine.data import load_tokenizer
+    from r1_engine.engine.readable import READABLE_TOKENS
 
     tok = load_tokenizer(out / "stage_4" / "hf")
     assert all(len(tok.encode(t, add_special_tokens=False)) == 1 for t in READABLE_TOKENS)
@@ -110,7 +110,7 @@ def test_empty_rejection_sampling_result(run, tmp_path, capsys):
 
 
 def test_r1_world_data_files_regenerate_identically(tmp_path):
-    from recipes.tiny.r1_world import R1_DATA_DIR, TASKS, helpful_rate, write_r1_data
+    from r1_engine.recipes.tiny.r1_world import R1_DATA_DIR, TASKS, helpful_rate, write_r1_data
 
     for path in write_r1_data(tmp_path):
         assert path.read_bytes() == (R1_DATA_DIR / path.name).read_bytes(), path.name

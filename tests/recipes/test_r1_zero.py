@@ -1,7 +1,7 @@
 """The embedded default end to end: `python recipes/r1_zero.py` with no arguments must measurably learn."""
 import json
 
-from recipes.r1_zero import main
+from r1_engine.recipes.r1_zero import main
 
 
 def test_embedded_default_learns(tmp_path):
@@ -18,8 +18,8 @@ def test_embedded_default_learns(tmp_path):
 
 
 def test_config_resolution(tmp_path):
-    from engine.config import GRPOConfig
-    from recipes.r1_zero import TINY_DEFAULT, resolve_config
+    from r1_engine.engine.config import GRPOConfig
+    from r1_engine.recipes.r1_zero import TINY_DEFAULT, resolve_config
 
     y = tmp_path / "c.yaml"
     y.write_text("rollout:\n  prompts_per_step: 8\n")
@@ -52,7 +52,7 @@ def test_rerun_resumes_and_keeps_the_base_score(tmp_path, capsys):
 def test_tiny_moe_preset_learns(tmp_path):
     """`--model.preset tiny-moe`: the DeepSeek-V3-shaped base (MLA, routed + shared experts, expert bias) with
     routing replay learns as the dense default does, and logs its expert load."""
-    from recipes.r1_zero import resolve_config
+    from r1_engine.recipes.r1_zero import resolve_config
 
     cfg, embedded = resolve_config(["--model.preset", "tiny-moe"])
     assert embedded and cfg.train.out == "outputs/r1_zero_tiny_moe" and cfg.model.routing_replay

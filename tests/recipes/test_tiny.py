@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.tiny import corpus
-from recipes.tiny.corpus import CorpusConfig
-from recipes.tiny.pretrain import (
+from r1_engine.recipes.tiny import corpus
+from r1_engine.recipes.tiny.corpus import CorpusConfig
+from r1_engine.recipes.tiny.pretrain import (
     BASE_DIR,
     ModelShape,
     PretrainConfig,
@@ -22,7 +22,7 @@ from recipes.tiny.pretrain import (
     is_valid_base_model,
     pretrain,
 )
-from recipes.tiny.tokenizer import TEMPLATE_PREFIX, build_tokenizer
+from r1_engine.recipes.tiny.tokenizer import TEMPLATE_PREFIX, build_tokenizer
 
 QUESTION = re.compile(r"User: What is (\d+) \+ (\d+)\?\. Assistant:")
 FINAL_ANSWER = re.compile(r"(?:<answer>(\d+)</answer>|so the answer is (\d+)\.)<\|endoftext\|>$")
@@ -110,9 +110,9 @@ def test_engine_template_starts_with_the_tokenizers_prefix_token():
     the committed base model prompts it never saw."""
     from transformers import AutoTokenizer
 
-    from engine.data import apply_template
-    from recipes.tiny.pretrain import BASE_DIR
-    from recipes.tiny.tokenizer import TEMPLATE_PREFIX
+    from r1_engine.engine.data import apply_template
+    from r1_engine.recipes.tiny.pretrain import BASE_DIR
+    from r1_engine.recipes.tiny.tokenizer import TEMPLATE_PREFIX
 
     tok = AutoTokenizer.from_pretrained(BASE_DIR)
     ids = tok(apply_template("What is 47 + 38?", "r1-zero"), add_special_tokens=False)["input_ids"]
@@ -276,7 +276,7 @@ def test_short_pretraining_lowers_the_loss_deterministically(tmp_path):
     # saved (weights and tokenizer) is what was trained.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from recipes.tiny.pretrain import _batch
+    from r1_engine.recipes.tiny.pretrain import _batch
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "a")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "a").eval()

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from recipes.tiny import corpus
-from recipes.tiny.pretrain import (
+from r1_engine.recipes.tiny import corpus
+from r1_engine.recipes.tiny.pretrain import (
     BASE_DIR,
     META_FILE,
     _batch,
     evaluate_base,
     is_valid_base_model,
 )
-from recipes.tiny.pretrain_moe import (
+from r1_engine.recipes.tiny.pretrain_moe import (
     MOE_DIR,
     ExpertLoadCounter,
     MoEPretrainConfig,

@@ -1,1 +1,0 @@
-"""The RL machinery: config, data, rollouts, rewards, advantages, the GRPO trainer, checkpoints and metrics."""
