@@ -1,25 +1,21 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark, one script, one device-tool call per stage (each fits the 600 s limit):
+# Every GPU check and benchmark in ONE device-tool call (~480 s in all, kernel targets first):
 #
-#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)          # kernels
-#   run(command="bash benchmarks/run_gpu.sh step", carry=["benchmarks/wheels"], timeout_s=600)     # Megatron
+#   run(command="bash benchmarks/run_gpu.sh", carry=["benchmarks/wheels"], timeout_s=600)
 #
-# Stage `kernels` (the default; issue 2):
-# 1. installs the wheels carried in benchmarks/wheels/ (no network there), then this repo (no deps);
-# 2. runs benchmarks/gpu_suite.py (roofline, correctness, benchmarks, launch-config sweep, targets)
-#    -> $OUT/<device>-<date>.json/.md;
-# 3. runs the kernel tests (slow ones too, multiproc ones not) with CUDA as the default device, so the Triton
-#    kernels run on the GPU.
-# Time: install ~15 s + suite <= ~400 s (budget 330 s, hard limit 400 s) + tests <= 150 s: inside the 600 s call.
-# Stage `step` (issue 3): the same install, then benchmarks/gpu_step.py (bf16 vs fp32 parity through
-# parallel.step, and the 0.5B-shaped Qwen2 step time with and without the fused lm_head) -> $OUT/gpu-step-*.
-# Stage `setup`: the install alone, then the versions the later stages see (the dry run of
-# tests/benchmarks_smoke/test_run_gpu_setup.py; R1_WHEELS and R1_SITE point it at a test's folders).
+# 1. installs the wheels carried in benchmarks/wheels/ (no network there; fetch them on a machine with the registry:
+#    `bash benchmarks/fetch_wheels.sh`), then this repo (editable, no deps; without a build backend its folders are
+#    linked as the r1_engine namespace);
+# 2. runs benchmarks/gpu_check.py: the parts kernels (gpu_suite), kernel-tests (tests/kernels on CUDA) and step
+#    (gpu_step, needs megatron-core), each with its own budget, results rewritten after every part to
+#    $OUT/summary.md/.json (+ each part's own files and log). Exit code: non-zero when a part failed.
+# Stages: `all` (default), `kernels`, `kernel-tests`, `step` (one part), `setup` (the install alone, then the
+# versions the parts see; the dry run of tests/benchmarks_smoke/test_run_gpu_setup.py uses it). R1_WHEELS and
+# R1_SITE point it at a test's folders; R1_GPU_CHECK_ARGS adds arguments (the CPU dry run passes --dry-run).
 set -u
 OUT="${OUT:-/tmp/r1_gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 WHEELS="${R1_WHEELS:-benchmarks/wheels}"
 # fallback install dir when the image's site-packages is read-only; emptied first so a stale one is never used
@@ -45,14 +41,17 @@ rm -rf "$SITE"
 
   echo "== this repo"
   # --no-build-isolation: the build backend (setuptools) must come from the image, not the network
+  # fallback without a build backend: the folders linked as the r1_engine namespace (what package-dir maps)
   $PY -m pip install -q --no-deps --no-build-isolation -e . \
-    || echo "editable install failed; continuing with PYTHONPATH=$PWD"
+    || { echo "editable install failed; linking the folders as r1_engine.* under $SITE";
+         mkdir -p "$SITE/r1_engine";
+         for d in engine kernels parallel recipes native; do ln -sfn "$PWD/$d" "$SITE/r1_engine/$d"; done; }
 } 2>&1 | tee "$OUT/setup.log"
 
 # The group above runs in a pipeline subshell: its exports die with it, so the fallback dir is exported here,
 # and the versions are printed here, as every later stage sees them.
 if [ -d "$SITE" ]; then
-  export PYTHONPATH="$PYTHONPATH:$SITE"
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$SITE"
   echo "carried wheels from $SITE on PYTHONPATH" | tee -a "$OUT/setup.log"
 fi
 # one name per carried wheel (the file name's first field), then the ones the stages use
@@ -62,33 +61,20 @@ for name in dict.fromkeys(sys.argv[1:]):
     try: print(name, m.version(name))
     except m.PackageNotFoundError: print(name, "not installed")' $NAMES 2>&1 | tee -a "$OUT/setup.log"
 
-STAGE="${1:-kernels}"
-if [ "$STAGE" = "setup" ]; then
-  exit 0
-elif [ "$STAGE" = "step" ]; then
-  echo "== gpu_step"
-  timeout 540 $PY -m benchmarks.gpu_step --out "$OUT" 2>&1 | tee "$OUT/step.log"
-  echo "gpu_step exit code: ${PIPESTATUS[0]}"
-  ls -la "$OUT"
-  exit 0
-elif [ "$STAGE" != "kernels" ]; then
-  echo "unknown stage '$STAGE': use 'kernels' (default), 'step' or 'setup'" >&2
-  exit 2
-fi
+STAGE="${1:-all}"
+case "$STAGE" in
+  setup) exit 0 ;;
+  all) PARTS="" ;;
+  kernels|kernel-tests|step) PARTS="--parts $STAGE" ;;
+  *) echo "unknown stage '$STAGE': use 'all' (default), 'kernels', 'kernel-tests', 'step' or 'setup'" >&2; exit 2 ;;
+esac
 
-echo "== gpu_suite"
-timeout 400 $PY -m benchmarks.gpu_suite --out "$OUT" --budget-s 330 2>&1 | tee "$OUT/suite.log"
-echo "gpu_suite exit code: ${PIPESTATUS[0]}"
-
-echo "== kernel tests on CUDA"
-# slow tests included; the multiproc (gloo, CPU) vocab-parallel tests are left to CI: with CUDA as the default
-# device their inputs would be CUDA tensors handed to gloo workers
-timeout 150 $PY -m pytest tests/kernels -q -m "(not slow or slow) and not multiproc" -p no:cacheprovider \
-  -p benchmarks.cuda_default_device --timeout=120 -rfE 2>&1 | tee "$OUT/pytest-kernels.log" | tail -40
-echo "pytest exit code: ${PIPESTATUS[0]}"
-
-echo "== targets"
+echo "== gpu_check"
+# shellcheck disable=SC2086 - PARTS and R1_GPU_CHECK_ARGS are word lists
+$PY -m benchmarks.gpu_check --out "$OUT" $PARTS ${R1_GPU_CHECK_ARGS:-} 2>&1 | tee "$OUT/gpu_check.log"
+code=${PIPESTATUS[0]}
+cat "$OUT/summary.md" 2>/dev/null
 for md in "$OUT"/*.md; do
   [ -f "$md" ] && sed -n '/^## Targets/,/^## Timings/p' "$md"
 done
-ls -la "$OUT"
+exit "$code"

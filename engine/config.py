@@ -196,7 +196,7 @@ class TrainConfig:
     """Show a progress bar."""
     profile_steps: str | None = None
     """A:B: capture steps A..B (inclusive, numbered as in metrics.jsonl): the CUDA profiler API starts before step A
-    and stops after step B, for `nsys profile --capture-range=cudaProfilerApi` (README: Profiling)."""
+    and stops after step B, for `nsys profile --capture-range=cudaProfilerApi` (docs/profiling.md)."""
     profile_ranks: tuple[int, ...] = ()
     """Global ranks that start the profiler for --train.profile-steps (empty: every rank)."""
     torch_profiler: bool = False

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from r1_engine.engine.rollout.base import RolloutBatch, RolloutEngine, SamplingParams
@@ -187,7 +188,8 @@ class ColocatedRolloutEngine(RolloutEngine):
 
 
 def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, seed: int,
-                         gpu_memory_utilization: float, record_routing: bool = False) -> ColocatedRolloutEngine:
+                         gpu_memory_utilization: float, record_routing: bool = False,
+                         max_model_len: int | None = None) -> ColocatedRolloutEngine:
     """This rank's part of a colocated vLLM for the initialised Megatron layout (parallel.state): to be called on
     every rank of the world together (vLLM's start-up reduces over the world). vLLM's TP = the trainer's TP.
     record_routing: VLLMRolloutEngine's (each completion's routed experts, for routing replay)."""
@@ -206,8 +208,16 @@ def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, s
         if name not in os.environ:
             raise ValueError(f"colocated vLLM on {plan.world_size} ranks needs the torchrun environment "
                              f"({name} is not set): launch with torchrun")
+    if torch.cuda.is_available():  # one share on every rank (the smallest free memory decides): equal KV caches
+        from r1_engine.engine.rollout.vllm import memory_share
+
+        share = torch.tensor([memory_share(gpu_memory_utilization, *torch.cuda.mem_get_info())],
+                             dtype=torch.float64, device="cuda")
+        dist.all_reduce(share, op=dist.ReduceOp.MIN)
+        gpu_memory_utilization = float(share)
     local = VLLMRolloutEngine(
         str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, tokenizer=tokenizer,
+        max_model_len=max_model_len,
         tensor_parallel_size=plan.tp_size, distributed_executor_backend="external_launcher",
         # the same seed on the TP ranks of a replica (vLLM requires it), another one per replica
         seed=seed + plan.replica, record_routing=record_routing)

@@ -23,6 +23,11 @@ How it maps our contract onto vLLM:
   back for nothing); update_weights() wakes only the weight memory and fills it, and wake() then restores
   the KV cache, so the peak memory never holds both the trainer's activations and vLLM's cache. After a
   level-2 sleep generate() refuses to run until update_weights() has filled the weights again.
+  vLLM V1 refuses to start when the free memory is below gpu_memory_utilization x total; colocated, the policy,
+  its optimizer and the reference are already on the device, so the share asked for is capped by what is free
+  at start (`memory_share`, less a reserve for the trainer's activations), and an engine that would get too little
+  is one clear error. wake() empties PyTorch's cache first (the trainer's freed blocks are otherwise still held),
+  and max_model_len is the run's generation budget (prompt + new tokens), not the model's whole context.
 - seeds: one seed a generate() call (SamplingParams.seed), set on the worker's torch generators just
   before generating; requests carry no seed of their own (a per-request seed sends vLLM's sampler down a
   per-request Python loop). The same seed, prompts and engine give the same samples; the trainer's own
@@ -40,12 +45,14 @@ How it maps our contract onto vLLM:
   samples) and [C (or fewer), L, k] on each CompletionOutput (`routed_experts`, the routing of each generated
   token when it was fed: the last one never is, so only C - 1 rows are used); the first version (vllm#28284)
   has no prompt field and gives the whole sequence, [P + C - 1, L, k], on the CompletionOutput. vLLM 0.21
-  marks prefix-cache hits with -1 (no routing recorded): such a record is refused with a pointer to prefix
-  caching. Later versions require prefix caching and async scheduling off (vLLM sets that itself), and
+  marks prefix-cache hits with -1 (no routing recorded), and the G samples of a prompt share its cached blocks:
+  recording routing therefore turns prefix caching off (on by default in V1), and refuses an explicit
+  enable_prefix_caching=True. Later versions require prefix caching and async scheduling off (vLLM sets that itself), and
   Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1).
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from pathlib import Path
@@ -140,6 +147,24 @@ def routed_experts_of(request: Any, completion: Any, prompt_len: int, completion
     return out.to(torch.int16) if fits_int16 else out
 
 
+MIN_SHARE = 0.05  # below this vLLM has no room for a useful KV cache
+
+
+def memory_share(requested: float, free_bytes: int, total_bytes: int, reserve_bytes: int = 2 << 30) -> float:
+    """The share of the device vLLM may take: what was asked for, capped by the memory free right now less a
+    reserve for the trainer (vLLM V1 refuses to start when free < share x total). Raises ValueError when that
+    leaves less than MIN_SHARE."""
+    share = min(requested, (free_bytes - reserve_bytes) / total_bytes)
+    if share < MIN_SHARE:
+        gib = 1 << 30
+        raise ValueError(
+            f"rollout.gpu_memory_utilization: vLLM would get {max(share, 0.0):.2f} of the device: {free_bytes / gib:.1f} "
+            f"of {total_bytes / gib:.1f} GiB are free after the trainer's models and optimizer were placed (and "
+            f"{reserve_bytes / gib:.0f} GiB are kept for its activations); offload the reference "
+            f"(--model.offload-reference), raise the tensor/pipeline parallel size, or use a smaller model")
+    return round(share, 4)
+
+
 def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> None:
     """Runs inside a vLLM worker (collective_rpc passes the worker first)."""
     worker.model_runner.model.load_weights(weights=weights)
@@ -148,6 +173,12 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, Tensor]]) -> N
 def _seed_worker(worker: Any, seed: int) -> None:
     """Runs inside a vLLM worker: its sampler draws from the default torch generators (requests without a seed)."""
     torch.manual_seed(seed)
+
+
+def _empty_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _rng_devices() -> list[int]:
@@ -182,6 +213,17 @@ class VLLMRolloutEngine(RolloutEngine):
         self.record_routing = record_routing
         if record_routing:
             llm_kwargs["enable_return_routed_experts"] = True
+            # siblings of one prompt would hit each other's cached blocks, whose routing vLLM does not record
+            if llm_kwargs.get("enable_prefix_caching"):
+                raise ValueError("record_routing=True needs vLLM's prefix caching off (cached positions carry no "
+                                 "routing); do not pass enable_prefix_caching=True")
+            llm_kwargs["enable_prefix_caching"] = False
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            asked, gpu_memory_utilization = gpu_memory_utilization, memory_share(gpu_memory_utilization, free, total)
+            if gpu_memory_utilization < asked:
+                warnings.warn(f"vLLM gets {gpu_memory_utilization:.2f} of the device instead of {asked:.2f}: only "
+                              f"{free / (1 << 30):.1f} GiB were free at start", stacklevel=2)
         try:
             self.llm = vllm.LLM(
                 model=str(model_dir), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
@@ -289,6 +331,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._weights_valid = True
 
     def _wake_up(self, tags: list[str]) -> None:
+        _empty_cuda_cache()  # the trainer's freed blocks (activations, gradients) go back to the device first
         try:
             self.llm.wake_up(tags=tags)
         except TypeError:  # vLLM without staged wake-up: everything comes back at once

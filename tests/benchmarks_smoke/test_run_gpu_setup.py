@@ -60,6 +60,10 @@ def test_fallback_install_reaches_later_stages(tmp_path):
     log = (out / "setup.log").read_text()
     assert "pip install into the image failed; trying --target" in log  # the fallback branch was taken
     assert (site / "r1_probe" / "__init__.py").is_file() and not (site / "stale").exists()
+    # the repo's own editable install was refused too: its folders are linked as the r1_engine namespace
+    assert "linking the folders as r1_engine.*" in log
+    for folder in ("engine", "kernels", "parallel", "recipes", "native"):
+        assert (site / "r1_engine" / folder).resolve() == REPO / folder
     # printed after the tee group, by the same shell the later stages run in
     assert f"carried wheels from {site} on PYTHONPATH" in log
     assert "r1_probe 0.1" in log.splitlines()
@@ -77,4 +81,4 @@ def test_unknown_stage_is_one_line(tmp_path):
         ["bash", "benchmarks/run_gpu.sh", "nope"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "unknown stage 'nope': use 'kernels' (default), 'step' or 'setup'"
+    assert proc.stderr.strip().splitlines()[-1] == "unknown stage 'nope': use 'all' (default), 'kernels', 'kernel-tests', 'step' or 'setup'"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import r1_engine.kernels.nvtx
+from r1_engine.kernels import nvtx as kernel_nvtx
 from r1_engine.engine import profiling
 from r1_engine.engine.config import check_ranges, parse_profile_steps
 from r1_engine.engine.profiling import StepProfiler
@@ -38,9 +38,9 @@ def recorder(monkeypatch):
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", rec.range_push)
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", rec.range_pop)
     monkeypatch.setattr(profiling, "_cuda_profiler_api", lambda: rec)
-    kernels.nvtx.set_enabled(True)
+    kernel_nvtx.set_enabled(True)
     yield rec
-    kernels.nvtx.set_enabled(None)
+    kernel_nvtx.set_enabled(None)
 
 
 def tree(events):
@@ -163,13 +163,13 @@ def test_capture_cut_short_is_stopped_by_close(recorder):
 def test_ranges_cost_nothing_when_off(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(name))
-    kernels.nvtx.set_enabled(False)
+    kernel_nvtx.set_enabled(False)
     try:
-        with kernels.nvtx.nvtx_range("statistics"):
+        with kernel_nvtx.nvtx_range("statistics"):
             pass
         StepProfiler(None).begin(1)
     finally:
-        kernels.nvtx.set_enabled(None)
+        kernel_nvtx.set_enabled(None)
     assert calls == []
 
 
