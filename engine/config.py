@@ -307,6 +307,12 @@ def check_ranges(cfg: GRPOConfig) -> None:
         ("algo.mini_batches", a.mini_batches >= 1, ">= 1"),
         ("algo.num_microbatches", a.num_microbatches >= 1, ">= 1"),
         ("algo.max_sampling_rounds", a.max_sampling_rounds >= 1, ">= 1"),
+        # the teacher's per-token advantages replace the rewards': a filter or a shaping of rewards would act on
+        # numbers the loss never sees
+        ("algo.dynamic_sampling", a.teacher is None or not a.dynamic_sampling,
+         "off with --algo.teacher (on-policy distillation trains on the teacher's advantages, not the rewards)"),
+        ("reward.overlong_buffer", a.teacher is None or not rw.overlong_buffer,
+         "None/0 with --algo.teacher (on-policy distillation trains on the teacher's advantages, not the rewards)"),
         ("algo.max_tokens_per_row", opt(a.max_tokens_per_row, 1), ">= 1 (or None: the longest sequence)"),
         ("loss.eps_low", lo.eps_low is None or (at_least(lo.eps_low, 0) and lo.eps_low < 1),
          "in [0, 1) (the lower clip 1 - eps_low stays > 0; None: the loss's own)"),

@@ -29,6 +29,7 @@ extractable answer do not vote; a question where none has one is unsolved.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -184,17 +185,31 @@ def equivalence_classes(answer_lists: Sequence[Sequence[str | None]], judge: Jud
     return [[sorted(members) for _, members in question] for question in classes]
 
 
-def majority_correct(samples: Sequence[Sample], classes: Sequence[Sequence[int]]) -> bool:
-    """cons@k of one question: is the majority class (ties: the earliest first member) correct?"""
-    if not classes:
+def majority_correct(samples: Sequence[Sample], classes: Sequence[Sequence[int]], abstain: bool = False) -> bool:
+    """cons@k of one question: is the majority class correct? The samples with no extractable answer are one class of
+    their own ("no answer" is a vote, and never correct); abstain=True leaves them out of the vote instead (the
+    lenient variant, reported as cons_abstain@k). Ties go to the class whose first member came first; the class is
+    judged by that first member's correctness against the reference (its members are equivalent answers)."""
+    votes = [list(members) for members in classes]
+    silent = [i for i, s in enumerate(samples) if s.answer is None]
+    if silent and not abstain:
+        votes.append(silent)
+    if not votes:
         return False
-    best = max(classes, key=lambda members: (len(members), -members[0]))
-    return any(samples[i].correct for i in best)
+    best = max(votes, key=lambda members: (len(members), -members[0]))
+    first = samples[best[0]]
+    return first.answer is not None and bool(first.correct)
 
 
 # --------------------------------------------------------------------------- per-dataset numbers
 def _quantile(values: torch.Tensor, q: float) -> float:
     return torch.quantile(values, q).item()  # linear interpolation between order statistics
+
+
+def _standard_error(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return float("nan")
+    return (torch.tensor(values, dtype=torch.float64).std() / math.sqrt(len(values))).item()
 
 
 def summarize(results: Sequence[QuestionResult], judge: Judge | None = None) -> dict[str, float]:
@@ -209,9 +224,16 @@ def summarize(results: Sequence[QuestionResult], judge: Judge | None = None) -> 
     out: dict[str, float] = {"questions": float(len(results)), "k": float(n)}
     for kk in pass_k_values(n):
         out[f"pass@{kk}"] = sum(pass_at_k(n, r.num_correct, kk) for r in results) / len(results)
+    # standard errors over questions (the sample std of the per-question values / sqrt(questions)): the spread a
+    # comparison of two models' numbers must clear before it says more than "within noise"
+    out["se/pass@1"] = _standard_error([r.num_correct / n for r in results])
     if judge is not None:
         classes = equivalence_classes([[s.answer for s in r.samples] for r in results], judge)
-        out[f"cons@{n}"] = sum(majority_correct(r.samples, c) for r, c in zip(results, classes)) / len(results)
+        votes = [float(majority_correct(r.samples, c)) for r, c in zip(results, classes)]
+        out[f"cons@{n}"] = sum(votes) / len(results)
+        out[f"se/cons@{n}"] = _standard_error(votes)
+        out[f"cons_abstain@{n}"] = sum(majority_correct(r.samples, c, abstain=True)
+                                       for r, c in zip(results, classes)) / len(results)
     out["format_rate"] = torch.tensor([s.format for s in samples], dtype=f64).mean().item()
     languages = [s.language for s in samples if s.language is not None]
     if languages:

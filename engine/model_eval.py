@@ -77,7 +77,7 @@ class ModelEvaluator:
 
             results = sample_questions(generate_and_score, items, s.samples, self._params())
             summary = summarize(results, self.judge)
-            keep = [k for k in summary if k.startswith(("pass@", "cons@"))]
+            keep = [k for k in summary if k.startswith(("pass@", "cons@", "se/"))]
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
             report["summary"].update({k: summary[k] for k in keep if k in summary})
             report["questions"] = results_to_json(results)

@@ -8,9 +8,14 @@ filtered by the rule rewards and the readability filters of GRPO_SPEC.md, writte
 (any callback of that shape works: an engine's generate() followed by a RewardComposer's score()).
 
 A sample is dropped under the first rule it fails, in this order (DROP_REASONS):
+  truncated        it hit the generation budget (finish reason "length"): SFT would append EOS to a text that never
+                   ended and teach the model to stop mid-thought;
   incorrect        the accuracy reward is < 1;
   format           require_format and the format reward is < 1;
-  mixed_language   the chain of thought mixes languages (language consistency < 1 for cfg.language);
+  mixed_language   the chain of thought mixes languages: its share of cfg.language words (the language-consistency
+                   reward) is below min_language_share (0.75: a chain in the target language that names a few
+                   variables or units in another script is kept, a Chinese chain with x and y scores 0.75; one
+                   that switches language for a sentence is not, the tiny world's mixed chains score 0.33-0.5);
   long_paragraph   a paragraph of the chain of thought (split on blank lines) is longer than max_paragraph_chars;
   code_block       the chain of thought holds a code fence (```);
   duplicate        the same completion text was already kept for this prompt;
@@ -38,7 +43,7 @@ from r1_engine.engine.rewards.language import (
 )
 from r1_engine.engine.rollout.base import SamplingParams
 
-DROP_REASONS = ("incorrect", "format", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_limit")
+DROP_REASONS = ("truncated", "incorrect", "format", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_limit")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 _CODE_FENCE = "```"
 
@@ -53,6 +58,7 @@ class RejectionConfig:
     max_per_prompt: int = 2
     max_paragraph_chars: int = 2000
     language: str = "en"
+    min_language_share: float = 0.75
     require_format: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
@@ -65,6 +71,8 @@ class RejectionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"rejection.{name} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= self.min_language_share <= 1.0:
+            raise ValueError(f"rejection.min_language_share must be in [0, 1], got {self.min_language_share!r}")
         if self.language not in SUPPORTED_LANGUAGES:
             raise ValueError(f"rejection.language: unsupported language {self.language!r}; supported: "
                              f"{', '.join(SUPPORTED_LANGUAGES)}")
@@ -115,7 +123,7 @@ def drop_reason(completion: str, accuracy: float, fmt: float, language: float, c
         return "incorrect"
     if cfg.require_format and fmt < 1.0:
         return "format"
-    if language < 1.0:
+    if language < cfg.min_language_share:
         return "mixed_language"
     thought = chain_of_thought(completion)
     if _longest_paragraph(thought) > cfg.max_paragraph_chars:
@@ -126,11 +134,14 @@ def drop_reason(completion: str, accuracy: float, fmt: float, language: float, c
 
 
 def filter_samples(completions: Sequence[str], scores: dict[str, Sequence[float]],
-                   cfg: RejectionConfig) -> tuple[list[int], Counter]:
+                   cfg: RejectionConfig, truncated: Sequence[bool] | None = None) -> tuple[list[int], Counter]:
     """One prompt's k completions and their rule-reward components ("accuracy" required; "format" and "language"
-    computed here when absent): the indices kept, in sample order, and a Counter of drop reasons (each dropped
-    sample under its first failing reason, DROP_REASONS order)."""
+    computed here when absent), and which of them hit the generation budget (None: none did): the indices kept, in
+    sample order, and a Counter of drop reasons (each dropped sample under its first failing reason, DROP_REASONS
+    order)."""
     n = len(completions)
+    if truncated is not None and len(truncated) != n:
+        raise ValueError(f"filter_samples: {len(truncated)} truncation flags for {n} completions")
     accuracy = _component(scores, "accuracy", n)
     if accuracy is None:
         raise ValueError(f"filter_samples: scores need an 'accuracy' component, got {sorted(scores)}")
@@ -140,6 +151,9 @@ def filter_samples(completions: Sequence[str], scores: dict[str, Sequence[float]
     seen: set[str] = set()
     reasons: Counter = Counter()
     for i, text in enumerate(completions):
+        if truncated is not None and truncated[i]:
+            reasons["truncated"] += 1
+            continue
         reason = drop_reason(text, accuracy[i], format_reward(text) if fmt is None else fmt[i],
                              language_consistency_reward(text, cfg.language) if language is None else language[i],
                              cfg)
@@ -204,7 +218,8 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
             span = range(q * k, (q + 1) * k)
             kept, dropped = filter_samples([rollout.completion_text[i] for i in span],
                                            {name: [values[i] for i in span] for name, values in
-                                            scores.components.items()}, cfg)
+                                            scores.components.items()}, cfg,
+                                           truncated=[bool(rollout.truncated[i]) for i in span])
             reasons.update(dropped)
             prompts_with_kept += bool(kept)
             for j in kept:

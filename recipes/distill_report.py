@@ -4,6 +4,7 @@ time, and the teacher, with each phase's cost, as markdown (results.md), JSON (r
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 
@@ -34,14 +35,28 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         cells = []
         for key, _ in scores:
-            value = row["summary"].get(key)
-            cells.append("–" if value is None else f"{value:.1f}" if key.startswith("length") else f"{value:.3f}")
+            value, se = row["summary"].get(key), row["summary"].get(f"se/{key}")
+            cell = "–" if value is None else f"{value:.1f}" if key.startswith("length") else f"{value:.3f}"
+            if value is not None and se is not None and not math.isnan(se):
+                cell += f" ± {se:.3f}"  # one standard error over the held-out questions
+            cells.append(cell)
         cost = row.get("cost", {})
         for key, _ in COST_COLUMNS:
             value = cost.get(key)
             cells.append("–" if value is None else f"{value:.0f}" if key.endswith("_s") else f"{value:,}")
         lines.append(f"| {row_name(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare(mine: float, theirs: float, se_mine: float | None, se_theirs: float | None) -> str:
+    """"holds" / "does not hold" only when the difference exceeds twice its standard error (the two evaluations'
+    standard errors over questions, independent); otherwise "within noise", with that margin."""
+    if se_mine is None or se_theirs is None or math.isnan(se_mine) or math.isnan(se_theirs):
+        return ("holds" if mine >= theirs else "does not hold") + ", no spread known"
+    margin = 2 * math.hypot(se_mine, se_theirs)
+    if abs(mine - theirs) <= margin:
+        return f"within noise: |difference| {abs(mine - theirs):.3f} <= 2 SE {margin:.3f}"
+    return f"{'holds' if mine > theirs else 'does not hold'}: |difference| > 2 SE {margin:.3f}"
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -59,7 +74,8 @@ def verdict(rows: list[dict]) -> list[str]:
         for key, _ in _score_columns([row, rl])[:2]:
             mine, theirs = row["summary"].get(key), rl["summary"].get(key)
             if mine is not None and theirs is not None:
-                parts.append(f"{key} {mine:.3f} vs {theirs:.3f} ({'holds' if mine >= theirs else 'does not hold'})")
+                parts.append(f"{key} {mine:.3f} vs {theirs:.3f} "
+                             f"({compare(mine, theirs, row['summary'].get('se/' + key), rl['summary'].get('se/' + key))})")
         clock = "CPU s" if rl["cost"].get("budget_clock") == "cpu" else "s"
         lines.append(f"{ROW_NAMES[phase]} >= GRPO at {rl['cost'].get('budget_s', 0):.0f} {clock}: " + "; ".join(parts))
     return lines

@@ -52,11 +52,39 @@ def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
     if not 1 <= cfg.from_stage <= cfg.until_stage <= 4:
         raise ValueError(f"--from-stage {cfg.from_stage} --until-stage {cfg.until_stage}: need 1 <= from <= until <= 4")
+    cfg = with_run_language(cfg)
+    if cfg.language_ablation and cfg.reasoning_rl.reward.weights.get("language", 0.0) == 0.0:
+        raise ValueError("--language-ablation compares stage 2 with and without the language reward, but "
+                         "--reasoning-rl.reward.weights gives language 0: the two runs would be the same")
     for section in ("cold_start", "sft"):
         _checked(section, check_sft_ranges, getattr(cfg, section))
     for section in ("reasoning_rl", "all_scenario_rl"):
         _checked(section, check_ranges, getattr(cfg, section))
     return cfg, embedded
+
+
+def with_run_language(cfg: R1Config) -> R1Config:
+    """--language set once for the run: every stage's own language setting takes it. A stage setting given
+    explicitly to another language (it differs from both the run's and the default) is a conflict, not a choice:
+    a Chinese chain of thought rewarded in stage 2 would be dropped as mixed by an English rejection filter."""
+    from r1_engine.engine.rewards.language import SUPPORTED_LANGUAGES
+
+    if cfg.language not in SUPPORTED_LANGUAGES:
+        raise ValueError(f"--language {cfg.language}: expected one of {', '.join(SUPPORTED_LANGUAGES)}")
+    uses = {"--reasoning-rl.reward.language": cfg.reasoning_rl.reward.language,
+            "--all-scenario-rl.reward.language": cfg.all_scenario_rl.reward.language,
+            "--rejection.language": cfg.rejection.language, "--eval.language": cfg.eval.language}
+    for flag, value in uses.items():
+        if value not in ("en", cfg.language):
+            raise ValueError(f"{flag} {value} differs from the run's --language {cfg.language}: set --language "
+                             f"{value} once for every stage")
+    replace = dataclasses.replace
+    return replace(
+        cfg,
+        reasoning_rl=replace(cfg.reasoning_rl, reward=replace(cfg.reasoning_rl.reward, language=cfg.language)),
+        all_scenario_rl=replace(cfg.all_scenario_rl,
+                                reward=replace(cfg.all_scenario_rl.reward, language=cfg.language)),
+        rejection=replace(cfg.rejection, language=cfg.language), eval=replace(cfg.eval, language=cfg.language))
 
 
 def _checked(section: str, check, config) -> None:
@@ -79,9 +107,11 @@ def data_files(cfg: R1Config, embedded: bool) -> R1Data:
                 "preferences": R1_DATA_DIR / "preferences.jsonl", "eval_reasoning": DATA_DIR / "eval.jsonl",
                 "eval_general": R1_DATA_DIR / "general_eval.jsonl"}
         d = dataclasses.replace(d, **{k: getattr(d, k) or str(v) for k, v in tiny.items()})
-    needed = {"cold_start": 1, "reasoning": 2, "general_sft": 3}
-    for key, stage in needed.items():
-        if getattr(d, key) is None and cfg.from_stage <= stage <= cfg.until_stage:
+    # the stages that read each file: reasoning prompts feed RL (2), rejection sampling (3) and all-scenario RL (4)
+    needed = {"cold_start": (1,), "reasoning": (2, 3, 4), "general_sft": (3,)}
+    for key, stages in needed.items():
+        stage = next((s for s in stages if cfg.from_stage <= s <= cfg.until_stage), None)
+        if getattr(d, key) is None and stage is not None:
             raise ValueError(f"--data.{key.replace('_', '-')} FILE is required for stage {stage} ({STAGES[stage]})")
     if cfg.until_stage >= 4 and d.general is not None and not cfg.all_scenario_rl.reward.models and d.preferences is None:
         raise ValueError("stage 4 scores --data.general with reward models: give --all-scenario-rl.reward.models "

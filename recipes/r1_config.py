@@ -2,6 +2,7 @@
 components' config dataclasses; the recipe sets each stage's model, data paths and out)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from r1_engine.engine.config import GRPOConfig, ModelConfig
@@ -11,6 +12,15 @@ from r1_engine.engine.reward_model_train import RewardModelTrainConfig
 from r1_engine.engine.sft_config import SFTConfig
 
 STAGES = {1: "cold start SFT", 2: "reasoning RL", 3: "rejection sampling + SFT", 4: "all-scenario RL"}
+# R1's reasoning-RL reward (GRPO_SPEC.md, stage 2): accuracy and language consistency summed (format kept at 0.5 so
+# the readable layout the cold start taught is not lost); stage 4 keeps them on its reasoning prompts
+R1_REWARD_WEIGHTS = {"accuracy": 1.0, "format": 0.5, "language": 1.0}
+
+
+def r1_rl_config() -> GRPOConfig:
+    """GRPOConfig with R1's stage-2 reward weights (a plain GRPOConfig has R1-Zero's: language 0)."""
+    base = GRPOConfig()
+    return dataclasses.replace(base, reward=dataclasses.replace(base.reward, weights=dict(R1_REWARD_WEIGHTS)))
 
 
 @dataclass
@@ -49,14 +59,17 @@ class R1Config:
     """Start here (stage N-1's model must be in --out); finished stages are skipped either way."""
     until_stage: int = 4
     """Stop after this stage."""
+    language: str = "en"
+    """The run's target language, one setting for every use: the language reward of stages 2 and 4, the
+    rejection filter's mixed-language rule and the evaluation's language rate (en, zh)."""
     language_ablation: bool = False
     """Also run stage 2 without the language-consistency reward (--out/stage_2_no_language) for the table."""
     cold_start: SFTConfig = field(default_factory=SFTConfig)
-    reasoning_rl: GRPOConfig = field(default_factory=GRPOConfig)
+    reasoning_rl: GRPOConfig = field(default_factory=r1_rl_config)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward_model: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
-    all_scenario_rl: GRPOConfig = field(default_factory=GRPOConfig)
+    all_scenario_rl: GRPOConfig = field(default_factory=r1_rl_config)
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 

@@ -25,13 +25,13 @@ def _columns(rows: list[dict]) -> list[tuple[str, str]]:
 
 def markdown_table(rows: list[dict]) -> str:
     columns = _columns(rows)
-    lines = ["| model | " + " | ".join(h for _, h in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines = ["| " + " | ".join(["model", *(h for _, h in columns)]) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
         cells = []
         for key, _ in columns:
             value = row["summary"].get(key)
             cells.append("–" if value is None else f"{value:.1f}" if key.startswith("length") else f"{value:.3f}")
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join([row["name"], *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -42,6 +42,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     columns = [(k, h) for k, h in _columns(rows) if not k.startswith("length")]
+    if not columns:  # no held-out set was given: nothing to draw (the table says so)
+        return
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.6), squeeze=False)
     names = [row["name"].split(":")[0] if ":" in row["name"] else row["name"] for row in rows]
     names = [n + ("*" if "no language" in row["name"] else "") for n, row in zip(names, rows)]
@@ -65,7 +67,11 @@ def write_report(rows: list[dict], out: Path, cfg, data) -> str:
     settings = (f"k={e.samples} samples a prompt, temperature {e.temperature}, top-p {e.top_p}, max {e.max_new_tokens} "
                 f"new tokens, seed {e.seed}; reasoning: {data.eval_reasoning}; general: {data.eval_general}")
     table = markdown_table(rows)
+    if not _columns(rows):
+        table += ("\n\nNo held-out numbers: give --data.eval-reasoning and/or --data.eval-general to evaluate each "
+                  "stage.")
     (out / "results.md").write_text(f"# R1 pipeline\n\n{settings}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=1))
+    (out / "results.png").unlink(missing_ok=True)  # a stale picture from an earlier run with eval sets
     plot(rows, out / "results.png")
     return table

@@ -183,3 +183,17 @@ def test_rloo_needs_two_samples_a_group():
     check_ranges(cfg)  # GRPO (and distillation) accept a group of one
     with pytest.raises(ValueError, match="--rollout.group-size=1: must be >= 2 with --algo.estimator rloo"):
         check_ranges(dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, estimator="rloo")))
+
+
+def test_teacher_refuses_reward_filters_and_shaping():
+    """On-policy distillation's advantages come from the teacher: dynamic sampling (a filter on reward spread) and
+    the overlong buffer (a reward shaping) would act on numbers the loss never sees."""
+    from r1_engine.engine.config import check_ranges
+
+    student = _with(GRPOConfig(), "algo.teacher", "teacher/hf")
+    check_ranges(student)
+    check_ranges(_with(GRPOConfig(), "algo.dynamic_sampling", True))  # fine without a teacher
+    with pytest.raises(ValueError, match=r"^--algo.dynamic-sampling=True: must be off with --algo.teacher"):
+        check_ranges(_with(student, "algo.dynamic_sampling", True))
+    with pytest.raises(ValueError, match=r"^--reward.overlong-buffer=8: must be None/0 with --algo.teacher"):
+        check_ranges(_with(student, "reward.overlong_buffer", 8))

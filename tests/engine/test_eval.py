@@ -3,6 +3,8 @@ per-dataset numbers, seeded sampling, and DP=2 == DP=1 on a tiny random Qwen2.""
 import itertools
 from fractions import Fraction
 
+import math
+
 import pytest
 import torch
 
@@ -105,7 +107,10 @@ def test_all_wrong_and_no_extractable_answer():
     cases = [(["5", "5", "6"], [0, 0, 0]), ([None, None, None], [0, 0, 0]), ([None, "7", None], [0, 1, 0])]
     classes = equivalence_classes([a for a, _ in cases], inline_judge)
     assert classes == [[[0, 1], [2]], [], [[1]]]
-    assert [majority_correct(_samples(a, c), cl) for (a, c), cl in zip(cases, classes)] == [False, False, True]
+    # "no answer" is a class of its own: two silent samples outvote one correct "7" (the abstaining variant lets it win)
+    assert [majority_correct(_samples(a, c), cl) for (a, c), cl in zip(cases, classes)] == [False, False, False]
+    assert [majority_correct(_samples(a, c), cl, abstain=True)
+            for (a, c), cl in zip(cases, classes)] == [False, False, True]
     assert final_answer("<think>no box here</think> it is 4") is None
     assert final_answer("<think>x</think> <answer> 1{,}000 </answer>") == "1000"
     assert final_answer("\\boxed{}") is None
@@ -134,6 +139,17 @@ def test_worker_pool_judge_agrees_with_inline():
 
 
 # --------------------------------------------------------------------------- per-dataset numbers
+def test_no_answer_is_a_vote_of_its_own():
+    """4 silent samples, 3 of the correct answer, 1 other: cons@8 counts the question unsolved ("no answer" leads
+    4:3), the abstaining variant solved; a correct-judged sample in a wrong-judged class does not rescue it."""
+    q = _samples([None, "5", None, "5", None, "5", None, "6"], [0, 1, 0, 1, 0, 1, 0, 0])
+    out = summarize([QuestionResult(0, "f:1", "5", q)], inline_judge)
+    assert out["cons@8"] == 0.0 and out["cons_abstain@8"] == 1.0
+    q = _samples(["5", "5", "6"], [0, 1, 0])  # the class is judged by its first member
+    [classes] = equivalence_classes([["5", "5", "6"]], inline_judge)
+    assert not majority_correct(q, classes)
+
+
 def test_summarize_against_hand_computed_numbers():
     q0 = _samples(["1/2", "0.5", "2", "2"], [1, 1, 0, 0])  # tie 2:2, "1/2" first -> solved
     q1 = _samples(["3", None, "4", "4"], [1, 0, 0, 0])  # majority "4" -> unsolved
@@ -145,13 +161,16 @@ def test_summarize_against_hand_computed_numbers():
     assert out["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert out["pass@2"] == pytest.approx(((1 - 1 / 6) + (1 - 3 / 6)) / 2)  # C(2,2)/C(4,2), C(3,2)/C(4,2)
     assert out["pass@4"] == pytest.approx(1.0)
-    assert out["cons@4"] == pytest.approx(0.5)
+    assert out["cons@4"] == pytest.approx(0.5) and out["cons_abstain@4"] == pytest.approx(0.5)
     assert out["format_rate"] == pytest.approx(5 / 8) and out["truncated_frac"] == pytest.approx(2 / 8)
     assert out["answer_rate"] == pytest.approx(7 / 8)
     lengths = torch.tensor([10, 20, 30, 40, 5, 50, 15, 25], dtype=torch.float64)
     assert out["length/mean"] == pytest.approx(lengths.mean().item())
     assert out["length/p50"] == pytest.approx(22.5) and out["length/max"] == 50.0
     assert out["length/p90"] == pytest.approx(40 + 0.3 * 10)  # sorted [5..50]: position 0.9*7 = 6.3
+    # standard errors over the 2 questions: per-question pass rates 0.5 and 0.25 -> std 0.1768 / sqrt(2)
+    assert out["se/pass@1"] == pytest.approx(math.sqrt(((0.5 - 0.375) ** 2 + (0.25 - 0.375) ** 2) / 1) / math.sqrt(2))
+    assert out["se/cons@4"] == pytest.approx(math.sqrt(0.5) / math.sqrt(2))  # votes 1, 0
     assert "cons@4" not in summarize(results)
     with pytest.raises(ValueError, match="same number"):
         summarize([results[0], QuestionResult(1, "f:2", "3", q1[:3])])

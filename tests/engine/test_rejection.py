@@ -36,15 +36,16 @@ def test_each_reason_is_the_first_failing_rule_in_order():
         GOOD_2,  # kept (second)
         readable_completion("other", " \\boxed{8}"),  # over_limit
         GOOD_2,  # a duplicate beyond the limit counts as duplicate
+        readable_completion("cut", " \\boxed{8}"),  # correct and well formed, but it hit the budget: truncated
     ]
     kept, reasons = filter_samples(
         completions,
-        scores(10, accuracy=[1, 0, 1, 1, 1, 1, 1, 1, 1, 1], fmt=[1, 0, 0, 1, 1, 1, 1, 1, 1, 1],
-               language=[1, 1, 0.5, 0.5, 1, 1, 1, 1, 1, 1]),
-        cfg)
+        scores(11, accuracy=[1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], fmt=[1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1],
+               language=[1, 1, 0.5, 0.5, 1, 1, 1, 1, 1, 1, 1]),
+        cfg, truncated=[False] * 10 + [True])
     assert kept == [0, 7]
-    assert reasons == Counter({"incorrect": 1, "format": 1, "mixed_language": 1, "long_paragraph": 1, "code_block": 1,
-                               "duplicate": 2, "over_limit": 1})
+    assert reasons == Counter({"truncated": 1, "incorrect": 1, "format": 1, "mixed_language": 1, "long_paragraph": 1,
+                               "code_block": 1, "duplicate": 2, "over_limit": 1})
     assert set(reasons) == set(DROP_REASONS)
 
 
@@ -172,3 +173,19 @@ def test_rejection_sample_needs_reference_answers(tmp_path):
     with pytest.raises(ValueError, match="no prompts"):
         rejection_sample(ScriptedGenerator([0] * 4), [], RejectionConfig(), checkpoint="c",
                          out_path=tmp_path / "rs.jsonl")
+
+
+def test_language_share_threshold_keeps_a_chain_with_a_few_variables():
+    """A Chinese chain of thought naming x and y scores 0.75 (6 Chinese words, 2 Latin): kept at the default
+    threshold, where a share of exactly 1.0 used to be required; a chain half in English is still dropped."""
+    variables = readable_completion("设x再加y等于八", " \\boxed{8}")
+    half = readable_completion("四加四 equals eight", " \\boxed{8}")
+    cfg = RejectionConfig(max_per_prompt=5, language="zh")
+    assert cfg.min_language_share == 0.75
+    kept, reasons = filter_samples([variables, half], {"accuracy": [1.0, 1.0]}, cfg)
+    assert kept == [0] and reasons == Counter({"mixed_language": 1})
+    kept, _ = filter_samples([variables, half], {"accuracy": [1.0, 1.0]},
+                             RejectionConfig(max_per_prompt=5, language="zh", min_language_share=1.0))
+    assert kept == []
+    with pytest.raises(ValueError, match="min_language_share must be in"):
+        RejectionConfig(min_language_share=1.5)

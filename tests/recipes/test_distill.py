@@ -249,9 +249,25 @@ def test_megatron_teacher_that_does_not_split_over_the_students_tp(capsys, tmp_p
 
 
 def test_teacher_without_a_correct_sample(capsys, tmp_path, settings, student):
-    """One new token a sample: nothing correct, so nothing is kept and nothing trained."""
+    """One new token a sample: every sample is cut at the budget (and none correct), so nothing is kept and nothing
+    trained."""
     out = tmp_path / "run"
     line = one_error_line(capsys, main, args(settings, out, BASE, student, "--rejection.max-new-tokens", "1"))
-    assert line.startswith(f"error: --teacher {BASE} gave no sample to distil, nothing trained") and "incorrect" in line
+    assert line.startswith(f"error: --teacher {BASE} gave no sample to distil, nothing trained") and "truncated" in line
     assert not (out / "offline" / "rejection.jsonl").exists() and not (out / "offline" / "checkpoints").exists()
     assert not any((out / p).exists() for p in ("onpolicy", "rl"))
+
+
+def test_verdict_says_within_noise_unless_the_difference_clears_two_standard_errors():
+    """One seed's point estimates: a strict >= used to say "holds" for a 0.002 lead with a 0.02 spread."""
+    from r1_engine.recipes.distill_report import compare, verdict
+
+    assert compare(0.90, 0.88, 0.02, 0.02).startswith("within noise: |difference| 0.020 <= 2 SE 0.057")
+    assert compare(0.99, 0.80, 0.01, 0.02) == "holds: |difference| > 2 SE 0.045"
+    assert compare(0.70, 0.90, 0.02, 0.02) == "does not hold: |difference| > 2 SE 0.057"
+    assert compare(0.9, 0.8, None, 0.1) == "holds, no spread known"
+    rows = [{"phase": "offline", "name": "offline", "summary": {"pass@1": 0.95, "se/pass@1": 0.01}, "cost": {}},
+            {"phase": "rl", "name": "rl", "summary": {"pass@1": 0.94, "se/pass@1": 0.01},
+             "cost": {"budget_s": 60, "budget_clock": "cpu"}}]
+    [line] = verdict(rows)
+    assert line.startswith("offline distillation >= GRPO at 60 CPU s: pass@1 0.950 vs 0.940 (within noise"), line

@@ -106,7 +106,7 @@ def test_empty_rejection_sampling_result(run, tmp_path, capsys):
     # one new token a sample: no completion can be correct, so nothing is kept
     line = one_error_line(capsys, main, ["--out", str(copy), "--from-stage", "3", "--until-stage", "3",
                                          "--rejection.max-new-tokens", "1", *SHORT])
-    assert line.startswith("error: ") and "stage_2/hf" in line and "incorrect" in line, line
+    assert line.startswith("error: ") and "stage_2/hf" in line and "truncated" in line, line  # cut at 1 token
 
 
 def test_r1_world_data_files_regenerate_identically(tmp_path):
@@ -119,3 +119,53 @@ def test_r1_world_data_files_regenerate_identically(tmp_path):
     assert 0.4 < mixed < 0.6  # half the chains of thought switch language, after the arithmetic
     helpful, curt = TASKS["Greet {n}."]
     assert helpful_rate(["Greet Vic.", "Greet Vic."], [helpful, curt]) == 0.5
+
+
+def test_from_stage_3_needs_the_reasoning_prompts(capsys, tmp_path):
+    """Stages 2, 3 and 4 all read --data.reasoning; --from-stage 3 without it was accepted and died in a TypeError."""
+    sft = ROOT / "recipes" / "tiny" / "data" / "r1" / "general_sft.jsonl"
+    line = one_error_line(capsys, main, ["--model", str(BASE), "--out", str(tmp_path / "run"), "--from-stage", "3",
+                                         "--data.general-sft", str(sft)])
+    assert line.startswith("error: --data.reasoning FILE is required for stage 3 (rejection sampling + SFT)"), line
+
+
+def test_report_without_held_out_sets(tmp_path):
+    """No --data.eval-*: every row's summary is empty; the report still ends with a table (and no picture) instead of
+    crashing in plt.subplots(1, 0) on every rerun."""
+    from r1_engine.recipes.r1 import data_files  # noqa: F401 - the recipe's modules import cleanly
+    from r1_engine.recipes.r1_config import R1Config
+    from r1_engine.recipes.r1_report import write_report
+
+    rows = [{"name": "base", "summary": {}}, {"name": "1: cold start SFT", "summary": {}}]
+    (tmp_path / "results.png").write_bytes(b"stale")
+    table = write_report(rows, tmp_path, R1Config(), R1Config().data)
+    assert table.splitlines()[2] == "| base |" and "No held-out numbers" in table
+    assert (tmp_path / "results.md").is_file() and not (tmp_path / "results.png").exists()
+
+
+def test_r1_defaults_reward_language_and_refuse_an_empty_ablation(capsys, tmp_path):
+    """R1's own defaults (a named model, no preset) are the paper's: the language reward is on in stage 2 (a plain
+    GRPOConfig gave it weight 0, and --language-ablation compared two identical runs); an ablation with the weight
+    at 0 is refused."""
+    from r1_engine.recipes.r1 import resolve_config
+
+    cfg, embedded = resolve_config(["--model", str(BASE), "--out", str(tmp_path / "run")])
+    assert not embedded and cfg.reasoning_rl.reward.weights["language"] == 1.0
+    assert cfg.all_scenario_rl.reward.weights["language"] == 1.0
+    line = one_error_line(capsys, main, ["--model", str(BASE), "--out", str(tmp_path / "run"), "--language-ablation",
+                                         "--reasoning-rl.reward.weights.language", "0"])
+    assert line.startswith("error: --language-ablation compares stage 2 with and without the language reward"), line
+
+
+def test_one_language_for_the_run(capsys, tmp_path):
+    """--language zh reaches the stage-2/4 rewards, the rejection filter and the evaluation; a stage set to another
+    language on its own is a conflict named by its flag."""
+    from r1_engine.recipes.r1 import resolve_config
+
+    cfg, _ = resolve_config(["--out", str(tmp_path / "run"), "--language", "zh"])
+    assert {cfg.reasoning_rl.reward.language, cfg.all_scenario_rl.reward.language, cfg.rejection.language,
+            cfg.eval.language} == {"zh"}
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--rejection.language", "zh"])
+    assert line.startswith("error: --rejection.language zh differs from the run's --language en: set --language zh"), line
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--language", "fr"])
+    assert line.startswith("error: --language fr: expected one of en, zh"), line
