@@ -46,9 +46,11 @@ class ModelConfig:
     """MoE models: the rollout engine records each token's experts and the policy's log-prob passes and train
     step replay them (R3), so the trainer scores the tokens through the experts that sampled them."""
     moe_bias_update_rate: float = 1e-3
-    """MoE with an expert bias (DeepSeek-V3): aux-loss-free balancing step per train step; 0 freezes the bias."""
+    """MoE with an expert bias (DeepSeek-V3): aux-loss-free balancing step, once per rollout from the load of its
+    updates (not per mini-batch / epoch, and not on a skipped step); 0 freezes the bias."""
     moe_aux_loss_coeff: float | None = None
-    """MoE: load-balancing loss coefficient (None: the checkpoint's own, e.g. Qwen3-MoE's router_aux_loss_coef)."""
+    """MoE: load-balancing loss coefficient (None: the checkpoint's own, e.g. Qwen3-MoE's router_aux_loss_coef).
+    Refused with routing replay (Megatron computes it from the policy's own top-k and over padding): set 0."""
     preset: Literal["tiny", "tiny-moe"] = "tiny"
     """Without --model: the embedded base model, dense (tiny) or DeepSeek-V3-shaped mixture of experts (tiny-moe)."""
 
@@ -84,10 +86,13 @@ class RolloutConfig:
     """-1: no top-k cut."""
     max_new_tokens: int = 256
     """Generation budget per completion; prompt + budget must fit the model's max_position_embeddings."""
-    stop_strings: tuple[str, ...] = ("</answer>",)
-    """Generation stops after any of these strings (the stop string is kept)."""
+    stop_strings: tuple[str, ...] = ()
+    """Generation also stops after any of these strings (the stop string is kept). Default none: a completion ends
+    with the EOS the policy samples, so training teaches the model to stop, as a user sampling the exported model
+    with plain `generate` needs. A completion cut at a stop string is trained without an EOS: the policy never
+    learns to end there (use stop strings only for a model that already ends its answers with EOS)."""
     gpu_memory_utilization: float = 0.5
-    """vLLM only: the share of GPU memory for its weights and KV cache."""
+    """vLLM only: the share of the device's memory for its weights and KV cache, capped by what is free at start."""
     num_threads: int | None = 1
     """CPU threads for the HF backend's generation (1 is fastest for tiny models on busy CPUs)."""
 

@@ -45,6 +45,7 @@ from r1_engine.engine.rewards.accuracy import (
 )
 from r1_engine.engine.rewards.compose import RewardComposer, RewardSpec
 from r1_engine.engine.rollout.base import SamplingParams
+from r1_engine.engine.scoring import row_correct
 
 
 @dataclass
@@ -250,8 +251,8 @@ def summarize(results: Sequence[QuestionResult], judge: Judge | None = None) -> 
 def sample_questions(generate_and_score, items: Sequence, k: int, params: SamplingParams, *, dp_rank: int = 0,
                      dp_size: int = 1, questions_per_call: int = 32) -> list[QuestionResult]:
     """This DP rank's questions, k samples each. `items` are TokenizedPrompts; `generate_and_score(chunk, k,
-    params)` returns (RolloutBatch, RewardOutput with an "accuracy" and a "format" component, optionally
-    "language"), as GRPOTrainer.generate_and_score does. params.seed None is taken as 0 (evaluation is seeded)."""
+    params)` returns (RolloutBatch, RewardOutput with a "format" component, "accuracy" for reasoning rows and "code"
+    for code rows, optionally "language"): engine.sampling.RolloutSampler. params.seed None is taken as 0 (evaluation is seeded)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"evaluation: k (samples per question) must be an integer >= 1, got {k!r}")
     if questions_per_call < 1:
@@ -263,11 +264,11 @@ def sample_questions(generate_and_score, items: Sequence, k: int, params: Sampli
             continue
         chunk = items[start:start + questions_per_call]
         rollout, scores = generate_and_score(chunk, k, dataclasses.replace(params, seed=base + start * k))
-        accuracy, fmt = scores.components["accuracy"], scores.components["format"]
+        fmt = scores.components["format"]
         language = scores.components.get("language")
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
         for q, item in enumerate(chunk):
-            samples = [Sample(correct=accuracy[i] == 1.0, answer=final_answer(rollout.completion_text[i]),
+            samples = [Sample(correct=row_correct(scores, i), answer=final_answer(rollout.completion_text[i]),
                               length=lengths[i], truncated=truncated[i], format=fmt[i],
                               language=None if language is None else language[i])
                        for i in range(q * k, (q + 1) * k)]

@@ -20,8 +20,9 @@ import torch
 
 from r1_engine.engine.data import PromptDataset, PromptExample, load_tokenizer
 from r1_engine.engine.eval import EquivalenceJudge, results_to_json, sample_questions, summarize
-from r1_engine.engine.rewards import build_reward_composer
+from r1_engine.engine.config import RewardConfig
 from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
+from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
 
 
 @dataclass
@@ -51,8 +52,9 @@ class ModelEvaluator:
         self.reward_models = reward_models
         self.general_metric = general_metric
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.rules = build_reward_composer({"accuracy": 1.0, "format": 0.0, "language": 0.0},
-                                           language=settings.language, num_workers=settings.num_workers)
+        # the rule rewards (and the code judge for code prompts) as every evaluation scores them (engine.sampling)
+        self.reward = RewardConfig(weights=dict(EVAL_WEIGHTS), language=settings.language,
+                                   num_workers=settings.num_workers)
         self.judge = EquivalenceJudge(settings.num_workers)
 
     def _params(self) -> SamplingParams:
@@ -69,13 +71,8 @@ class ModelEvaluator:
         report: dict = {"summary": {}, "questions": [], "general": []}
         if reasoning:
             items = PromptDataset(list(reasoning), tokenizer, s.template).items[:s.size]
-
-            def generate_and_score(chunk, n, params):
-                rollout = engine.generate([it.prompt_ids for it in chunk], n, params)
-                refs = [it.example.answer for it in chunk for _ in range(n)]
-                return rollout, self.rules.score(rollout.completion_text, refs)
-
-            results = sample_questions(generate_and_score, items, s.samples, self._params())
+            with build_sampler(engine, self.reward, [it.example for it in items], weights=EVAL_WEIGHTS) as sampler:
+                results = sample_questions(sampler, items, s.samples, self._params())
             summary = summarize(results, self.judge)
             keep = [k for k in summary if k.startswith(("pass@", "cons@", "se/"))]
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
@@ -97,7 +94,6 @@ class ModelEvaluator:
         return report
 
     def close(self) -> None:
-        self.rules.close()
         self.judge.close()
 
     def __enter__(self) -> "ModelEvaluator":

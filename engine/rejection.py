@@ -42,6 +42,7 @@ from r1_engine.engine.rewards.language import (
     language_consistency_reward,
 )
 from r1_engine.engine.rollout.base import SamplingParams
+from r1_engine.engine.scoring import row_correct
 
 DROP_REASONS = ("truncated", "incorrect", "format", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_limit")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
@@ -190,17 +191,17 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
     reward), "length" (completion tokens)}, with the RejectionSummary beside it (summary_path). Both files are
     written whole or not at all (temporary file, then rename).
 
-    generate_and_score(chunk, k, SamplingParams) -> (RolloutBatch, RewardOutput with an "accuracy" component) is
-    the trainer's (GRPOTrainer.generate_and_score). ValueError, and nothing written, when nothing is kept: the
+    generate_and_score(chunk, k, SamplingParams) -> (RolloutBatch, RewardOutput) is an
+    engine.sampling.RolloutSampler (a row is correct by its accuracy reward, or by its code reward on a code row). ValueError, and nothing written, when nothing is kept: the
     message names the checkpoint and the drop reasons."""
     if prompts_per_call < 1:
         raise ValueError(f"rejection sampling: prompts_per_call must be >= 1, got {prompts_per_call}")
     if not items:
         raise ValueError(f"rejection sampling from {checkpoint}: no prompts")
-    missing = [item.example.source for item in items if item.example.answer is None]
+    missing = [item.example.source for item in items if item.example.reference is None]
     if missing:
-        raise ValueError(f"rejection sampling from {checkpoint}: {missing[0]} has no reference answer (the accuracy "
-                         f"filter needs one per prompt; {len(missing)} prompt(s) lack one)")
+        raise ValueError(f"rejection sampling from {checkpoint}: {missing[0]} has no reference answer or tests (the "
+                         f"correctness filter needs one per prompt; {len(missing)} prompt(s) lack one)")
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"rejection sampling: output {out_path} is a directory; a .jsonl file path is needed")
@@ -216,9 +217,10 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
                                f"completions for {len(chunk)} prompts x {k}")
         for q, item in enumerate(chunk):
             span = range(q * k, (q + 1) * k)
-            kept, dropped = filter_samples([rollout.completion_text[i] for i in span],
-                                           {name: [values[i] for i in span] for name, values in
-                                            scores.components.items()}, cfg,
+            components = {name: [values[i] for i in span] for name, values in scores.components.items()}
+            # correct: the accuracy reward on a reasoning row, every test passed on a code row
+            components["accuracy"] = [float(row_correct(scores, i)) for i in span]
+            kept, dropped = filter_samples([rollout.completion_text[i] for i in span], components, cfg,
                                            truncated=[bool(rollout.truncated[i]) for i in span])
             reasons.update(dropped)
             prompts_with_kept += bool(kept)

@@ -93,6 +93,16 @@ class RolloutScorer:
             self.reward_models.close()
 
 
+def row_correct(rewards: RewardOutput, i: int) -> bool:
+    """Whether completion i solved its prompt: the accuracy reward for a reasoning row, every test passed (the code
+    reward) for a code row (whose accuracy is NaN: not its kind)."""
+    accuracy = rewards.components.get("accuracy")
+    if accuracy is not None and not math.isnan(accuracy[i]):
+        return accuracy[i] == 1.0
+    code = rewards.components.get("code")
+    return code is not None and not math.isnan(code[i]) and code[i] == 1.0
+
+
 def nanmean(values: Sequence[float]) -> float:
     """Mean over the rows a component describes (NaN: not this row's kind); NaN when it describes none."""
     kept = [v for v in values if not math.isnan(v)]

@@ -165,8 +165,8 @@ class Distillation:
         """Rank 0: the teacher's k samples a prompt, filtered by the rule rewards (engine.rejection)."""
         from r1_engine.engine.data import PromptDataset, load_tokenizer
         from r1_engine.engine.rejection import rejection_sample
-        from r1_engine.engine.rewards import build_reward_composer
         from r1_engine.engine.rollout import build_rollout_engine
+        from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
 
         cfg, started, cpu = self.cfg, time.perf_counter(), time.process_time()
         prompts = self.prompts()[:cfg.offline_prompts]
@@ -176,16 +176,10 @@ class Distillation:
         engine = build_rollout_engine(cfg.onpolicy.rollout.backend, self.teacher, tokenizer, device=device,
                                       dtype=cfg.model.dtype, seed=cfg.rejection.seed, gpu_memory_utilization=0.5,
                                       num_threads=cfg.onpolicy.rollout.num_threads)
-        generated = [0]
-        with build_reward_composer({"accuracy": 1.0, "format": 0.0, "language": 0.0}, language=cfg.rejection.language,
-                                   num_workers=cfg.onpolicy.reward.num_workers) as rules:
-            def generate_and_score(chunk, n, params):
-                rollout = engine.generate([it.prompt_ids for it in chunk], n, params)
-                generated[0] += int(rollout.lengths.sum())
-                return rollout, rules.score(rollout.completion_text, [it.example.answer for it in chunk for _ in range(n)])
-
+        reward = dataclasses.replace(cfg.onpolicy.reward, language=cfg.rejection.language, models={})
+        with build_sampler(engine, reward, prompts, weights=EVAL_WEIGHTS) as sampler:
             try:
-                summary = rejection_sample(generate_and_score, items, cfg.rejection, checkpoint=str(self.teacher),
+                summary = rejection_sample(sampler, items, cfg.rejection, checkpoint=str(self.teacher),
                                            out_path=rows)
             except ValueError as err:
                 if "no sample kept" not in str(err):
@@ -194,7 +188,7 @@ class Distillation:
         print(summary.table(), flush=True)
         _write_json(cost_file, {"seconds": round(time.perf_counter() - started, 1),
                                 "cpu_s": round(time.process_time() - cpu, 1),
-                                "teacher_tokens_generated": generated[0], "kept": summary.kept,
+                                "teacher_tokens_generated": sampler.generated_tokens, "kept": summary.kept,
                                 "samples": summary.samples})
 
     # ------------------------------------------------------------------------------------------ the RL trainers

@@ -51,7 +51,9 @@ class EvalRollout:
     top_p: float = 0.95
     max_new_tokens: int | None = None
     """Generation budget (None: 40 for the embedded default, else 256)."""
-    stop_strings: tuple[str, ...] = ("</answer>",)
+    stop_strings: tuple[str, ...] = ()
+    """Default none, as a user serving the model samples it: a completion ends at its EOS (the trainer's default too;
+    a stop string would hide a model that does not stop)."""
     questions_per_call: int = 32
     """Questions per generate() call (k samples each); fixed chunks keep results independent of the DP size."""
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from r1_engine.engine.config import RewardConfig
     from r1_engine.engine.data import PromptDataset, check_tokenizer_fits, load_tokenizer
     from r1_engine.engine.eval import (
         EquivalenceJudge,
@@ -238,8 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
         sample_questions,
         summarize,
     )
-    from r1_engine.engine.rewards import build_reward_composer
     from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
+    from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
 
     dp_rank, dp_size, group, device = 0, 1, None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank is a data-parallel replica
@@ -251,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     r = cfg.rollout
     params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                             stop_strings=tuple(r.stop_strings), seed=cfg.seed)
+    reward = RewardConfig(weights=dict(EVAL_WEIGHTS), language=cfg.reward.language,
+                          num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
     report: dict = {}
     judge = EquivalenceJudge(cfg.reward.num_workers, cfg.reward.timeout_s) if is_main else None
     try:
@@ -262,18 +267,13 @@ def main(argv: list[str] | None = None) -> dict:
             engine = build_rollout_engine(r.backend, model_dir, tokenizer, device=device, dtype=r.dtype, seed=cfg.seed,
                                           gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
             report[name] = {"path": str(model_dir), "datasets": {}}
-            with build_reward_composer({"accuracy": 1.0, "format": 0.0, "language": 0.0},
-                                       language=cfg.reward.language, num_workers=cfg.reward.num_workers,
-                                       timeout_s=cfg.reward.timeout_s) as rewards:
-                def generate_and_score(chunk, n, p, engine=engine):
-                    rollout = engine.generate([it.prompt_ids for it in chunk], n, p)
-                    refs = [it.example.answer for it in chunk for _ in range(n)]
-                    return rollout, rewards.score(rollout.completion_text, refs)
-
+            # the sampler every evaluation uses: a reasoning row by its answer, a code row by the sandboxed judge
+            with build_sampler(engine, reward, [e for rows in examples.values() for e in rows],
+                               weights=EVAL_WEIGHTS) as sampler:
                 for ds, rows in examples.items():
                     items = PromptDataset(rows, tokenizer, cfg.data.template, cfg.data.max_prompt_tokens).items
                     items = items[:cfg.data.limit]
-                    local = sample_questions(generate_and_score, items, cfg.k, params, dp_rank=dp_rank,
+                    local = sample_questions(sampler, items, cfg.k, params, dp_rank=dp_rank,
                                              dp_size=dp_size, questions_per_call=r.questions_per_call)
                     results = gather_results(local, group)
                     if is_main:

@@ -251,8 +251,8 @@ class Pipeline:
     def rejection_sample(self, model_dir: Path, rows: Path) -> None:
         from r1_engine.engine.data import PromptDataset, load_tokenizer
         from r1_engine.engine.rejection import rejection_sample
-        from r1_engine.engine.rewards import build_reward_composer
         from r1_engine.engine.rollout import build_rollout_engine
+        from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
 
         cfg = self.cfg
         prompts = self.reasoning_prompts()[:self.data.rejection_prompts]
@@ -264,15 +264,10 @@ class Pipeline:
                                       device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                                       dtype=cfg.model.dtype, seed=cfg.rejection.seed, gpu_memory_utilization=0.5,
                                       num_threads=1)
-        weights = {"accuracy": 1.0, "format": 0.0, "language": 0.0, **cfg.reasoning_rl.reward.weights}
-        with build_reward_composer(weights, language=cfg.rejection.language,
-                                   num_workers=cfg.reasoning_rl.reward.num_workers) as rules:
-            def generate_and_score(chunk, n, params):
-                rollout = engine.generate([it.prompt_ids for it in chunk], n, params)
-                return rollout, rules.score(rollout.completion_text, [it.example.answer for it in chunk for _ in range(n)])
-
-            summary = rejection_sample(generate_and_score, items, cfg.rejection, checkpoint=str(model_dir),
-                                       out_path=rows)
+        # stage 2's rule rewards (the format and language components feed the filter), scored as everywhere else
+        reward = dataclasses.replace(cfg.reasoning_rl.reward, language=cfg.rejection.language, models={})
+        with build_sampler(engine, reward, prompts, weights={**EVAL_WEIGHTS, **reward.weights}) as sampler:
+            summary = rejection_sample(sampler, items, cfg.rejection, checkpoint=str(model_dir), out_path=rows)
         print(summary.table(), flush=True)
 
     def stage_4(self) -> None:

@@ -72,12 +72,12 @@ def dynamic_sampling_rank_worker(model_dir: str, out: str):
     informative, uniform = [1.0, 0.0, 0.0, 1.0], [0.0] * 4
     script = iter({0: [informative * 2, uniform * 2, uniform * 2],
                    1: [uniform * 2, informative * 2, uniform * 2]}[rank])
-    real = t.rewards.score
+    real = t.rollout_sampler.scorer.score
 
     def score(kinds, prompts, completions, refs):
         return dataclasses.replace(real(kinds, prompts, completions, refs), total=next(script))
 
-    t.rewards.score = score
+    t.rollout_sampler.scorer.score = score
     try:
         extra = t.collect().metrics
         return extra["dynamic_sampling/rounds"], extra["dynamic_sampling/filler_groups"], t.draws, \

@@ -13,7 +13,7 @@ def test_example_yaml_loads_with_types():
     assert cfg.model.tensor_parallel == 2 and cfg.model.dtype == "bfloat16"
     assert cfg.loss.eps_high == 0.28 and cfg.loss.aggregation == "token-mean"
     assert cfg.optim.lr == 1e-6 and cfg.reward.weights == {"accuracy": 1.0, "format": 0.5}
-    assert cfg.rollout.stop_strings == ("</answer>",)  # untouched default
+    assert cfg.rollout.stop_strings == ()  # untouched default: completions end with the EOS the policy samples
 
 
 def test_command_line_overrides_yaml(tmp_path):

@@ -33,18 +33,18 @@ def test_one_update_moves_the_surrogate_the_right_way(trainer):
 
     # scripted reward totals (a random model earns ~nothing), so the advantages checked below are not all 0
     script = [1.0, 0.0, 0.0, 0.0] + [0.5] * 4 + [2.0, 1.0, 0.0, -1.0] + [0.0, 0.0, 1.0, 1.0]
-    real, scored = trainer.rewards.score, []
+    real, scored = trainer.rollout_sampler.scorer.score, []
 
     def score(kinds, prompts, completions, refs):
         scored.append(real(kinds, prompts, completions, refs))
         return dataclasses.replace(scored[-1], total=list(script))
 
-    trainer.rewards.score = score
+    trainer.rollout_sampler.scorer.score = score
     try:
         step = trainer.collect()
         rollout, rewards, (batch,) = step.rollout, step.rewards, step.minis
     finally:
-        trainer.rewards.score = real
+        trainer.rollout_sampler.scorer.score = real
     # the composer's real total is 1 * accuracy + 0.5 * format (language weight 0), scored here independently
     answers = {tuple(it.prompt_ids): it.example.answer for it in trainer.train_set.items}
     expected = [accuracy_reward(c, answers[tuple(p)]) + 0.5 * format_reward(c)
@@ -197,7 +197,7 @@ def _scripted_rewards(t, script):
     round k (a list of G numbers); returns the list of prompt-id lists each round generated."""
     import dataclasses
 
-    real, rounds, seen = t.rewards.score, iter(script), []
+    real, rounds, seen = t.rollout_sampler.scorer.score, iter(script), []
 
     def score(kinds, prompts, completions, refs):
         out = real(kinds, prompts, completions, refs)
@@ -205,7 +205,7 @@ def _scripted_rewards(t, script):
         assert len(totals) == len(completions)
         return dataclasses.replace(out, total=totals)
 
-    t.rewards.score = score
+    t.rollout_sampler.scorer.score = score
     generate = t.rollout_engine.generate
 
     def recording(prompt_ids, n, params):
@@ -447,3 +447,36 @@ def test_dynamic_sampling_with_two_data_parallel_ranks(model_dir, tmp_path):
                                                          str(tmp_path / "dp2"))
     assert (r0, r1) == (2.0, 2.0) and (f0, f1) == (0.0, 0.0)
     assert d0 == d1 == 2 and s0 == s1
+
+
+def test_default_rollouts_end_with_the_eos_and_train_it(tmp_path):
+    """No stop strings by default: a completion ends with the EOS the policy sampled, and that EOS is a trained
+    token, so the exported model learns to stop as a user sampling it with plain `generate` needs. (With the old
+    default stop string "</answer>" the trained sequence ended at the tag and the EOS was never trained.)"""
+    import dataclasses
+
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
+    from r1_engine.recipes.tiny.pretrain import BASE_DIR
+    from r1_engine.recipes.tiny.settings import TINY_DEFAULT
+
+    base = TINY_DEFAULT
+    assert base.rollout.stop_strings == ()
+    cfg = dataclasses.replace(
+        base, rollout=dataclasses.replace(base.rollout, prompts_per_step=4, group_size=4),
+        reward=dataclasses.replace(base.reward, num_workers=0),
+        train=dataclasses.replace(base.train, out=str(tmp_path / "run"), steps=1, progress=False, eval_size=None))
+    t = GRPOTrainer(cfg, BASE_DIR, load_prompts(DATA / "train.jsonl"))
+    try:
+        step = t.collect()
+        rollout, (batch,) = step.rollout, step.minis
+        eos = t.tokenizer.eos_token_id
+        stopped = [i for i, reason in enumerate(rollout.finish_reason) if reason == "stop"]
+        assert len(stopped) >= 12, rollout.finish_reason  # the tiny base ends its answers with EOS
+        for i in stopped:
+            assert rollout.completion_ids[i][-1] == eos
+            rows = batch.seq_ids == i
+            trained = batch.targets[rows][batch.loss_mask[rows].bool()]
+            assert trained[-1].item() == eos, i  # the EOS is the last trained target of the completion
+    finally:
+        t.close()
