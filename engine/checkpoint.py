@@ -14,7 +14,8 @@ tensors, ints and strings), so a tampered or foreign checkpoint is refused inste
 
 What a rank's state is (the model shard, the optimizer, and Megatron's DistributedOptimizer state sharded over
 DP ranks, one more file per tensor/pipeline slice) is parallel.optim's business (`training_state`,
-`save_sharded_optimizer_state`, `load_training_state`); this module makes the files durable and atomic. The
+`save_sharded_optimizer_state`, `load_training_state`; with expert parallelism the experts' optimizer state has its
+own file per expert-parallel rank); this module makes the files durable and atomic. The
 CPU path (FP32Optimizer) is tested here; the DistributedOptimizer path is UNVERIFIED (no GPU yet).
 """
 from __future__ import annotations
@@ -114,8 +115,7 @@ def save_checkpoint(out: str | Path, step: int, *, model: torch.nn.Module, optim
         tmp.mkdir(parents=True)
     _barrier()
     _save_synced({**training_state(model, optimizer), "rng": _rng_state()}, tmp / f"rank{rank:05d}.pt")
-    sharded = save_sharded_optimizer_state(optimizer, tmp)
-    if sharded is not None:  # written by DP rank 0 of this slice
+    for sharded in save_sharded_optimizer_state(optimizer, tmp):  # written by DP rank 0 of each slice and part
         _fsync(sharded)
     if rank == 0:
         _write_text_synced(tmp / "trainer.json", json.dumps(trainer_state, indent=1))

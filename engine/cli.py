@@ -16,6 +16,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import yaml
@@ -189,3 +190,20 @@ def run_cli(main, *args) -> int:
         print(f"{prefix}error: {message} [R1_DEBUG=1 shows the traceback]", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def refuse_recipe_owned(section: str, config: Any, default: Any, fields: Sequence[str], owner: str) -> None:
+    """A recipe's stage section holds fields the recipe sets itself (a stage's model, data path, template, out):
+    a value other than the default would be silently replaced, so it is one line naming the flag instead. `fields`
+    are dotted paths into the section ("data.template"; "model" compares the whole sub-config)."""
+    for path in fields:
+        got, want = config, default
+        for name in path.split("."):
+            got, want = getattr(got, name), getattr(want, name)
+        if got == want:
+            continue
+        flag = f"--{section}.{path}"
+        if dataclasses.is_dataclass(got):  # name the first field that differs
+            name = next(f.name for f in dataclasses.fields(got) if getattr(got, f.name) != getattr(want, f.name))
+            flag, got = f"{flag}.{name}", getattr(got, name)
+        raise ValueError(f"{flag.replace('_', '-')}={got!r}: set by the recipe ({owner}); give it there instead")

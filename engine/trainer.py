@@ -42,16 +42,9 @@ from r1_engine.engine.metrics import MetricsLogger, PhaseTimer
 from r1_engine.engine.objectives import policy_objective
 from r1_engine.engine.preflight import check_layout, check_lengths, check_teacher
 from r1_engine.engine.profiling import StepProfiler
-from r1_engine.engine.rewards import build_reward_composer, check_reward_weights
-from r1_engine.engine.rollout import build_rollout_engine
+from r1_engine.engine.rollout import build_rollout_engine, rollout_model_dir
 from r1_engine.engine.rollout.base import RolloutBatch, SamplingParams
-from r1_engine.engine.scoring import (
-    RolloutScorer,
-    build_code_judge,
-    build_reward_models,
-    check_reward_models,
-    reward_workers,
-)
+from r1_engine.engine.sampling import RolloutSampler, build_scorer, plan_scoring
 from r1_engine.engine.step_metrics import CollectedStep, step_metrics
 from r1_engine.kernels.loss_family import distillation_advantages
 from r1_engine.parallel import convert, models
@@ -82,21 +75,26 @@ class GRPOTrainer:
                                       cfg.model.expert_parallel)
         # MoE: the rollout records each token's experts and the policy's passes replay them (R3)
         self.replay_routing = info.moe is not None and cfg.model.routing_replay
+        aux_loss_coeff = cfg.model.moe_aux_loss_coeff
+        if self.replay_routing:
+            # Megatron's load-balancing loss is computed from the routing the policy would pick, not the replayed
+            # one: with replay on, the checkpoint's own coefficient (Qwen3-MoE: 0.001) is left out, and one set by
+            # hand is refused here, before anything is built
+            if aux_loss_coeff:
+                raise ValueError(f"--model.moe-aux-loss-coeff={aux_loss_coeff}: a load-balancing loss with routing "
+                                 f"replay is not supported (it would be computed on the policy's own routing, not the "
+                                 f"replayed one); use 0, or --model.no-routing-replay")
+            if aux_loss_coeff is None and info.moe.aux_loss_coeff and self.ps.is_main:
+                print(f"note: {self.model_dir}'s load-balancing loss (router_aux_loss_coef "
+                      f"{info.moe.aux_loss_coeff}) is off under routing replay", flush=True)
+            aux_loss_coeff = 0.0
         self.tokenizer = load_tokenizer(self.model_dir)
         check_tokenizer_fits(self.tokenizer, info.vocab_size, self.model_dir)
         dtype = _DTYPES[cfg.model.dtype]
 
         check_layout(cfg, self.ps.dp_size)
         # everything a config or data mistake can break is checked before the models are built
-        # accuracy and format are always scored (weight 0 if not trained on) for the metrics
-        # reward.weights names rule rewards and reward models (reward.models); the rules score reasoning prompts
-        reward_weights = {"accuracy": 0.0, "format": 0.0,
-                          **{k: v for k, v in cfg.reward.weights.items() if k not in cfg.reward.models}}
-        check_reward_weights(reward_weights, cfg.reward.language)
-        check_reward_models(cfg.reward.models, [*train_examples, *eval_examples])
-        code_judge = build_code_judge(cfg.reward, [*train_examples, *eval_examples])  # None: no code prompts
-        if code_judge is not None:  # code rows: the code reward stands in for accuracy, at its weight unless given
-            reward_weights.setdefault("code", reward_weights["accuracy"])
+        scoring = plan_scoring(cfg.reward, [*train_examples, *eval_examples])  # rule weights, reward models, judge
         self.train_set = PromptDataset(train_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
         self.eval_set = (PromptDataset(eval_examples, self.tokenizer, cfg.data.template, cfg.data.max_prompt_tokens)
                          if len(eval_examples) else None)
@@ -120,7 +118,7 @@ class GRPOTrainer:
 
         policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8,
                                         moe_bias_update_rate=cfg.model.moe_bias_update_rate,
-                                        moe_aux_loss_coeff=cfg.model.moe_aux_loss_coeff)
+                                        moe_aux_loss_coeff=aux_loss_coeff)
         convert.load_hf_checkpoint(policy, self.model_dir)
         self.policy = wrap_for_training(policy)
         self.optimizer = build_optimizer(self.policy, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
@@ -137,19 +135,18 @@ class GRPOTrainer:
             self.teacher = models.freeze(models.build_gpt_model(teacher_dir / "config.json", dtype=dtype))
             convert.load_hf_checkpoint(self.teacher, teacher_dir)
 
-        self.rollout_engine = self.rewards = None
+        self.rollout_engine = None
         r = cfg.rollout
         if self.is_leader or r.backend == "vllm":  # vLLM: a colocated part on every rank (engine.rollout.colocate)
             self.rollout_engine = build_rollout_engine(
-                r.backend, self.model_dir, self.tokenizer, device=self.device, dtype=cfg.model.dtype,
+                r.backend, rollout_model_dir(r.backend, self.model_dir, info.hf_config, self.policy, self.out),
+                self.tokenizer, device=self.device, dtype=cfg.model.dtype,
                 seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads,
-                record_routing=self.replay_routing)
+                record_routing=self.replay_routing, max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens)
+        self.rollout_sampler = None  # generates and scores on the model-parallel group's first rank
         if self.is_leader:
-            rules = build_reward_composer(reward_weights, language=cfg.reward.language, code_judge=code_judge,
-                                          num_workers=reward_workers(cfg.reward, code_judge),
-                                          timeout_s=cfg.reward.timeout_s)
-            self.rewards = RolloutScorer(rules, build_reward_models(cfg.reward, self.device, dtype),
-                                         {k: cfg.reward.weights.get(k, 1.0) for k in cfg.reward.models})
+            self.rollout_sampler = RolloutSampler(self.rollout_engine,
+                                                  build_scorer(cfg.reward, scoring, device=self.device, dtype=dtype))
         # every rank draws the same global batch; DP replicas take interleaved shares of it
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
         self.step = 0
@@ -187,12 +184,10 @@ class GRPOTrainer:
         payload = None
         if self.is_leader or getattr(self.rollout_engine, "collective", False):  # colocated: every rank generates
             try:
-                rollout = self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
                 if self.is_leader:
-                    rows = [it for it in items for _ in range(n)]
-                    payload = (rollout, self.rewards.score([it.example.kind for it in rows], [it.text for it in rows],
-                                                           rollout.completion_text,
-                                                           [it.example.reference for it in rows]))
+                    payload = self.rollout_sampler.generate_and_score(items, n, params)
+                else:  # a colocated vLLM's other ranks take part in the generation; the leader scores
+                    self.rollout_engine.generate([it.prompt_ids for it in items], n, params)
             except Exception as err:  # tell the other ranks, or they would wait in the broadcast forever
                 payload = err
         payload = self._mp_broadcast(payload)
@@ -333,7 +328,11 @@ class GRPOTrainer:
         return batch
 
     def update(self, minis: list[PackedRows]):
-        """epochs x mini-batches optimizer steps of the policy loss; returns (their metrics, lr)."""
+        """epochs x mini-batches optimizer steps of the policy loss; returns (their metrics, lr). An MoE expert
+        bias (DeepSeek-V3) moves once per rollout, from the load of the steps taken: under routing replay every
+        update replays the same routing, so a move per update would push the bias k times one way unchecked."""
+        from r1_engine.parallel.moe import update_expert_bias
+
         cfg = self.cfg
         lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
         set_learning_rate(self.optimizer, lr)
@@ -344,7 +343,8 @@ class GRPOTrainer:
                 for mini in minis:
                     updates.append(train_step(self.policy, self.optimizer, mini, objective,
                                               num_microbatches=cfg.algo.num_microbatches,
-                                              fused_lm_head=cfg.algo.fused_lm_head))
+                                              fused_lm_head=cfg.algo.fused_lm_head, update_bias=False))
+            update_expert_bias(self.policy)  # skipped steps' load was dropped: none taken, no move
         return updates, lr
 
     def sync_weights(self) -> None:
@@ -435,8 +435,8 @@ class GRPOTrainer:
         return out_dir
 
     def close(self) -> None:
-        if self.rewards is not None:
-            self.rewards.close()
+        if self.rollout_sampler is not None:
+            self.rollout_sampler.close()
         if self.logger is not None:
             self.logger.plot_logged(CURVES)
             self.logger.close()

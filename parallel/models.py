@@ -39,6 +39,8 @@ __all__ = [
     "VOCAB_PAD_LOGIT",
     "parse_hf_config",
     "hf_config_to_transformer_config",
+    "balanced_pipeline_split",
+    "pipeline_stage_layers",
     "build_gpt_model",
     "llama3_inv_freq",
     "freeze",
@@ -102,10 +104,7 @@ def hf_config_to_transformer_config(
         expert_tensor_parallel = mpu.get_expert_tensor_parallel_world_size() if initialised else 1
     info = (hf_config if isinstance(hf_config, ModelInfo)
             else parse_hf_config(hf_config, tensor_parallel, expert_parallel))
-    if info.num_layers % pipeline_parallel != 0:
-        raise ValueError(
-            f"num_hidden_layers={info.num_layers} is not divisible by pipeline_parallel={pipeline_parallel}"
-        )
+    first_stage_layers, last_stage_layers = balanced_pipeline_split(info.num_layers, pipeline_parallel)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype} not supported (float32, bfloat16, float16)")
     if fp8 is not None:
@@ -113,6 +112,11 @@ def hf_config_to_transformer_config(
             raise ValueError(f"fp8={fp8!r}: expected 'e4m3' or 'hybrid'")
         if fp8_recipe not in ("delayed", "tensorwise", "blockwise", "mxfp8"):
             raise ValueError(f"fp8_recipe={fp8_recipe!r}: expected delayed, tensorwise, blockwise or mxfp8")
+        if fp8_recipe == "mxfp8" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (10, 0):
+            # TE's MXFP8 recipe runs on Blackwell (sm_100+) only; Hopper has per-tensor and block scaling
+            raise ValueError(f"fp8_recipe='mxfp8' needs compute capability >= 10.0 (Blackwell); "
+                             f"{torch.cuda.get_device_name()} has {'.'.join(map(str, torch.cuda.get_device_capability()))}"
+                             f": use fp8_recipe 'blockwise' or 'tensorwise'")
         if not use_te:
             raise ValueError("fp8 needs Transformer Engine (use_te=True with TE installed and CUDA)")
 
@@ -134,6 +138,9 @@ def hf_config_to_transformer_config(
         init_method_std=info.initializer_range,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        # layers % PP != 0 (DeepSeek-V3's 61): the first and last stages take the remainder (None: an even split)
+        num_layers_in_first_pipeline_stage=first_stage_layers,
+        num_layers_in_last_pipeline_stage=last_stage_layers,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -162,7 +169,8 @@ def hf_config_to_transformer_config(
     if info.moe is not None:
         kwargs.update(moe_config_fields(info.moe, info.mla, expert_parallel=expert_parallel,
                                         expert_tensor_parallel=expert_tensor_parallel,
-                                        bias_update_rate=moe_bias_update_rate, aux_loss_coeff=moe_aux_loss_coeff))
+                                        bias_update_rate=moe_bias_update_rate, aux_loss_coeff=moe_aux_loss_coeff,
+                                        use_te=use_te))
         # Megatron's MoE layer refuses to train under TP without sequence parallelism (its token dispatch assumes
         # each TP rank holds a slice of the sequence)
         kwargs.update(sequence_parallel=tensor_parallel > 1)
@@ -175,6 +183,47 @@ def hf_config_to_transformer_config(
         # megatron-core 0.16 warns about its own default cuda_graph_scope on every config; we use no CUDA graphs
         warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
         return (MLATransformerConfig if info.mla is not None else TransformerConfig)(**kwargs)
+
+
+def balanced_pipeline_split(num_layers: int, pipeline_parallel: int) -> tuple[int | None, int | None]:
+    """(layers of the first stage, layers of the last stage) for Megatron's `num_layers_in_first_pipeline_stage` /
+    `num_layers_in_last_pipeline_stage`: (None, None) when the layers split evenly. Otherwise the middle stages get
+    m layers each and the first and last stages share the rest (the first the larger half: the last stage also
+    computes the output layer and the loss), with m chosen so that the busiest stage has the fewest layers (then
+    the lightest last stage). 61 layers over 8 stages: 7 + 6 x 8 + 6; 7 over 3: 2 + 3 + 2; 7 over 2: 4 + 3."""
+    if pipeline_parallel < 1:
+        raise ValueError(f"pipeline_parallel must be >= 1, got {pipeline_parallel}")
+    if num_layers % pipeline_parallel == 0:
+        return None, None
+    if num_layers < pipeline_parallel:
+        raise ValueError(f"num_hidden_layers={num_layers} is fewer than pipeline_parallel={pipeline_parallel}: "
+                         f"every pipeline stage needs at least one layer")
+    middle_stages = pipeline_parallel - 2
+    best = None
+    for per_middle in ([0] if middle_stages == 0 else range(1, num_layers)):
+        rest = num_layers - middle_stages * per_middle
+        if rest < 2:
+            break
+        first, last = (rest + 1) // 2, rest // 2
+        key = (max(first, last, per_middle), last, first)
+        if best is None or key < best[0]:
+            best = (key, first, last)
+    return best[1], best[2]
+
+
+def pipeline_stage_layers(config) -> list[range]:
+    """The global layer indices each pipeline stage builds (Megatron's own offsets, uneven first/last included)."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    pp = getattr(config, "pipeline_model_parallel_size", 1) or 1
+    if pp == 1:
+        return [range(config.num_layers)]
+    stages = []
+    for rank in range(pp):
+        offset = get_transformer_layer_offset(config, pp_rank=rank)
+        stages.append(range(offset, offset + get_num_layers_to_build(config, pp_rank=rank)))
+    return stages
 
 
 def llama3_inv_freq(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:

@@ -13,8 +13,8 @@ What the HF fields mean in Megatron's terms (transformers 5.x modeling code, meg
   Multi-token-prediction layers are not part of HF's model (transformers drops them) and are not hosted here.
 
 Megatron scores an expert group by the sum of its top (k / topk_group) experts while HF always sums the top 2, so
-the two route alike only when k / topk_group = 2 (DeepSeek-V3's 8 / 4); other settings are refused rather than
-silently routed differently.
+the two route alike only when k / topk_group = 2 (DeepSeek-V3's 8 / 4) or when topk_group = n_group (every group is
+kept: no group limit, built as a plain top-k); other settings are refused rather than silently routed differently.
 
 What megatron-core 0.16.1 needs to run these without Transformer Engine (on CPU, and on GPUs without TE) is in
 `parallel/megatron_compat.py`. `MoEForward` replays each token's recorded experts (Megatron's `RouterReplay`,
@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 __all__ = ["MoEInfo", "MLAInfo", "parse_moe", "moe_config_fields", "decoder_spec", "moe_layers_of", "router_modules",
-           "MoEForward", "ROUTED_EXPERTS"]
+           "MoEForward", "ROUTED_EXPERTS", "check_replay_training", "defer_expert_bias_update", "expert_bias_counts",
+           "restore_expert_bias_counts", "update_expert_bias"]
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,13 @@ def parse_moe(cfg: dict, model_type: str, where: str, num_layers: int) -> tuple[
         if experts % groups or group_topk > groups:
             raise ValueError(f"{where}: n_routed_experts={experts}, n_group={groups}, topk_group={group_topk} "
                              f"do not form groups")
+        if group_topk == groups:  # every group is kept: no group limit applies, a plain top-k over all experts
+            groups = group_topk = 1
         if groups > 1 and topk != 2 * group_topk:
-            raise ValueError(f"{where}: num_experts_per_tok={topk} with topk_group={group_topk}: HF scores a group "
-                             f"by its top-2 experts, Megatron by its top num_experts_per_tok/topk_group; they route "
-                             f"alike only when num_experts_per_tok = 2 * topk_group")
+            raise ValueError(f"{where}: num_experts_per_tok={topk} with topk_group={group_topk} < n_group={groups}: "
+                             f"HF scores a group by its top-2 experts, Megatron by its top "
+                             f"num_experts_per_tok/topk_group; they route alike only when num_experts_per_tok = "
+                             f"2 * topk_group (or topk_group = n_group: no group limit)")
         first_dense = int(cfg.get("first_k_dense_replace", 3) or 0)  # transformers' default is 3
         layers = tuple(i >= first_dense for i in range(num_layers))  # (HF reads no moe_layer_freq)
         moe = MoEInfo(num_experts=experts, topk=topk, ffn_hidden_size=_int(cfg, "moe_intermediate_size", where),
@@ -145,8 +149,10 @@ def parse_moe(cfg: dict, model_type: str, where: str, num_layers: int) -> tuple[
 
 
 def moe_config_fields(moe: MoEInfo, mla: MLAInfo | None, *, expert_parallel: int, expert_tensor_parallel: int,
-                      bias_update_rate: float, aux_loss_coeff: float | None) -> dict[str, Any]:
-    """TransformerConfig (or MLATransformerConfig) fields for the routed experts and MLA."""
+                      bias_update_rate: float, aux_loss_coeff: float | None, use_te: bool = False) -> dict[str, Any]:
+    """TransformerConfig (or MLATransformerConfig) fields for the routed experts and MLA. `use_te`: the experts
+    run as Transformer Engine's grouped GEMM (`TEGroupedMLP`, one kernel for all local experts, no host list of
+    per-expert token counts) instead of the local spec's `SequentialMLP` loop over experts."""
     coeff = moe.aux_loss_coeff if aux_loss_coeff is None else aux_loss_coeff
     fields: dict[str, Any] = dict(
         num_moe_experts=moe.num_experts,
@@ -160,7 +166,10 @@ def moe_config_fields(moe: MoEInfo, mla: MLAInfo | None, *, expert_parallel: int
         moe_router_dtype="fp32",  # HF computes DeepSeek's router in fp32; harmless for Qwen3-MoE in fp32 runs
         moe_token_dispatcher_type="alltoall",
         moe_enable_routing_replay=True,  # each router gets a RouterReplay; inert until a replay target is set
-        moe_grouped_gemm=False,  # SequentialMLP: per-expert linears, the local spec's only choice without TE
+        # TE: TEGroupedMLP (megatron-core's gpt_layer_specs picks it for moe_grouped_gemm with TE; its weights are
+        # experts.linear_fc{1,2}.weight<l>, mapped in parallel/names.py). UNVERIFIED: no TE/GPU where written.
+        # Without TE: SequentialMLP, per-expert linears (the legacy GroupedMLP would need the grouped_gemm package)
+        moe_grouped_gemm=use_te,
         moe_permute_fusion=False,
         moe_router_fusion=False,
         moe_aux_loss_coeff=coeff,
@@ -241,6 +250,97 @@ def router_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The aux-loss-free expert bias: updated when the caller says (once per rollout), not inside every step
+# ---------------------------------------------------------------------------------------------
+
+
+def defer_expert_bias_update(finalize):
+    """Megatron's `finalize_model_grads` (run by its schedules at the end of every forward-backward) without its
+    expert-bias update and without the reset of the routers' token counts: the counts keep accumulating over
+    steps until `update_expert_bias`. Idempotent (a wrapped function is returned as is)."""
+    if getattr(finalize, "defers_expert_bias", False):
+        return finalize
+
+    def finalize_model_grads(model, *args, **kwargs):
+        from megatron.core.utils import get_model_config
+
+        config = get_model_config(model[0])
+        if not getattr(config, "moe_router_enable_expert_bias", False):
+            return finalize(model, *args, **kwargs)
+        config.moe_router_enable_expert_bias = False  # read only by finalize's update and reset
+        try:
+            return finalize(model, *args, **kwargs)
+        finally:
+            config.moe_router_enable_expert_bias = True
+
+    finalize_model_grads.defers_expert_bias = True
+    return finalize_model_grads
+
+
+def _bias_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from r1_engine.parallel.models import unwrap_model
+
+    if getattr(unwrap_model(model), "model_info", None) is None or unwrap_model(model).model_info.moe is None:
+        return []
+    return [r for r in router_modules(model) if getattr(r, "enable_expert_bias", False)]
+
+
+def expert_bias_counts(model: torch.nn.Module) -> list[torch.Tensor]:
+    """A copy of this stage's routers' accumulated token counts (what the next bias update will use)."""
+    return [r.local_tokens_per_expert.detach().clone() for r in _bias_routers(model)]
+
+
+def restore_expert_bias_counts(model: torch.nn.Module, counts: list[torch.Tensor]) -> None:
+    """Put back counts taken by `expert_bias_counts`: the forwards since then do not count (a skipped step)."""
+    for router, saved in zip(_bias_routers(model), counts):
+        router.local_tokens_per_expert.copy_(saved)
+
+
+@torch.no_grad()
+def update_expert_bias(model: torch.nn.Module) -> None:
+    """One aux-loss-free balancing step of every router's expert bias from the load accumulated since the last
+    one (the real tokens of the training forwards of the steps that were taken), then reset the counts: bias +=
+    rate * sign(mean load - load), the load summed over the tensor- and data-parallel ranks (Megatron's
+    `get_updated_expert_bias`). Collective over them; a no-op on models without an expert bias."""
+    from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+    routers = _bias_routers(model)
+    if not routers:
+        return
+    counts = torch.stack([r.local_tokens_per_expert for r in routers])
+    biases = torch.stack([r.expert_bias for r in routers])
+    updated = get_updated_expert_bias(counts, biases, routers[0].config.moe_router_bias_update_rate)
+    for router, bias in zip(routers, updated):
+        router.expert_bias.copy_(bias)
+        router.local_tokens_per_expert.zero_()
+
+
+def check_replay_training(config, replaying: bool) -> None:
+    """What a training step with routing replay cannot do correctly, refused before the schedule starts (every
+    rank of a model-parallel group sees the same rows and config, so all raise together)."""
+    if not replaying:
+        return
+    granularity = getattr(config, "recompute_granularity", None)
+    reruns_router = granularity == "full" or (granularity == "selective"
+                                              and "moe" in (getattr(config, "recompute_modules", None) or []))
+    if reruns_router and getattr(config, "pipeline_model_parallel_size", 1) > 1:
+        raise ValueError(
+            f"routing replay with activation recompute of the MoE layers (recompute_granularity={granularity!r}"
+            f"{', recompute_modules=' + str(config.recompute_modules) if granularity == 'selective' else ''}) "
+            f"under pipeline parallelism is not supported: the 1F1B schedule runs later micro-batches' forwards "
+            f"before an earlier one's backward, so its recompute would route it through a later micro-batch's "
+            f"recorded experts. Turn recompute off for the MoE layers, use pipeline_parallel=1, or turn routing "
+            f"replay off (--model.no-routing-replay)")
+    if getattr(config, "moe_aux_loss_coeff", 0.0) and getattr(config, "moe_router_load_balancing_type",
+                                                               "none") != "none":
+        raise ValueError(
+            f"a load-balancing loss (moe_aux_loss_coeff={config.moe_aux_loss_coeff}, e.g. Qwen3-MoE's "
+            f"router_aux_loss_coef) with routing replay is not supported: Megatron computes it from the policy's "
+            f"own top-k, not the replayed experts, and over padding positions too. Set --model.moe-aux-loss-coeff "
+            f"0, or turn routing replay off (--model.no-routing-replay)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-step work on MoE models: padding, routing replay, expert-load metrics
 # ---------------------------------------------------------------------------------------------
 
@@ -275,6 +375,7 @@ class MoEForward:
                           if hasattr(layer.mlp, "router")]
         self.load = None
         self._pad_flat = None
+        self.device = next((p.device for p in core.parameters()), torch.device("cpu"))
 
     @property
     def active(self) -> bool:
@@ -326,11 +427,12 @@ class MoEForward:
 
     @contextlib.contextmanager
     def count_load(self):
-        """Count tokens per expert of each MoE layer in the forwards inside this context; replay targets are
-        cleared on the way out."""
+        """Count tokens per expert of each MoE layer in the forwards inside this context (on the model's device:
+        no host sync per layer; `load_metrics` reads it once); replay targets are cleared on the way out."""
         hooks = []
         if self.active:
-            self.load = torch.zeros(self.moe.num_moe_layers, self.moe.num_experts, dtype=torch.float64)
+            self.load = torch.zeros(self.moe.num_moe_layers, self.moe.num_experts, dtype=torch.float64,
+                                    device=self.device)
             hooks = [mlp.router.register_forward_hook(self._hook(layer))
                      for mlp, layer in zip(self.mlps, self.layer_ids)]
         try:
@@ -350,16 +452,16 @@ class MoEForward:
                     module.local_tokens_per_expert -= (routing_map & pad).sum(0).to(
                         module.local_tokens_per_expert.dtype)
                 routing_map = routing_map & ~pad
-            self.load[layer] += routing_map.sum(0).double().cpu()
+            self.load[layer] += routing_map.sum(0).to(self.load.device, torch.float64)
 
         return hook
 
     def _every_stage_has_moe(self) -> bool:
-        """Megatron's aux-loss reduction is collective over the pipeline: only taken when every stage (an even
-        split of the layers) tracks one."""
-        pp = getattr(self.config, "pipeline_model_parallel_size", 1)
-        per_stage = len(self.moe.moe_layers) // pp
-        return all(any(self.moe.moe_layers[s * per_stage:(s + 1) * per_stage]) for s in range(pp))
+        """Megatron's aux-loss reduction is collective over the pipeline: only taken when every stage (uneven
+        first/last stages included) tracks one."""
+        from r1_engine.parallel.models import pipeline_stage_layers
+
+        return all(any(self.moe.moe_layers[i] for i in stage) for stage in pipeline_stage_layers(self.config))
 
     def load_metrics(self, num_microbatches: int = 1) -> dict[str, float]:
         """Expert load over all ranks (every token is routed once per layer, by one rank): the busiest and the
@@ -373,6 +475,7 @@ class MoEForward:
         load = self.load.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load)
+        load = load.cpu()  # the step's one host copy of the load
         mean = load.sum(1, keepdim=True) / load.shape[1]
         rel = load / mean.clamp(min=1e-12)
         metrics = {"moe/load_max": float(rel.max()), "moe/load_min": float(rel.min()),

@@ -30,7 +30,8 @@ Multi-latent attention (DeepSeek-V3), under `self_attn.` / `self_attention.`:
 
 MoE layers, under `mlp.`: gate.weight -> router.weight; gate.e_score_correction_bias -> router.expert_bias (a
 buffer, fp32); experts.e.{gate,up}_proj -> experts.local_experts.l.linear_fc1 (expert glu) and experts.e.down_proj ->
-experts.local_experts.l.linear_fc2 (expert), where expert e = ep_rank * (E / ep) + l lives on expert-parallel rank
+experts.local_experts.l.linear_fc2 (expert) (with TE's grouped GEMM: experts.linear_fc1.weight<l> and
+experts.linear_fc2.weight<l>), where expert e = ep_rank * (E / ep) + l lives on expert-parallel rank
 e // (E / ep); shared_experts.{gate,up,down}_proj -> shared_experts.linear_fc{1,2} (glu / row, like a dense MLP).
 
 Each Megatron tensor has a "full" form (what it would be at TP=1) and its TP shard:
@@ -55,7 +56,9 @@ from r1_engine.parallel.models import ModelInfo
 
 # Tensors some checkpoints carry that the model recomputes.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+# a routed expert: SequentialMLP's experts.local_experts.<l>.linear_fc1.weight, or TE's grouped GEMM (TEGroupedMLP,
+# moe_grouped_gemm with TE; UNVERIFIED without TE) experts.linear_fc1.weight<l>: local expert l's tensors either way
+_EXPERT = re.compile(r"mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
 
 
 def _attention_shapes(info: ModelInfo, p: str) -> dict[str, tuple[int, ...]]:
@@ -200,13 +203,14 @@ def unit_of(info: ModelInfo, shapes: dict, suffix: str, layer: int | None, ep_si
     else:
         expert = _EXPERT.match(suffix)
         if expert:
-            local, which = int(expert.group(1)), expert.group(2)
+            local = int(expert.group(1) if expert.group(1) is not None else expert.group(4))
+            which = expert.group(2) or expert.group(3)
             per_rank = info.moe.num_experts // ep_size
             e, expert_owner = ep_rank * per_rank + local, ep_rank
             base = f"model.layers.{layer}.mlp.experts.{e}."
-            names = (base + "gate_proj.weight", base + "up_proj.weight") if which == "linear_fc1.weight" else (
+            names = (base + "gate_proj.weight", base + "up_proj.weight") if which == "linear_fc1" else (
                 base + "down_proj.weight",)
-            kind = "expert_glu" if which == "linear_fc1.weight" else "expert"
+            kind = "expert_glu" if which == "linear_fc1" else "expert"
         else:
             if suffix == "self_attention.q_layernorm.weight":
                 kind, hf_suffixes = _q_layernorm(info)

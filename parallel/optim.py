@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 __all__ = ["wrap_for_training", "build_optimizer", "optimizer_step", "set_learning_rate", "training_state",
-           "save_sharded_optimizer_state", "load_training_state"]
+           "save_sharded_optimizer_state", "load_sharded_optimizer_state", "load_training_state"]
 
 
 def wrap_for_training(
@@ -49,6 +49,8 @@ def wrap_for_training(
         finalize_model_grads,
     )
 
+    from r1_engine.parallel.moe import defer_expert_bias_update
+
     if use_distributed_optimizer is None:
         use_distributed_optimizer = torch.cuda.is_available()
     if use_distributed_optimizer and not torch.cuda.is_available():
@@ -65,7 +67,8 @@ def wrap_for_training(
 
     config = model.config
     config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    # the expert bias (DeepSeek-V3) moves when parallel.step / the trainer says, not inside every schedule
+    config.finalize_model_grads_func = defer_expert_bias_update(finalize_model_grads)
     if overlap_grad_reduce:
         config.grad_sync_func = ddp.start_grad_sync
     return ddp
@@ -208,16 +211,38 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_distributed_optimizer(optimizer: Any) -> bool:
-    return any(type(p).__name__ == "DistributedOptimizer" for p in _parts(optimizer))
+def _is_expert_part(part: Any) -> bool:
+    """Megatron's optimizer of the routed experts' parameters (its param groups are the `is_expert_parallel`
+    ones; it lives on the expert-data-parallel group)."""
+    return any(group.get("is_expert_parallel", False) for group in getattr(part, "param_groups", []) or [])
 
 
-def _sharded_state_name() -> str:
-    """DistributedOptimizer state file of this rank's tensor/pipeline slice (all its DP ranks share it)."""
+def _sharded_state_names(optimizer: Any) -> list[str | None]:
+    """Per part of the (chained) optimizer, the file its DistributedOptimizer state goes to (None: not one).
+
+    The dense part's state is gathered on its DP rank 0, one per tensor/pipeline slice:
+    `optimizer_params_tpXX_ppYYY.pt`. The experts' optimizer is sharded over the expert-data-parallel group, whose
+    rank 0 differs per expert-parallel rank (with EP > 1 several ranks are one): its state is named by its expert
+    tensor-parallel, pipeline and expert-parallel ranks, `optimizer_params_tpXX_ppYYY_epZZZ.pt`."""
     from megatron.core import parallel_state as mpu
 
-    return (f"optimizer_params_tp{mpu.get_tensor_model_parallel_rank():02d}"
-            f"_pp{mpu.get_pipeline_model_parallel_rank():03d}.pt")
+    parts = _parts(optimizer)
+    if not any(type(part).__name__ == "DistributedOptimizer" for part in parts):
+        return [None] * len(parts)
+    pp = mpu.get_pipeline_model_parallel_rank()
+    names: list[str | None] = []
+    dense = 0
+    for part in parts:
+        if type(part).__name__ != "DistributedOptimizer":
+            names.append(None)
+        elif _is_expert_part(part):
+            names.append(f"optimizer_params_tp{mpu.get_expert_tensor_parallel_rank():02d}_pp{pp:03d}"
+                         f"_ep{mpu.get_expert_model_parallel_rank():03d}.pt")
+        else:  # (several dense parts only with overlap_param_gather_with_optimizer_step, not used here)
+            names.append(f"optimizer_params_tp{mpu.get_tensor_model_parallel_rank():02d}_pp{pp:03d}"
+                         f"{f'_{dense}' if dense else ''}.pt")
+            dense += 1
+    return names
 
 
 def training_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
@@ -225,16 +250,23 @@ def training_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def save_sharded_optimizer_state(optimizer: Any, directory: str | Path) -> Path | None:
+def save_sharded_optimizer_state(optimizer: Any, directory: str | Path) -> list[Path]:
     """Megatron's DistributedOptimizer keeps the Adam moments and fp32 master weights sharded over DP ranks,
-    outside `state_dict()`: write them to `directory` (collective over DP; DP rank 0 of each tensor/pipeline
-    slice writes one file). Returns the file if this rank wrote it, None otherwise or for other optimizers.
-    UNVERIFIED without a GPU (the DistributedOptimizer needs CUDA)."""
-    if not _is_distributed_optimizer(optimizer):
-        return None
-    path = Path(directory) / _sharded_state_name()
-    optimizer.save_parameter_state(str(path))
-    return path if path.is_file() else None
+    outside `state_dict()`: write them to `directory`, one file per part of the optimizer (dense / experts) and
+    slice (`_sharded_state_names`), by that part's DP rank 0 (collective over each part's DP group). Returns the
+    files this rank wrote (none for other optimizers).
+    The DistributedOptimizer itself is UNVERIFIED without a GPU (it needs CUDA); the naming and who writes what are
+    tested on CPU with stand-in parts on real process groups."""
+    written = []
+    for part, name in zip(_parts(optimizer), _sharded_state_names(optimizer)):
+        if name is None:
+            continue
+        state = part.get_parameter_state_dp_zero()  # collective over the part's DP group
+        if part.data_parallel_group.rank() == 0:
+            path = Path(directory) / name
+            torch.save(state, path)
+            written.append(path)
+    return written
 
 
 def load_training_state(model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
@@ -246,5 +278,22 @@ def load_training_state(model: torch.nn.Module, optimizer: Any, state: dict[str,
     optimizer.reload_model_params()
     optimizer.load_state_dict(state["optimizer"])
     _apply_group_weight_decay(optimizer)
-    if _is_distributed_optimizer(optimizer):
-        optimizer.load_parameter_state(str(Path(directory) / _sharded_state_name()))
+    load_sharded_optimizer_state(optimizer, directory)
+
+
+def load_sharded_optimizer_state(optimizer: Any, directory: str | Path) -> None:
+    """Read back what `save_sharded_optimizer_state` wrote (collective over each part's DP group; nothing for
+    other optimizers)."""
+    names = _sharded_state_names(optimizer)
+    # checked on every rank before any collective (the checkpoint directory is shared), so all raise together
+    missing = [Path(directory) / name for name in names if name is not None and not (Path(directory) / name).is_file()]
+    if missing:
+        raise ValueError(f"{missing[0]} is missing: the checkpoint was written with another parallel layout (or "
+                         f"before the experts' optimizer state got its own file per expert-parallel rank)")
+    for part, name in zip(_parts(optimizer), names):
+        if name is None or getattr(part, "is_stub_optimizer", False):  # (a stub holds no state: Megatron skips it)
+            continue
+        saved = None
+        if part.data_parallel_group.rank() == 0:  # read on DP rank 0, scattered by Megatron to the others
+            saved = torch.load(Path(directory) / name)
+        part.load_parameter_state_from_dp_zero(saved)

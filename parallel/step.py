@@ -50,7 +50,15 @@ import torch.distributed as dist
 
 from r1_engine.kernels.logprobs import token_logprobs
 from r1_engine.parallel.models import unwrap_model
-from r1_engine.parallel.moe import MoEForward
+from r1_engine.parallel.moe import (
+    ROUTED_EXPERTS,
+    MoEForward,
+    check_replay_training,
+    defer_expert_bias_update,
+    expert_bias_counts,
+    restore_expert_bias_counts,
+    update_expert_bias,
+)
 from r1_engine.parallel.nvtx import install_nvtx_timers, nvtx_range
 from r1_engine.parallel.optim import optimizer_step
 from r1_engine.parallel.rows import PackedRows
@@ -291,8 +299,8 @@ def _global_counts(rows: PackedRows) -> tuple[int, int]:
 
 
 def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn: LossFn, *,
-               num_microbatches: int = 1, grad_clip: float | None = None, fused_lm_head: bool = False
-               ) -> dict[str, float]:
+               num_microbatches: int = 1, grad_clip: float | None = None, fused_lm_head: bool = False,
+               update_bias: bool = True) -> dict[str, float]:
     """One optimizer step of `loss_fn` over this DP rank's `rows`.
 
     `model` is the Megatron-DDP-wrapped stage (parallel.optim.wrap_for_training) and `optimizer` the one from
@@ -301,6 +309,12 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     fused_lm_head: the last stage's output layer is bypassed and the loss gets the hidden states and the
     weight (see ModelOutput). `grad_clip` overrides the optimizer's clip for this step (0 = none). A step with
     no loss token anywhere makes no optimizer step (Adam would still move the weights).
+
+    MoE with an expert bias (DeepSeek-V3): the routers count the load of the step's real tokens; a step not taken
+    (no loss token, or an fp16 overflow) forgets its counts, and a taken one moves the bias from the counts
+    accumulated so far when `update_bias` (else they wait for `parallel.moe.update_expert_bias`: the trainer
+    moves the bias once per rollout, whatever its epochs x mini-batches). Routing replay (the rows'
+    `routed_experts`) refuses what it cannot do right before the schedule starts (`check_replay_training`).
 
     Returns (same on every rank): "loss" (the sum of the micro-batch losses over DP ranks), "grad_norm" (before
     clipping), "num_tokens", "num_sequences", "update_successful", and every metric of the loss averaged over
@@ -342,6 +356,11 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
         return loss * undo_megatron_scaling, report
 
     moe = MoEForward(model)
+    check_replay_training(config, moe.active and moe.replay and rows.extras.get(ROUTED_EXPERTS) is not None)
+    # Megatron's schedule would move the expert bias inside every forward-backward (even one whose step is then
+    # skipped): the counts are kept here and the bias moved below, after the step
+    config.finalize_model_grads_func = defer_expert_bias_update(config.finalize_model_grads_func)
+    counts_before = expert_bias_counts(model)
 
     def forward_step(data_iterator: Iterator[PackedRows], model_chunk: torch.nn.Module):
         mb = next(data_iterator)
@@ -360,6 +379,10 @@ def train_step(model: torch.nn.Module, optimizer: Any, rows: PackedRows, loss_fn
     else:
         with nvtx_range("optimizer_step"):
             update_successful, grad_norm = optimizer_step(optimizer, grad_clip)
+    if not update_successful:
+        restore_expert_bias_counts(model, counts_before)
+    elif update_bias:
+        update_expert_bias(model)
     result = _reduce_step_metrics(outputs)
     result["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
     result["update_successful"] = float(bool(update_successful))

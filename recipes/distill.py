@@ -40,6 +40,24 @@ HELP = ("Distillation (offline: SFT on the teacher's rejection-sampled samples; 
         "and --student the embedded tiny world runs, and the defaults shown here are its settings.")
 
 
+def check_phase_sections(cfg: DistillConfig, default: DistillConfig) -> None:
+    """A phase section's options that the recipe sets itself are refused when given (they would be replaced
+    silently). --data and --eval-data are read with --onpolicy.data.prompt-key / answer-key in every phase, so the
+    GRPO baseline's must agree; the offline SFT reads the recipe's own rejection-sampled rows."""
+    from r1_engine.engine.cli import refuse_recipe_owned
+
+    owner = "--student and --model.* for the model and its layout, --data / --eval-data, --template, --out"
+    refuse_recipe_owned("sft", cfg.sft, default.sft, ("model", "data.path", "data.template", "data.prompt_key",
+                                                      "data.completion_key", "train.out"), owner)
+    for section in ("onpolicy", "rl"):
+        refuse_recipe_owned(section, getattr(cfg, section), getattr(default, section),
+                            ("model", "data.path", "data.eval_path", "data.template", "train.out"), owner)
+    for key in ("prompt_key", "answer_key"):
+        if getattr(cfg.rl.data, key) not in (getattr(default.rl.data, key), getattr(cfg.onpolicy.data, key)):
+            raise ValueError(f"--rl.data.{key.replace('_', '-')}={getattr(cfg.rl.data, key)!r}: every phase reads "
+                             f"--data with --onpolicy.data.{key.replace('_', '-')}; give it there")
+
+
 def resolve_config(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     from r1_engine.recipes.tiny.settings import tiny_distill
 
@@ -50,8 +68,8 @@ def resolve_config(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
         return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args) or yaml_data.get(key) is not None
 
     embedded = not (given("teacher") or given("student"))
-    cfg = load_config(DistillConfig, ([f"--config={path}"] if path else []) + args,
-                      default=tiny_distill() if embedded else DistillConfig(), description=HELP)
+    default = tiny_distill() if embedded else DistillConfig()
+    cfg = load_config(DistillConfig, ([f"--config={path}"] if path else []) + args, default=default, description=HELP)
     if not embedded and (cfg.teacher is None or cfg.student is None or cfg.data is None or cfg.eval_data is None):
         missing = [f"--{k.replace('_', '-')}" for k in ("teacher", "student", "data", "eval_data") if getattr(cfg, k) is None]
         raise ValueError(f"{' and '.join(missing)} required (without --teacher and --student the embedded tiny world "
@@ -60,6 +78,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
         # `torchrun --nproc_per_node=2 recipes/distill.py`: the tiny student is split over every rank (TP)
         tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    check_phase_sections(cfg, default)
     _checked("sft", check_sft_ranges, cfg.sft)
     for section in ("onpolicy", "rl"):
         _checked(section, check_ranges, getattr(cfg, section))

@@ -108,7 +108,9 @@ class Distillation:
 
     # ------------------------------------------------------------------------------------------ shared pieces
     def prompts(self, path: str | None = None):
-        return load_prompts(path or self.cfg.data)
+        """--data (or --eval-data) with --onpolicy.data.prompt-key / answer-key's field names (every phase's)."""
+        d = self.cfg.onpolicy.data
+        return load_prompts(path or self.cfg.data, d.prompt_key, d.answer_key)
 
     def _placed(self, config, out: Path, start: Path):
         """A component config with this run's layout, template, start model and out dir."""
@@ -122,7 +124,7 @@ class Distillation:
 
         settings = dataclasses.replace(self.cfg.eval, template=self.cfg.template)
         with ModelEvaluator(settings) as evaluator:
-            return evaluator.evaluate(model_dir, load_prompts(self.cfg.eval_data))["summary"]
+            return evaluator.evaluate(model_dir, self.prompts(self.cfg.eval_data))["summary"]
 
     def finish(self, phase: str, hf: Path, cost: dict) -> None:
         """Evaluate the phase's model and mark the phase done (phase.json, written last)."""

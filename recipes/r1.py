@@ -44,8 +44,8 @@ def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
     named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) \
         or (yaml_data.get("model") or {}).get("path")
     embedded = not named
-    cfg = load_config(R1Config, ([f"--config={path}"] if path else []) + args,
-                      default=tiny_r1() if embedded else R1Config(), description=HELP)
+    default = tiny_r1() if embedded else R1Config()
+    cfg = load_config(R1Config, ([f"--config={path}"] if path else []) + args, default=default, description=HELP)
     if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
         # `torchrun --nproc_per_node=2 recipes/r1.py`: the tiny model is split over every rank (TP)
         tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
@@ -53,6 +53,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
     if not 1 <= cfg.from_stage <= cfg.until_stage <= 4:
         raise ValueError(f"--from-stage {cfg.from_stage} --until-stage {cfg.until_stage}: need 1 <= from <= until <= 4")
     cfg = with_run_language(cfg)
+    check_stage_sections(cfg, default)
     if cfg.language_ablation and cfg.reasoning_rl.reward.weights.get("language", 0.0) == 0.0:
         raise ValueError("--language-ablation compares stage 2 with and without the language reward, but "
                          "--reasoning-rl.reward.weights gives language 0: the two runs would be the same")
@@ -61,6 +62,25 @@ def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
     for section in ("reasoning_rl", "all_scenario_rl"):
         _checked(section, check_ranges, getattr(cfg, section))
     return cfg, embedded
+
+
+def check_stage_sections(cfg: R1Config, default: R1Config) -> None:
+    """The options of a stage section that the recipe sets itself are refused when given (they would be replaced
+    silently); the data field names are used where the stage reads a file: --cold-start.data.* for
+    --data.cold-start, --sft.data.* for --data.general-sft, --reasoning-rl.data.* for --data.reasoning and
+    --data.eval-reasoning (every stage that reads them), --all-scenario-rl.data.prompt-key for --data.general and
+    --data.eval-general."""
+    from r1_engine.engine.cli import refuse_recipe_owned
+
+    owner = "--model for the base and its layout, --data.* for the files, --data.template, --out"
+    for section in ("cold_start", "sft"):
+        refuse_recipe_owned(section, getattr(cfg, section), getattr(default, section),
+                            ("model", "data.path", "data.template", "train.out"), owner)
+    for section in ("reasoning_rl", "all_scenario_rl"):
+        refuse_recipe_owned(section, getattr(cfg, section), getattr(default, section),
+                            ("model", "data.path", "data.eval_path", "data.template", "train.out"), owner)
+    refuse_recipe_owned("all_scenario_rl", cfg.all_scenario_rl, default.all_scenario_rl, ("data.answer_key",),
+                        "stage 4 reads --data.reasoning with --reasoning-rl.data.prompt-key / answer-key")
 
 
 def with_run_language(cfg: R1Config) -> R1Config:

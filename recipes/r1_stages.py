@@ -112,7 +112,19 @@ class Pipeline:
         return hf
 
     def reasoning_prompts(self, path: str | None = None):
-        return load_prompts(path or self.data.reasoning)
+        """The reasoning prompts (stages 2-4, and the held-out ones) with --reasoning-rl.data's field names."""
+        d = self.cfg.reasoning_rl.data
+        return load_prompts(path or self.data.reasoning, d.prompt_key, d.answer_key)
+
+    def sft_examples(self, path: str, stage_config):
+        """A user's SFT file with its stage's --<stage>.data.prompt-key / completion-key field names."""
+        from r1_engine.engine.sft import load_sft_examples
+
+        return load_sft_examples(path, stage_config.data.prompt_key, stage_config.data.completion_key)
+
+    def general_prompts(self, path: str):
+        """General prompts (no reference answer) with --all-scenario-rl.data.prompt-key's field name."""
+        return load_prompts(path, self.cfg.all_scenario_rl.data.prompt_key, kind="general")
 
     def sft(self, stage: int, config, start: Path, examples) -> Path:
         from r1_engine.engine.sft import SFTTrainer
@@ -193,8 +205,8 @@ class Pipeline:
             def metric(prompts, responses):
                 return {"helpful_rate": helpful_rate(prompts, responses)}
         reward_models = RewardModelSet(rms) if rms else None
-        reasoning = load_prompts(self.data.eval_reasoning) if self.data.eval_reasoning else []
-        general = load_prompts(self.data.eval_general, kind="general") if self.data.eval_general else []
+        reasoning = self.reasoning_prompts(self.data.eval_reasoning) if self.data.eval_reasoning else []
+        general = self.general_prompts(self.data.eval_general) if self.data.eval_general else []
         try:
             with ModelEvaluator(settings, reward_models, metric) as evaluator:
                 return evaluator.evaluate(model_dir, reasoning, general)
@@ -218,9 +230,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ the stages
     def stage_1(self) -> None:
-        from r1_engine.engine.sft import load_sft_examples
-
-        examples = load_sft_examples(self.data.cold_start)
+        examples = self.sft_examples(self.data.cold_start, self.cfg.cold_start)
         self.finish(1, self.sft(1, self.cfg.cold_start, self.base_with_tokens(), examples))
 
     def stage_2(self) -> None:
@@ -245,7 +255,8 @@ class Pipeline:
         if not rows.is_file():
             self.dir(3).mkdir(parents=True, exist_ok=True)
             self._on_main(lambda: self.rejection_sample(self.model_of(2), rows))
-        examples = load_sft_examples(rows) + load_sft_examples(self.data.general_sft)
+        # the rejection-sampled rows are the recipe's own (prompt / completion), the general ones the user's
+        examples = load_sft_examples(rows) + self.sft_examples(self.data.general_sft, self.cfg.sft)
         self.finish(3, self.sft(3, self.cfg.sft, self.base_with_tokens(), examples))
 
     def rejection_sample(self, model_dir: Path, rows: Path) -> None:
@@ -275,7 +286,7 @@ class Pipeline:
         rl = self.cfg.all_scenario_rl
         config = dataclasses.replace(rl, reward=dataclasses.replace(rl.reward, models=rms))
         reasoning = self.reasoning_prompts()
-        general = load_prompts(self.data.general, kind="general") if self.data.general else []
+        general = self.general_prompts(self.data.general) if self.data.general else []
         f = self.data.general_fraction
         if general and f is not None and 0 < f < 1:  # repeat the general prompts to their share of the draws
             repeat = max(1, math.ceil(f / (1 - f) * len(reasoning) / len(general)))

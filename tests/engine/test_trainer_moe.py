@@ -82,3 +82,40 @@ def test_replay_off_records_nothing(moe_base, tmp_path):
     assert ROUTED_EXPERTS not in seen["minis"][0].extras
     assert "train/moe/load_max" in metrics
     trainer.close()
+
+
+def test_expert_bias_moves_once_per_rollout(moe_base, tmp_path):
+    """2 mini-batches x 2 epochs under routing replay: four updates replay the same routing, and the expert bias
+    still moves once, by the update rate or not at all per expert (a move per update would be up to 4 x rate)."""
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
+    from r1_engine.parallel.moe import router_modules
+
+    cfg = tiny_config(tmp_path / "bias", steps=1)
+    cfg = dataclasses.replace(cfg, algo=dataclasses.replace(cfg.algo, epochs_per_batch=2, mini_batches=2))
+    trainer = GRPOTrainer(cfg, moe_base, load_prompts(DATA / "train.jsonl"))
+    rate = cfg.model.moe_bias_update_rate
+    before = [r.expert_bias.detach().clone() for r in router_modules(trainer.policy)]
+    steps = []
+    update = trainer.update
+    trainer.update = lambda minis: (lambda out: (steps.extend(out[0]), out)[1])(update(minis))
+    trainer.train_one_step()
+    assert len(steps) == 4 and all(s["update_successful"] == 1.0 for s in steps)
+    moved = torch.cat([(r.expert_bias - b).abs() for r, b in zip(router_modules(trainer.policy), before)])
+    assert bool(((moved < 1e-8) | ((moved - rate).abs() < 1e-8)).all()), moved
+    assert int((moved > rate / 2).sum()) >= 4
+    trainer.close()
+
+
+def test_load_balancing_loss_with_replay_is_refused_at_start(moe_base, tmp_path):
+    """A load-balancing loss under routing replay would be computed on the policy's own routing: a coefficient set
+    by hand is one line when the trainer is built (not at its first step); a checkpoint's own is turned off."""
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.trainer import GRPOTrainer
+
+    cfg = tiny_config(tmp_path / "aux", steps=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, routing_replay=True, moe_aux_loss_coeff=0.01))
+    with pytest.raises(ValueError, match=r"^--model.moe-aux-loss-coeff=0.01: a load-balancing loss with routing "
+                                         r"replay is not supported"):
+        GRPOTrainer(cfg, moe_base, load_prompts(DATA / "train.jsonl"))
+    assert not (tmp_path / "aux" / "checkpoints").exists()

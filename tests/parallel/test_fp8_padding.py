@@ -128,3 +128,16 @@ def test_padding_changes_neither_logprobs_nor_the_step(single_process_parallel, 
     assert any(g.abs().max() > 0 for g in grads.values())
     for name in grads:
         torch.testing.assert_close(grads16[name], grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_mxfp8_is_refused_before_blackwell(monkeypatch, tiny_qwen2_dir):
+    """TE's MXFP8 recipe needs sm_100+: on an H100 (9.0) it is one clear error at build time, not a TE failure."""
+    from r1_engine.parallel.models import hf_config_to_transformer_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match=r"^fp8_recipe='mxfp8' needs compute capability >= 10.0 \(Blackwell\); "
+                                         r"NVIDIA H100 80GB HBM3 has 9.0"):
+        hf_config_to_transformer_config(tiny_qwen2_dir / "config.json", fp8="e4m3", fp8_recipe="mxfp8",
+                                        tensor_parallel=1, pipeline_parallel=1)

@@ -43,6 +43,8 @@ def test_parse_moe_configs(moe_dirs):
     ("qwen3_moe", {"norm_topk_prob": False}),  # transformers' default: softmax over all experts, no renormalising
     ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),  # MoE every second layer
     ("deepseek_v3", {"q_lora_rank": None}),  # one q_proj (DeepSeek-V2-Lite style)
+    # topk_group = n_group: every group kept, no group limit (k != 2 * topk_group was refused before)
+    ("deepseek_v3", {"topk_group": 4, "num_experts_per_tok": 3}),
 ])
 def test_logits_match_hf_float64(kind, changes, moe_dirs, tmp_path, single_process_parallel):
     from r1_engine.parallel.convert import load_hf_checkpoint
@@ -89,6 +91,17 @@ def test_unsupported_routing_is_named(kind, changes, message):
     cfg = moe_hf_config(kind).to_dict() | changes
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
         parse_hf_config(cfg)
+
+
+@pytest.mark.parametrize("n_group, topk_group, topk", [(4, 4, 3), (4, 4, 1), (1, 1, 3), (8, 8, 4)])
+def test_no_group_limit_is_a_plain_topk(n_group, topk_group, topk):
+    """topk_group = n_group keeps every group: HF's group mask is a no-op, so any num_experts_per_tok routes alike
+    and Megatron is built without group-limited routing."""
+    from r1_engine.parallel.models import parse_hf_config
+
+    info = parse_hf_config(moe_hf_config("deepseek_v3").to_dict()
+                           | {"n_group": n_group, "topk_group": topk_group, "num_experts_per_tok": topk})
+    assert info.moe.num_groups is None and info.moe.group_topk is None and info.moe.topk == topk
 
 
 def test_expert_parallel_must_divide(moe_dirs):
@@ -342,3 +355,59 @@ def test_yarn_rope_matches_hf(mscale, tmp_path, single_process_parallel):
         unscaled = hf_reference(plain)(ids).logits
     assert (want - unscaled).abs().max() > 0.05  # the scaling changes the model at these positions
     torch.testing.assert_close(_megatron_logits(model, ids).double(), want, rtol=0, atol=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uneven pipeline stages (DeepSeek-V3's 61 layers): 7 layers over PP = 2 (4 + 3) and PP = 3 (2 + 3 + 2)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers, pp, want", [(61, 8, (7, 6)), (61, 2, (31, 30)), (61, 16, (3, 2)), (7, 2, (4, 3)),
+                                              (7, 3, (2, 2)), (7, 4, (2, 1)), (8, 4, (None, None)),
+                                              (4, 1, (None, None))])
+def test_balanced_pipeline_split(layers, pp, want):
+    from r1_engine.parallel.models import (
+        balanced_pipeline_split,
+        hf_config_to_transformer_config,
+        parse_hf_config,
+        pipeline_stage_layers,
+    )
+
+    assert balanced_pipeline_split(layers, pp) == want
+    info = parse_hf_config(moe_hf_config("deepseek_v3", num_hidden_layers=layers).to_dict())
+    config = hf_config_to_transformer_config(info, pipeline_parallel=pp)
+    assert (config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage) == want
+    stages = pipeline_stage_layers(config)  # Megatron's own offsets: contiguous, every layer once
+    assert [i for stage in stages for i in stage] == list(range(layers)) and len(stages) == pp
+    sizes = [len(stage) for stage in stages]
+    assert max(sizes) - min(sizes) <= 2 and min(sizes) >= 1
+
+
+def test_too_few_layers_for_the_pipeline():
+    from r1_engine.parallel.models import balanced_pipeline_split
+
+    with pytest.raises(ValueError, match=r"num_hidden_layers=3 is fewer than pipeline_parallel=4"):
+        balanced_pipeline_split(3, 4)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("pp", [2, 3])
+def test_uneven_pipeline_matches_pp1(pp, tmp_path_factory):
+    """A 7-layer DeepSeek-V3 over PP = 2 (stages of 4 + 3 layers) and PP = 3 (2 + 3 + 2), each on `pp` ranks
+    against PP = 1 (DP = pp) on the same ranks: log-probs equal HF float64's, and the log-probs, loss, grad norm,
+    every weight's update (exported through the per-stage layer offsets) and the log-probs after the step equal
+    PP = 1's."""
+    from tests.parallel._step_workers import layouts_worker
+    from tests.parallel.dist_utils import run_distributed
+    from tests.parallel.test_step import _assert_same_run, _assert_sequences_close
+
+    ckpt = write_moe_checkpoint("deepseek_v3", tmp_path_factory.mktemp("ds7"), num_hidden_layers=7)
+    problem = _moe_problem(ckpt)
+    layouts = [(1, 1, True, 2, AGG, False, 1), (1, pp, True, 2, AGG, False, 1)]
+    per_rank = run_distributed(layouts_worker, pp, str(ckpt), problem["spec"], layouts)
+    reference, uneven = per_rank[0]
+    assert uneven["layout"]["pp"] == pp and reference["layout"]["pp"] == 1
+    _assert_sequences_close(reference["logp"], problem["logp"], 2e-5, "logp vs HF float64")
+    _assert_sequences_close(uneven["logp"], problem["logp"], 2e-5, f"PP={pp} logp vs HF float64")
+    _assert_same_run(uneven, reference)
+    assert "model.layers.6.mlp.gate.e_score_correction_bias" in uneven["delta"]

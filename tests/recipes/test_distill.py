@@ -271,3 +271,26 @@ def test_verdict_says_within_noise_unless_the_difference_clears_two_standard_err
              "cost": {"budget_s": 60, "budget_clock": "cpu"}}]
     [line] = verdict(rows)
     assert line.startswith("offline distillation >= GRPO at 60 CPU s: pass@1 0.950 vs 0.940 (within noise"), line
+
+
+def test_data_key_options_are_used_and_recipe_owned_ones_refused(tmp_path, capsys):
+    """--data / --eval-data with other field names: every phase reads them with --onpolicy.data's keys (shown by
+    --help and ignored before); the GRPO baseline's keys must agree, and the offline SFT's are the recipe's."""
+    from r1_engine.recipes.distill import resolve_config
+    from r1_engine.recipes.distill_phases import Distillation
+
+    rows = tmp_path / "math.jsonl"
+    rows.write_text(json.dumps({"problem": "2+2?", "solution": "4"}) + "\n")
+    common = ["--teacher", str(BASE), "--student", str(BASE), "--data", str(rows), "--eval-data", str(rows),
+              "--out", str(tmp_path / "run")]
+    cfg, embedded = resolve_config([*common, "--onpolicy.data.prompt-key", "problem",
+                                    "--onpolicy.data.answer-key", "solution"])
+    run = Distillation(cfg, BASE, BASE, ps=None)
+    [train] = run.prompts()
+    [held_out] = run.prompts(cfg.eval_data)
+    assert (train.prompt, train.answer, held_out.answer) == ("2+2?", "4", "4")
+    line = one_error_line(capsys, main, [*common, "--rl.data.prompt-key", "question"])
+    assert line.startswith("error: --rl.data.prompt-key='question': every phase reads --data with "
+                           "--onpolicy.data.prompt-key"), line
+    line = one_error_line(capsys, main, [*common, "--sft.data.prompt-key", "question"])
+    assert line.startswith("error: --sft.data.prompt-key='question': set by the recipe"), line

@@ -169,3 +169,45 @@ def test_one_language_for_the_run(capsys, tmp_path):
     assert line.startswith("error: --rejection.language zh differs from the run's --language en: set --language zh"), line
     line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--language", "fr"])
     assert line.startswith("error: --language fr: expected one of en, zh"), line
+
+
+def test_every_data_key_option_is_used(tmp_path, capsys):
+    """A user's files with their own field names: each stage reads its file with its section's keys (they were shown
+    by --help and then ignored); the stage options the recipe sets itself are refused instead of replaced."""
+    from r1_engine.recipes.r1 import data_files, resolve_config
+    from r1_engine.recipes.r1_stages import Pipeline
+
+    def jsonl(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    files = {"--data.cold-start": jsonl("cs.jsonl", [{"question": "1+1?", "response": "<|reasoning|>1+1=2"}]),
+             "--data.reasoning": jsonl("math.jsonl", [{"problem": "2+2?", "solution": "4"}]),
+             "--data.eval-reasoning": jsonl("aime.jsonl", [{"problem": "3+3?", "solution": "6"}]),
+             "--data.general-sft": jsonl("chat.jsonl", [{"instruction": "Hi", "output": "Hello!"}]),
+             "--data.general": jsonl("gen.jsonl", [{"instruction": "Bye"}]),
+             "--data.eval-general": jsonl("gen_eval.jsonl", [{"instruction": "Thanks"}])}
+    keys = ["--cold-start.data.prompt-key", "question", "--cold-start.data.completion-key", "response",
+            "--reasoning-rl.data.prompt-key", "problem", "--reasoning-rl.data.answer-key", "solution",
+            "--sft.data.prompt-key", "instruction", "--sft.data.completion-key", "output",
+            "--all-scenario-rl.data.prompt-key", "instruction"]
+    args = ["--model", str(BASE), "--out", str(tmp_path / "run"), *keys,
+            *(x for flag, path in files.items() for x in (flag, path)),
+            "--all-scenario-rl.reward.models", "helpfulness", str(BASE)]
+    cfg, embedded = resolve_config(args)
+    pipeline = Pipeline(cfg, data_files(cfg, embedded), BASE, ps=None)
+    [cold] = pipeline.sft_examples(pipeline.data.cold_start, cfg.cold_start)
+    assert (cold.prompt, cold.completion) == ("1+1?", "<|reasoning|>1+1=2")
+    [chat] = pipeline.sft_examples(pipeline.data.general_sft, cfg.sft)
+    assert (chat.prompt, chat.completion) == ("Hi", "Hello!")
+    [math] = pipeline.reasoning_prompts()
+    assert (math.prompt, math.answer) == ("2+2?", "4")
+    [held_out] = pipeline.reasoning_prompts(pipeline.data.eval_reasoning)
+    assert held_out.answer == "6"
+    [general] = pipeline.general_prompts(pipeline.data.general)
+    assert general.prompt == "Bye" and general.kind == "general"
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--cold-start.data.template", "chat"])
+    assert line.startswith("error: --cold-start.data.template='chat': set by the recipe"), line
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "run"), "--reasoning-rl.model.tensor-parallel", "2"])
+    assert line.startswith("error: --reasoning-rl.model.tensor-parallel=2: set by the recipe"), line
