@@ -131,14 +131,52 @@ class RewardConfig:
 
 @dataclass
 class OptimConfig:
+    """The optimiser section of every trainer (GRPO, SFT): Adam with a linear warm-up, then a constant or cosine
+    learning rate (engine.run.learning_rate)."""
+
     lr: float = 1e-6
-    """Adam learning rate (constant after warm-up)."""
+    """Peak Adam learning rate (after the warm-up)."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    """Global gradient-norm clip (over every TP/PP/DP shard)."""
+    """Global gradient-norm clip (over every TP/PP/DP shard; 0: none)."""
     warmup_steps: int = 0
-    """Linear warm-up from lr/warmup_steps to lr."""
+    """Linear warm-up over this many optimizer steps (lr * (s + 1) / warmup_steps)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a share of all optimizer steps (rounded up), instead of warmup_steps (set at most one)."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """After the warm-up: constant (GRPO's default), or a cosine decay to lr * min_lr_ratio at the last step."""
+    min_lr_ratio: float = 0.1
+    """Where the cosine ends (a share of lr)."""
     betas: tuple[float, float] = (0.9, 0.999)
+
+
+def optim_checks(o: OptimConfig) -> list[tuple[str, bool, str]]:
+    """The optimiser section's ranges, as check_ranges and check_sft_ranges list them."""
+    def at_least(x, low):
+        return x is not None and not isinstance(x, bool) and math.isfinite(x) and x >= low
+
+    return [
+        ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
+        ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
+        ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),
+        ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+        ("optim.warmup_ratio", at_least(o.warmup_ratio, 0) and o.warmup_ratio <= 1, "in [0, 1]"),
+        ("optim.warmup_ratio", o.warmup_ratio == 0 or o.warmup_steps == 0,
+         f"0 when --optim.warmup-steps is set ({o.warmup_steps}): give one of the two"),
+        ("optim.min_lr_ratio", at_least(o.min_lr_ratio, 0) and o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("optim.betas", len(o.betas) == 2 and all(at_least(b, 0) and b < 1 for b in o.betas),
+         "two numbers in [0, 1) (Adam's moment decay rates)"),
+    ]
+
+
+def fail_first(cfg, checks: list[tuple[str, bool, str]]) -> None:
+    """The one validation helper: a ValueError naming the first failed check as its command-line flag (YAML: the same
+    section.key), e.g. "--optim.lr=0.0: must be > 0"."""
+    for key, ok, rule in checks:
+        if not ok:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            raise ValueError(f"{_flag(key)}={value!r}: must be {rule}")
 
 
 @dataclass
@@ -302,12 +340,7 @@ def check_ranges(cfg: GRPOConfig) -> None:
         ("reward.model_scope", set(rw.model_scope) <= set(rw.models)
          and set(rw.model_scope.values()) <= {"summary", "response"},
          "name -> summary|response for names given in --reward.models"),
-        ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
-        ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
-        ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),
-        ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
-        ("optim.betas", len(o.betas) == 2 and all(at_least(b, 0) and b < 1 for b in o.betas),
-         "two numbers in [0, 1) (Adam's moment decay rates)"),
+        *optim_checks(o),
         ("algo.epochs_per_batch", a.epochs_per_batch >= 1, ">= 1"),
         ("algo.mini_batches", a.mini_batches >= 1, ">= 1"),
         ("algo.num_microbatches", a.num_microbatches >= 1, ">= 1"),
@@ -348,8 +381,4 @@ def check_ranges(cfg: GRPOConfig) -> None:
         ("train.profile_ranks", all(isinstance(r, int) and r >= 0 for r in t.profile_ranks),
          "global ranks >= 0 (empty: every rank)"),
     ]
-    for key, ok, rule in checks:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            raise ValueError(f"{_flag(key)}={value!r}: must be {rule}")
+    fail_first(cfg, checks)

@@ -12,10 +12,11 @@ micro-batches and data-parallel ranks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from r1_engine.engine.batch import ADVANTAGES, LOGPROB_VECTORS, REF_LOGP
 from r1_engine.kernels.linear_grpo import linear_policy_loss
 from r1_engine.kernels.logits_loss import policy_loss
-from r1_engine.engine.batch import ADVANTAGES, LOGPROB_VECTORS, REF_LOGP
 from r1_engine.kernels.loss_family import PolicyLossConfig
 from r1_engine.parallel.rows import PackedRows
 from r1_engine.parallel.step import LossFn, ModelOutput
@@ -67,3 +68,12 @@ def sft_objective() -> LossFn:
         return loss, {k: v for k, v in metrics.items() if k == "entropy"}
 
     return loss_fn
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Reward-model training (engine.reward_model_train): -mean log sigmoid(r_chosen - r_rejected) over preference
+    pairs' scalar scores; logsigmoid keeps large margins of either sign finite."""
+    if chosen.shape != rejected.shape:
+        raise ValueError(f"bradley_terry_loss: chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} "
+                         f"scores differ in shape")
+    return -F.logsigmoid(chosen - rejected).mean()

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from r1_engine.engine.data import _read_jsonl, load_tokenizer, required_strings
 from r1_engine.engine.metrics import MetricsLogger
+from r1_engine.engine.objectives import bradley_terry_loss
 from r1_engine.engine.preflight import check_model_dir
+from r1_engine.engine.run import learning_rate
 from r1_engine.engine.reward_model import (
     SCOPES,
     default_max_length,
@@ -39,14 +40,6 @@ from r1_engine.parallel.convert import copy_tokenizer_files
 
 NEW_HEAD_MODULES = ("score", "classifier")  # what transformers' *ForSequenceClassification heads are called
 HF_SUBDIR = "hf"  # out_dir/hf holds the trained reward model, as the GRPO trainer's out/hf holds the policy
-
-
-def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """-mean log sigmoid(r_chosen - r_rejected); logsigmoid keeps large margins of either sign finite."""
-    if chosen.shape != rejected.shape:
-        raise ValueError(f"bradley_terry_loss: chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} "
-                         f"scores differ in shape")
-    return -F.logsigmoid(chosen - rejected).mean()
 
 
 @dataclass(frozen=True)
@@ -224,7 +217,7 @@ def train_reward_model(base_dir: str | Path, pairs: Sequence[PreferencePair], ou
             epoch_loss = epoch_accuracy = 0.0
             for start in range(0, len(order), cfg.batch_size):
                 chunk = [train_rows[i] for i in order[start:start + cfg.batch_size]]
-                lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                lr = learning_rate(step, cfg.epochs * steps_per_epoch, cfg.lr, cfg.warmup_steps, "constant")
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 metrics = _pair_metrics(model, chunk, pad_id, device)

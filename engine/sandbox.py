@@ -7,10 +7,13 @@ or built here, and one call that runs a program under it.
 
 `python -m r1_engine.engine.sandbox --build` compiles the launcher into build/r1-sandbox and prints the isolation this machine
 gives: "namespaces" (fresh user/PID/network/mount/IPC namespaces, a read-only root, a tmpfs cwd) where the kernel
-permits, else "seccomp" (a syscall filter, Landlock when the kernel has it, an own uid when started as root). Without
-a C compiler, or when the launcher cannot start a program here, the sandbox is "rlimits", a pure-Python fallback:
-the same limits, a clean environment and a throwaway cwd, but nothing keeps a program from your files or the
-network. It warns loudly once per process, and the trainer refuses it unless --reward.allow-unsandboxed-code.
+permits, else "seccomp" (a syscall filter, Landlock when the kernel has it, an own uid when started as root), and
+which of the judge's protections (docs/code_judge.md) hold here. Without a C compiler, or when the launcher cannot
+start a program here, the sandbox is "rlimits", a pure-Python fallback: the same limits, a clean environment and a
+throwaway cwd, but nothing keeps a program from your files or the network. The seccomp fallback without Landlock is
+no better as far as your files go (as root too: a uid of its own still reads world-readable files such as your
+prompts with their expected outputs). Both warn loudly once per process, and the trainer refuses them unless
+--reward.allow-unsandboxed-code.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class Limits:
 
 @dataclass
 class RunResult:
-    status: str  # exited | signaled | timeout | exec_failed | setup_failed | error
+    status: str  # exited | signaled | timeout | disk_limit (fallback) | exec_failed | setup_failed | error
     exit_code: int
     signal: int
     stdout: bytes
@@ -84,10 +87,11 @@ class Sandbox:
     @property
     def contained(self) -> bool:
         """Whether a hostile program is kept from the network, other processes and files outside its cwd: namespaces,
-        or seccomp with Landlock or a uid of its own (root). Not: seccomp alone as a normal user, or rlimits."""
+        or seccomp with Landlock. Not: seccomp without Landlock (even as root with a uid of its own, which still reads
+        every world-readable file: the prompts and their expected outputs), or rlimits."""
         if self.isolation == "namespaces":
             return True
-        return self.isolation == "seccomp" and ("landlock" in self.detail or "uid" in self.detail)
+        return self.isolation == "seccomp" and "landlock" in self.detail
 
     def run(self, argv: Sequence[str], *, stdin: bytes = b"", files: Mapping[str, bytes] | None = None,
             limits: Limits = Limits()) -> RunResult:
@@ -302,8 +306,63 @@ def get_sandbox(build: bool = True, isolations: tuple[str, ...] = ("namespaces",
 def describe(sandbox: Sandbox) -> str:
     if sandbox.launcher is None:
         return f"rlimits only (pure-Python fallback, NOT a sandbox): {sandbox.detail}"
-    strength = "" if sandbox.contained else " (WEAK: no Landlock and no uid of its own; files are reachable)"
+    strength = "" if sandbox.contained else " (WEAK: no Landlock; your world-readable files are reachable)"
     return f"{sandbox.isolation} ({sandbox.detail}){strength} via {sandbox.launcher}"
+
+
+def probe_launcher(launcher: str) -> dict[str, int]:
+    """What this kernel offers the launcher (`r1-sandbox --probe`): landlock_abi, seccomp, root."""
+    try:
+        out = subprocess.run([launcher, "--probe"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    fields = dict(item.split("=", 1) for item in out.strip().split("\t") if "=" in item)
+    return {k: int(v) for k, v in fields.items() if v.lstrip("-").isdigit()}
+
+
+def protections(sandbox: Sandbox) -> list[str]:
+    """Which of the judge's protections (docs/code_judge.md, "Guarantees per mode") this sandbox gives on this
+    machine, one line each: "yes", "no" or what the real bound is."""
+    if sandbox.launcher is None:
+        return ["none: rlimits only (the tests of one program are separated by process group only)"]
+    probe = probe_launcher(sandbox.launcher)
+    abi, seccomp, root = probe.get("landlock_abi", 0), probe.get("seccomp", 0), probe.get("root", os.geteuid() == 0)
+    ns = sandbox.isolation == "namespaces"
+    yes = "yes" if seccomp else "NO (no seccomp filter for this architecture)"
+    lines = [
+        f"contained (files, network, processes): {'yes' if sandbox.contained else 'NO (seccomp without Landlock)'}",
+        f"sockets other than AF_UNIX refused (AF_VSOCK included): {yes}"
+        + ("" if ns else "; the fallback refuses socket() altogether"),
+        "tests of one program share no process, input or file (the tree killed and the cwd emptied between tests; "
+        "each test's input read only before its fork): yes ("
+        + ("kill(-1) in the PID namespace" if ns else "the launcher kills the descendants") + ")",
+        "a test cannot outlive its time limit (cancelling its timer does not help): yes",
+        f"file signal owners (fcntl F_SETOWN/F_SETSIG/O_ASYNC, ioctl FIOSETOWN/SIOCSPGRP) refused: {yes}"
+        + ("" if ns else f"; Landlock signal scoping: {'yes' if abi >= 6 else 'no (Landlock ABI < 6)'}"),
+        "no reopening of the results through /proc/<pid>/fd: " + ("yes (no /proc)" if ns else
+                                                                   "yes (the harness and the launcher non-dumpable)"),
+        f"SysV IPC and POSIX message queues kept in: {'yes (IPC namespace)' if ns else yes + ' (refused)'}",
+        "memfd_create refused (memory outside the address-space limit): " + yes,
+    ]
+    if ns:
+        lines.append("processes: RLIMIT_NPROC per run (" + ("a uid of its own" if root else "a user namespace") + ")")
+        lines.append("disk: the cwd is a tmpfs of work_mb (64 MB by default), the only writable place")
+    else:
+        cgroup = "+pids" in sandbox.detail
+        lines.append("processes: " + ("pids.max per run (a child of $R1_SANDBOX_CGROUP)" if cgroup else
+                                      "RLIMIT_NPROC per run (a uid of its own)" if root else
+                     "RLIMIT_NPROC SHARED with every process of this uid: a fork bomb in one completion can make a "
+                     "concurrent one fail (a false 0, never a false 1); set $R1_SANDBOX_CGROUP to a delegated cgroup "
+                     "for a pids.max per run"))
+        lines.append("disk: the cwd (on the host's disk) checked every 50 ms: past work_mb or 4096 entries the run is "
+                     "killed (it may overshoot by what it writes in 50 ms; each file <= file_size_mb)")
+        lines.append("stat/inotify outside the rules: stat not filtered (Landlock does not cover it), inotify and "
+                     "fanotify refused")
+    lines.append("memory: address space per process x processes (no cgroup); CPU time: per process x processes")
+    if root:
+        lines.append("per-run uid: 0x60000000 + the launcher's pid (unique among live launchers of this PID namespace; "
+                     "leftovers of that uid killed first)")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,7 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"r1-sandbox: WARNING: not built: {err}. {weak}.", file=sys.stderr, flush=True)
     try:
-        print(f"r1-sandbox: isolation: {describe(get_sandbox(build=False))}")
+        sandbox = get_sandbox(build=False)
+        print(f"r1-sandbox: isolation: {describe(sandbox)}")
+        for line in protections(sandbox):
+            print(f"r1-sandbox:   {line}")
+        fallback = get_sandbox(build=False, isolations=("seccomp",))
+        if sandbox.isolation == "namespaces" and fallback.launcher is not None:
+            print(f"r1-sandbox: the fallback here (where namespaces are refused) would be: {describe(fallback)}")
+            for line in protections(fallback):
+                print(f"r1-sandbox:   {line}")
     except Exception as err:  # noqa: BLE001
         print(f"r1-sandbox: WARNING: the launcher could not be probed: {err}. {weak}.", file=sys.stderr)
     if args.bench:

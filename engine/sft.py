@@ -2,8 +2,7 @@
 
     trainer = SFTTrainer(config, model_dir, load_sft_examples("sft.jsonl"))
     trainer.fit()                      # saves a checkpoint when it stops; a rerun with the same out resumes
-    trainer.export_hf()                # out/hf: safetensors + config + the tokenizer files
-    trainer.close()
+    hf_dir = trainer.finish()          # out/hf: safetensors + config + the tokenizer files; curves.png
 
 Each example is the templated prompt (engine.data.apply_template) followed by the completion and the eos token,
 tokenised separately and concatenated (so the boundary is exactly where the data puts it); the loss is the mean
@@ -14,8 +13,9 @@ are skipped and counted, never truncated.
 Epoch e visits the examples in the order torch.randperm seeded with (seed, e), cut into batches of
 train.batch_size sequences (the last batch of an epoch may be smaller); each data-parallel rank packs every
 dp-th sequence of the batch. The order and the batches depend only on (seed, epoch, step), so a checkpoint holds
-just the step and a resumed run continues the same run exactly. Learning rate: linear warm-up, then a cosine to
-lr * min_lr_ratio on the last step.
+just the step and a resumed run continues the same run exactly. Learning rate (engine.run.learning_rate): linear
+warm-up, then by default a cosine to lr * min_lr_ratio on the last step. The loop, checkpoints and the end of the
+run are the one run skeleton's (engine.run.TrainingRun).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from r1_engine.engine.batch import pack_sequences
-from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
 from r1_engine.engine.config import to_dict
 from r1_engine.engine.data import (
     ROUND_TRIP_PROMPTS,
@@ -48,10 +48,10 @@ from r1_engine.engine.data import (
 )
 from r1_engine.engine.metrics import MetricsLogger
 from r1_engine.engine.objectives import sft_objective
+from r1_engine.engine.run import TrainingRun, learning_rate
 from r1_engine.engine.sft_config import (
     SFTConfig,
     SFTDataConfig,
-    SFTOptimConfig,
     SFTTrainConfig,
     check_sft_ranges,
 )
@@ -61,8 +61,8 @@ from r1_engine.parallel.optim import build_optimizer, set_learning_rate, wrap_fo
 from r1_engine.parallel.rows import PackedRows
 from r1_engine.parallel.step import logprobs, train_step
 
-__all__ = ["SFTExample", "load_sft_examples", "TokenizedExample", "tokenize_sft_examples", "sft_learning_rate",
-           "SFTTrainer", "SFTConfig", "SFTDataConfig", "SFTOptimConfig", "SFTTrainConfig", "check_sft_ranges"]
+__all__ = ["SFTExample", "load_sft_examples", "TokenizedExample", "tokenize_sft_examples",
+           "SFTTrainer", "SFTConfig", "SFTDataConfig", "SFTTrainConfig", "check_sft_ranges"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CURVES = ("train/loss", "optim/lr", "train/grad_norm", "throughput/tokens_per_s")
@@ -151,18 +151,6 @@ def tokenize_sft_examples(examples: Sequence[SFTExample], tokenizer: Any, templa
     return kept, skipped
 
 
-def sft_learning_rate(step: int, total_steps: int, lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1
-                      ) -> float:
-    """The learning rate of optimizer step `step` (0-based): lr * (step + 1) / warmup_steps during the warm-up,
-    then a cosine from lr (first step after it) to lr * min_lr_ratio (the last of `total_steps`)."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    decay_steps = total_steps - warmup_steps - 1
-    progress = min(1.0, (step - warmup_steps) / decay_steps) if decay_steps > 0 else 0.0
-    low = lr * min_lr_ratio
-    return low + 0.5 * (lr - low) * (1.0 + math.cos(math.pi * progress))
-
-
 def _fingerprint(items: Sequence[TokenizedExample]) -> str:
     """sha256 of every example's token ids: a resumed run must train on the same tokens."""
     digest = hashlib.sha256()
@@ -173,7 +161,12 @@ def _fingerprint(items: Sequence[TokenizedExample]) -> str:
     return digest.hexdigest()
 
 
-class SFTTrainer:
+class SFTTrainer(TrainingRun):
+    """Supervised fine-tuning on the run skeleton (engine.run.TrainingRun: fit, save, finish)."""
+
+    label = "SFT"
+    curves = CURVES
+
     def __init__(self, config: SFTConfig, model_dir: str | Path, examples: Sequence[SFTExample],
                  tokenizer_dir: str | Path | None = None):
         check_sft_ranges(config)
@@ -267,7 +260,8 @@ class SFTTrainer:
         t0 = time.perf_counter()
         indices = self.batch_indices(self.step)
         rows = self._rows([self.items[i] for i in indices[ps.dp_rank::ps.dp_size]])
-        lr = sft_learning_rate(self.step, self.total_steps, cfg.optim.lr, self.warmup_steps, cfg.optim.min_lr_ratio)
+        o = cfg.optim
+        lr = learning_rate(self.step, self.total_steps, o.lr, self.warmup_steps, o.schedule, o.min_lr_ratio)
         set_learning_rate(self.optimizer, lr)
         result = train_step(self.policy, self.optimizer, rows, sft_objective(),
                             num_microbatches=cfg.train.num_microbatches, fused_lm_head=cfg.train.fused_lm_head)
@@ -281,35 +275,6 @@ class SFTTrainer:
         if "entropy" in result:
             metrics["train/entropy"] = result["entropy"]
         return metrics
-
-    def fit(self, on_step=None, stop_after: int | None = None) -> list[dict[str, float]]:
-        """Train to the last step of the last epoch, or only up to global step `stop_after`; save a checkpoint when
-        stopping (and every train.save_every steps). on_step(trainer, metrics) runs after each step. Returns the
-        metrics of the steps run."""
-        end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
-        history = []
-        progress = None
-        if self.ps.is_main and self.cfg.train.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(total=self.total_steps, initial=self.step, desc="SFT", dynamic_ncols=True)
-        while self.step < end:
-            metrics = self.train_one_step()
-            history.append(metrics)
-            if self.logger is not None:
-                self.logger.log(self.step, metrics)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['train/loss']:.3f}", lr=f"{metrics['optim/lr']:.1e}")
-            if on_step is not None:
-                on_step(self, metrics)
-            if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
-                self.save()
-        if progress is not None:
-            progress.close()
-        if self.step > 0 and self._saved_at != self.step:
-            self.save()
-        return history
 
     @torch.no_grad()
     def evaluate_loss(self, examples: Sequence[SFTExample]) -> float:
@@ -330,17 +295,10 @@ class SFTTrainer:
         return float(total[0] / total[1])
 
     # ------------------------------------------------------------------------------------------ state
-    def _trainer_state(self) -> dict[str, Any]:
+    def trainer_state(self) -> dict[str, Any]:
         epoch, position = divmod(self.step, self.steps_per_epoch)
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": position, "total_steps": self.total_steps,
                 "num_examples": len(self.items), "data_sha256": self.data_sha256, "config": to_dict(self.cfg)}
-
-    def save(self) -> Path:
-        """Checkpoint the model, optimizer, RNG and the data position (collective)."""
-        path = save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
-                               trainer_state=self._trainer_state(), keep=self.cfg.train.keep_checkpoints)
-        self._saved_at = self.step
-        return path
 
     def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
         """ValueError unless the checkpoint's run is this one: batch size, seed, epochs and the tokenised examples."""
@@ -363,16 +321,5 @@ class SFTTrainer:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)  # checked before the build
         self.step = self._saved_at = int(state["step"])
 
-    def export_hf(self, out_dir: str | Path | None = None) -> Path:
-        """An HF checkpoint of the current weights (collective): safetensors, config.json and the tokenizer files
-        copied byte for byte from tokenizer_dir (default: the model dir). Default out_dir: out/hf."""
-        out_dir = Path(out_dir) if out_dir is not None else self.out / "hf"
-        convert.save_hf_checkpoint(self.policy, out_dir, self.model_dir / "config.json",
-                                   tokenizer_dir=self.tokenizer_dir)
-        return out_dir
-
-    def close(self) -> None:
-        """Draw curves.png and close the metrics files."""
-        if self.logger is not None:
-            self.logger.plot_logged(CURVES)
-            self.logger.close()
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}", "lr": f"{metrics['optim/lr']:.1e}"}

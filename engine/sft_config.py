@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from r1_engine.engine.config import ModelConfig, _flag
+from r1_engine.engine.config import ModelConfig, OptimConfig, fail_first, optim_checks
 
 
 @dataclass
@@ -24,22 +24,6 @@ class SFTDataConfig:
     """r1-zero | chat | none | a custom string with {prompt} (engine.data.apply_template)."""
     max_tokens: int = 1024
     """Longer examples (templated prompt + completion + eos) are skipped and counted, never truncated."""
-
-
-@dataclass
-class SFTOptimConfig:
-    lr: float = 1e-5
-    """Peak Adam learning rate (after the warm-up; a cosine decay to lr * min_lr_ratio follows)."""
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    """Global gradient-norm clip (over every TP/PP/DP shard; 0: none)."""
-    warmup_steps: int = 0
-    """Linear warm-up over this many optimizer steps (lr * (s + 1) / warmup_steps)."""
-    warmup_ratio: float = 0.0
-    """Warm-up as a share of all optimizer steps (rounded up), instead of warmup_steps (set at most one)."""
-    min_lr_ratio: float = 0.1
-    """The cosine decay ends at lr * min_lr_ratio on the last step (1: a constant lr after the warm-up)."""
-    betas: tuple[float, float] = (0.9, 0.999)
 
 
 @dataclass
@@ -74,7 +58,7 @@ class SFTTrainConfig:
 class SFTConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    optim: SFTOptimConfig = field(default_factory=SFTOptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="cosine"))
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
 
 
@@ -90,16 +74,7 @@ def check_sft_ranges(cfg: SFTConfig) -> None:
         ("model.tensor_parallel", m.tensor_parallel >= 1, ">= 1"),
         ("model.pipeline_parallel", m.pipeline_parallel >= 1, ">= 1"),
         ("data.max_tokens", d.max_tokens >= 2, ">= 2 (a prompt token and the eos at least)"),
-        ("optim.lr", at_least(o.lr, 0) and o.lr > 0, "> 0"),
-        ("optim.weight_decay", at_least(o.weight_decay, 0), ">= 0"),
-        ("optim.grad_clip", at_least(o.grad_clip, 0), ">= 0 (0: no clipping)"),
-        ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
-        ("optim.warmup_ratio", at_least(o.warmup_ratio, 0) and o.warmup_ratio <= 1, "in [0, 1]"),
-        ("optim.warmup_ratio", o.warmup_ratio == 0 or o.warmup_steps == 0,
-         f"0 when --optim.warmup-steps is set ({o.warmup_steps}): give one of the two"),
-        ("optim.min_lr_ratio", at_least(o.min_lr_ratio, 0) and o.min_lr_ratio <= 1, "in [0, 1]"),
-        ("optim.betas", len(o.betas) == 2 and all(at_least(b, 0) and b < 1 for b in o.betas),
-         "two numbers in [0, 1) (Adam's moment decay rates)"),
+        *optim_checks(o),
         ("train.epochs", t.epochs >= 1, ">= 1"),
         ("train.batch_size", t.batch_size >= 1, ">= 1"),
         ("train.max_tokens_per_row", t.max_tokens_per_row is None or t.max_tokens_per_row >= 2,
@@ -109,8 +84,4 @@ def check_sft_ranges(cfg: SFTConfig) -> None:
         ("train.save_every", t.save_every >= 0, ">= 0 (0: only at the end)"),
         ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
     ]
-    for key, ok, rule in checks:
-        if not ok:
-            section, name = key.split(".")
-            value = getattr(getattr(cfg, section), name)
-            raise ValueError(f"{_flag(key)}={value!r}: must be {rule}")
+    fail_first(cfg, checks)

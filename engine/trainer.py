@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from r1_engine.engine.advantages import filter_uniform_groups, group_advantages, overlong_penalty
 from r1_engine.engine.batch import ADVANTAGES, OLD_LOGP, ROUTED_EXPERTS, rl_rows, with_logprobs
-from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
 from r1_engine.engine.config import GRPOConfig, check_ranges, to_dict
 from r1_engine.engine.data import (
     PromptDataset,
@@ -43,6 +43,7 @@ from r1_engine.engine.objectives import policy_objective
 from r1_engine.engine.preflight import check_layout, check_lengths, check_teacher
 from r1_engine.engine.profiling import StepProfiler
 from r1_engine.engine.rollout import build_rollout_engine, rollout_model_dir
+from r1_engine.engine.run import TrainingRun, learning_rate
 from r1_engine.engine.rollout.base import RolloutBatch, SamplingParams
 from r1_engine.engine.sampling import RolloutSampler, build_scorer, plan_scoring
 from r1_engine.engine.step_metrics import CollectedStep, step_metrics
@@ -61,11 +62,14 @@ CURVES = ("accuracy", "format_rate", "eval/pass@1", "eval/format_rate", "reward/
           "time/step", "throughput/tokens_per_s")
 
 
-class GRPOTrainer:
+class GRPOTrainer(TrainingRun):
+    label = "GRPO"
+    curves = CURVES
+
     def __init__(self, config: GRPOConfig, model_dir: str | Path, train_examples: Sequence, eval_examples: Sequence = ()):
         check_ranges(config)
         self.cfg = cfg = config
-        self.model_dir = Path(model_dir)
+        self.model_dir = self.tokenizer_dir = Path(model_dir)
         self.ps = pstate.init_parallel(cfg.model.tensor_parallel, cfg.model.pipeline_parallel, cfg.train.seed,
                                        expert_parallel=cfg.model.expert_parallel)
         self.device = self.ps.device
@@ -150,6 +154,9 @@ class GRPOTrainer:
         # every rank draws the same global batch; DP replicas take interleaved shares of it
         self.sampler = PromptSampler(self.train_set, cfg.rollout.prompts_per_step, seed=cfg.train.seed)
         self.step = 0
+        self.total_steps = cfg.train.steps
+        self.warmup_steps = cfg.optim.warmup_steps or math.ceil(cfg.optim.warmup_ratio * cfg.train.steps)
+        self._profiler = None
         self.draws = 0  # prompt batches drawn so far (one a step, more with dynamic sampling): seeds the rollouts
         self.logger = MetricsLogger(self.out) if self.ps.is_main else None
         self.timer = PhaseTimer(sync_cuda=torch.cuda.is_available())
@@ -334,7 +341,8 @@ class GRPOTrainer:
         from r1_engine.parallel.moe import update_expert_bias
 
         cfg = self.cfg
-        lr = cfg.optim.lr * min(1.0, (self.step + 1) / max(1, cfg.optim.warmup_steps))
+        o = cfg.optim
+        lr = learning_rate(self.step, self.total_steps, o.lr, self.warmup_steps, o.schedule, o.min_lr_ratio)
         set_learning_rate(self.optimizer, lr)
         updates = []
         objective = policy_objective(cfg.loss, cfg.rollout.temperature)
@@ -375,45 +383,37 @@ class GRPOTrainer:
         return {f"eval/{k}": summary[k] for k in keys}
 
     # ------------------------------------------------------------------------------------------ the loop
-    def fit(self, on_step=None) -> list[dict[str, float]]:
-        cfg = self.cfg
-        history = []
-        progress = None
-        if self.ps.is_main and cfg.train.progress:
-            from tqdm import tqdm
+    # ------------------------------------------------------------------------------------------ the run skeleton's hooks
+    def before_step(self) -> None:
+        if self._profiler is None:
+            self._profiler = StepProfiler.from_config(self.cfg.train, self.ps.rank, self.out)  # --train.profile-steps
+        self._profiler.begin(self.step + 1)
 
-            progress = tqdm(total=cfg.train.steps, initial=self.step, desc="GRPO", dynamic_ncols=True)
-        profiler = StepProfiler.from_config(cfg.train, self.ps.rank, self.out)  # --train.profile-steps
-        while self.step < cfg.train.steps:
-            profiler.begin(self.step + 1)
-            metrics = self.train_one_step()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
-                with nvtx_range("eval"):
-                    metrics.update(self.evaluate())
-            history.append(metrics)
-            if self.logger is not None:
-                self.logger.log(self.step, metrics)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(acc=f"{metrics.get('accuracy', math.nan):.2f}",
-                                     fmt=f"{metrics.get('format_rate', math.nan):.2f}",
-                                     kl=f"{metrics.get('train/kl', 0.0):.1e}")
-            if on_step is not None:
-                on_step(self, metrics)
-            if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                self.save()
-            profiler.end(self.step)
-        profiler.close()
-        if progress is not None:
-            progress.close()
-        return history
+    def after_step(self, metrics: dict[str, float]) -> None:
+        cfg = self.cfg
+        if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+            with nvtx_range("eval"):
+                metrics.update(self.evaluate())
+
+    def end_step(self) -> None:
+        self._profiler.end(self.step)
+
+    def end_fit(self) -> None:
+        if self._profiler is not None:
+            self._profiler.close()
+            self._profiler = None
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"acc": f"{metrics.get('accuracy', math.nan):.2f}", "fmt": f"{metrics.get('format_rate', math.nan):.2f}",
+                "kl": f"{metrics.get('train/kl', 0.0):.1e}"}
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
+                "config": to_dict(self.cfg)}
 
     def save(self) -> Path:
-        state = {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
-                 "config": to_dict(self.cfg)}
         with nvtx_range("checkpoint"):
-            return save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
-                                   trainer_state=state, keep=self.cfg.train.keep_checkpoints)
+            return super().save()
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)
@@ -423,20 +423,12 @@ class GRPOTrainer:
             if then is not None and then != now:
                 raise ValueError(f"{path}: checkpoint was written with {section}.{key}={then}, this run has {now}; "
                                  f"resuming would not continue the same run (use a new --train.out)")
-        self.step = int(state["step"])
+        self.step = self._saved_at = int(state["step"])
         self.draws = int(state.get("draws", self.step))
         self.sampler.load_state_dict(state["sampler"])
         self.sync_weights()
 
-    def export_hf(self, out_dir: str | Path | None = None) -> Path:
-        out_dir = Path(out_dir) if out_dir is not None else self.out / "hf"
-        convert.save_hf_checkpoint(self.policy, out_dir, self.model_dir / "config.json",
-                                   tokenizer_dir=self.model_dir)
-        return out_dir
-
     def close(self) -> None:
         if self.rollout_sampler is not None:
             self.rollout_sampler.close()
-        if self.logger is not None:
-            self.logger.plot_logged(CURVES)
-            self.logger.close()
+        super().close()

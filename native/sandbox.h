@@ -41,8 +41,13 @@ void keep_only(int a, int b, int c);
 /* Tasks (threads included) of `uid` now: without a user namespace RLIMIT_NPROC counts all of them. */
 long count_tasks(uid_t uid);
 
-/* SIGKILL every descendant of this process (a walk over /proc's parent links); returns how many were found. */
-int kill_descendants(void);
+/* SIGKILL every live descendant of this process except `spare` (whose descendants are killed too; 0: none spared),
+ * a walk over /proc's parent links; zombies are skipped. Returns how many were found. */
+int kill_descendants(pid_t spare);
+
+/* Whether the tree under `dir` holds more than max_bytes (allocated) or max_inodes entries, or is deeper than 32
+ * levels (the seccomp fallback's stand-in for the namespaces' size-capped tmpfs, checked every 50 ms). */
+int dir_over(const char *dir, long long max_bytes, long max_inodes);
 
 /* Paths the program may read and execute (namespaces: bound read-only into the new root; fallback: Landlock rules). */
 extern const char *const SYSTEM_PATHS[];
@@ -53,7 +58,10 @@ extern const char *const DEVICE_PATHS[];
 /* The seccomp filter. Always: no ptrace or process_vm_*, no new namespaces, no mounts, no keyrings, no
  * bpf/perf/userfaultfd/io_uring (io_uring would bypass the filter). `fallback` (no PID and network namespaces) adds:
  * no sockets (socketpair stays), no connect/bind/listen/accept, no sendto with an address, no sendmsg, no signals
- * except to the own process group (kill(0, sig)). 0, or -errno (-ENOSYS: no filter for this architecture). */
+ * except to the own process group (kill(0, sig)), no SysV IPC or POSIX message queues, no inotify/fanotify.
+ * Both also: socket/socketpair of AF_UNIX only, no memfd_create, no file signal owners (fcntl F_SETOWN[_EX],
+ * F_SETSIG, O_ASYNC; ioctl FIOSETOWN, SIOCSPGRP, FIOASYNC). 0, or -errno (-ENOSYS: no filter for this
+ * architecture). */
 int install_seccomp(int fallback);
 
 /* Whether install_seccomp has a filter for this architecture (x86-64, arm64). */
@@ -64,7 +72,9 @@ int seccomp_supported(void);
  * Returns the ABI version used (> 0), 0 when the kernel has no Landlock, or -errno on failure. */
 int install_landlock(const char *const *read_paths, int n_read, const char *work_dir);
 
-/* The Landlock ABI version of this kernel (0: none). */
+/* The Landlock ABI version of this kernel (0: none), capped by $R1_SANDBOX_LANDLOCK_ABI_MAX when set (tests use it
+ * to run the fallback as on an older kernel; it can only weaken the sandbox, never strengthen it). */
+#define LANDLOCK_CAP_ENV "R1_SANDBOX_LANDLOCK_ABI_MAX"
 int landlock_abi(void);
 
 #endif

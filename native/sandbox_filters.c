@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -30,7 +31,7 @@
 #if defined(R1_AUDIT_ARCH) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define ARG_LO(n) ((uint32_t)(offsetof(struct seccomp_data, args) + 8 * (n)))
 #define ARG_HI(n) (ARG_LO(n) + 4)
-#define MAX_FILTER 160
+#define MAX_FILTER 256
 
 struct filter {
     struct sock_filter code[MAX_FILTER];
@@ -46,11 +47,28 @@ static void emit(struct filter *f, struct sock_filter insn) {
 #define JEQ(k, jt, jf) emit(f, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (k), (jt), (jf)))
 #define JSET(k, jt, jf) emit(f, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, (k), (jt), (jf)))
 #define NR_OFFSET ((uint32_t)offsetof(struct seccomp_data, nr))
+#define AF_UNIX_NR 1u
+#define F_SETOWN_NR 8u
+#define F_SETSIG_NR 10u
+#define F_SETOWN_EX_NR 15u
+#define O_ASYNC_NR 020000u
+#define FIOSETOWN_NR 0x8901u
+#define SIOCSPGRP_NR 0x8902u
+#define FIOASYNC_NR 0x5452u
 
 /* The syscall `nr` fails with `err` (the accumulator holds the syscall number). */
 static void deny(struct filter *f, long nr, int err) {
     JEQ((uint32_t)nr, 0, 1);
     RET(SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA));
+}
+
+/* socket(domain, ...) / socketpair(domain, ...): AF_UNIX only (AF_VSOCK and friends ignore network namespaces). */
+static void unix_only(struct filter *f, long nr) {
+    JEQ((uint32_t)nr, 0, 4);
+    LOAD(ARG_LO(0));
+    JEQ(AF_UNIX_NR, 0, 1);
+    RET(SECCOMP_RET_ALLOW);
+    RET(SECCOMP_RET_ERRNO | EAFNOSUPPORT);
 }
 
 int install_seccomp(int fallback) {
@@ -63,7 +81,30 @@ int install_seccomp(int fallback) {
     emit(f, (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, 0x40000000u, 0, 1)); /* x32 */
     RET(SECCOMP_RET_KILL_PROCESS);
 #endif
-    if (fallback) { /* without a PID and a network namespace: signals and sockets are the host's */
+    /* both: sockets of AF_UNIX only (namespaces: no host socket is reachable through the mount and network
+     * namespaces, but AF_VSOCK and others are not namespaced); the fallback denies socket() altogether below */
+    unix_only(f, SYS_socketpair);
+    if (!fallback) unix_only(f, SYS_socket);
+    /* both: no signal owner for a file (F_SETOWN[_EX], FIOSETOWN, SIOCSPGRP would let SIGIO / F_SETSIG's signal
+     * reach any process of the uid, bypassing the kill() rule), no F_SETSIG, no O_ASYNC */
+    JEQ(SYS_fcntl, 0, 9);
+    LOAD(ARG_LO(1));
+    JEQ(F_SETOWN_NR, 6, 0);
+    JEQ(F_SETOWN_EX_NR, 5, 0);
+    JEQ(F_SETSIG_NR, 4, 0);
+    JEQ(F_SETFL, 0, 2);
+    LOAD(ARG_LO(2));
+    JSET(O_ASYNC_NR, 1, 0);
+    RET(SECCOMP_RET_ALLOW);
+    RET(SECCOMP_RET_ERRNO | EPERM);
+    JEQ(SYS_ioctl, 0, 6);
+    LOAD(ARG_LO(1));
+    JEQ(FIOSETOWN_NR, 3, 0);
+    JEQ(SIOCSPGRP_NR, 2, 0);
+    JEQ(FIOASYNC_NR, 1, 0);
+    RET(SECCOMP_RET_ALLOW);
+    RET(SECCOMP_RET_ERRNO | EPERM);
+    if (fallback) { /* without a PID and network namespace: signals and sockets are the host's */
         /* kill(pid, sig): only pid 0 (the own process group) */
         JEQ(SYS_kill, 0, 4);
         LOAD(ARG_LO(0));
@@ -84,6 +125,16 @@ int install_seccomp(int fallback) {
 #ifdef SYS_pidfd_send_signal
                                     SYS_pidfd_send_signal,
 #endif
+                                    /* no IPC namespace: SysV IPC and POSIX message queues are the host's (and
+                                     * outlive the run) */
+                                    SYS_shmget, SYS_shmat, SYS_shmctl, SYS_msgget, SYS_msgsnd, SYS_msgrcv,
+                                    SYS_msgctl, SYS_semget, SYS_semop, SYS_semctl, SYS_semtimedop, SYS_mq_open,
+                                    SYS_mq_unlink,
+                                    /* watching the host's files (Landlock does not cover inotify/fanotify) */
+#ifdef SYS_inotify_init
+                                    SYS_inotify_init,
+#endif
+                                    SYS_inotify_init1, SYS_fanotify_init,
         };
         for (size_t i = 0; i < sizeof host / sizeof host[0]; i++) deny(f, host[i], EPERM);
     }
@@ -103,6 +154,10 @@ int install_seccomp(int fallback) {
         SYS_ptrace, SYS_process_vm_readv, SYS_process_vm_writev, SYS_unshare, SYS_setns, SYS_mount, SYS_umount2,
         SYS_pivot_root, SYS_chroot, SYS_bpf, SYS_perf_event_open, SYS_userfaultfd, SYS_add_key, SYS_request_key,
         SYS_keyctl, SYS_kexec_load, SYS_init_module, SYS_finit_module, SYS_delete_module,
+        SYS_memfd_create, /* memory outside RLIMIT_AS and outside the work tmpfs' size */
+#ifdef SYS_memfd_secret
+        SYS_memfd_secret,
+#endif
 #ifdef SYS_io_uring_setup
         SYS_io_uring_setup, SYS_io_uring_enter, SYS_io_uring_register,
 #endif
@@ -159,6 +214,8 @@ struct ll_path_beneath {
 
 int landlock_abi(void) {
     long abi = syscall(SYS_landlock_create_ruleset, NULL, 0, LL_CREATE_RULESET_VERSION);
+    const char *cap = getenv(LANDLOCK_CAP_ENV); /* tests: behave like an older kernel (0: none) */
+    if (abi > 0 && cap && *cap >= '0' && *cap <= '9' && atol(cap) < abi) abi = atol(cap);
     return abi > 0 ? (int)abi : 0;
 }
 

@@ -213,8 +213,8 @@ void keep_only(int a, int b, int c) {
     }
 }
 
-/* SIGKILL every descendant of this process (a walk over /proc's parent links); returns how many were found. */
-int kill_descendants(void) {
+/* SIGKILL every live descendant of this process but `spare` (a walk over /proc's parent links); returns how many. */
+int kill_descendants(pid_t spare) {
     size_t cap = 4096, n = 0;
     pid_t (*links)[2] = malloc(cap * sizeof *links); /* (pid, parent) */
     DIR *proc = opendir("/proc");
@@ -224,12 +224,14 @@ int kill_descendants(void) {
         if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
         snprintf(path, sizeof path, "/proc/%s/stat", e->d_name);
         int fd = open(path, O_RDONLY | O_CLOEXEC), parent;
+        char state;
         ssize_t got = fd < 0 ? -1 : read(fd, line, sizeof line - 1);
         if (fd >= 0) close(fd);
         if (got <= 0) continue;
         line[got] = '\0';
         char *tail = strrchr(line, ')'); /* the command name may hold spaces and parentheses */
-        if (!tail || sscanf(tail + 1, " %*c %d", &parent) != 1) continue;
+        if (!tail || sscanf(tail + 1, " %c %d", &state, &parent) != 2) continue;
+        if (state == 'Z' || state == 'X') parent = -1; /* dead: nothing to kill (its parent reaps it) */
         if (n == cap) {
             void *grown = realloc(links, 2 * cap * sizeof *links);
             if (!grown) break;
@@ -247,8 +249,9 @@ int kill_descendants(void) {
             pid_t p = queue[head++];
             for (size_t i = 0; i < n; i++)
                 if (links[i][1] == p && links[i][0] != p && tail <= n) {
-                    kill(links[i][0], SIGKILL);
                     queue[tail++] = links[i][0];
+                    if (links[i][0] == spare) continue;
+                    kill(links[i][0], SIGKILL);
                     found++;
                 }
         }
@@ -256,4 +259,45 @@ int kill_descendants(void) {
     free(queue);
     free(links);
     return found;
+}
+
+/* Add what lies under the directory `fd` (closed here) to *bytes (allocated blocks) and *inodes, without following
+ * symlinks; a subdirectory the program made unreadable is made readable again (its owner may). Returns -1 when the
+ * tree is deeper than `depth` levels (a hostile program hiding files from the count), else 0. */
+static int usage_at(int fd, long long *bytes, long *inodes, int depth) {
+    DIR *d = fdopendir(fd);
+    if (!d) {
+        close(fd);
+        return 0;
+    }
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(d))) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        struct stat st;
+        if (fstatat(dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+        *bytes += (long long)st.st_blocks * 512;
+        (*inodes)++;
+        if (!S_ISDIR(st.st_mode)) continue;
+        if (depth <= 0) {
+            rc = -1;
+            break;
+        }
+        int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+        int sub = openat(dirfd(d), e->d_name, flags);
+        if (sub < 0 && errno == EACCES && fchmodat(dirfd(d), e->d_name, 0700, 0) == 0)
+            sub = openat(dirfd(d), e->d_name, flags);
+        if (sub >= 0) rc = usage_at(sub, bytes, inodes, depth - 1);
+    }
+    closedir(d);
+    return rc;
+}
+
+int dir_over(const char *dir, long long max_bytes, long max_inodes) {
+    long long bytes = 0;
+    long inodes = 0;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return 0;
+    if (usage_at(fd, &bytes, &inodes, 32) != 0) return 1;
+    return bytes > max_bytes || inodes > max_inodes;
 }

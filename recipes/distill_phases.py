@@ -66,24 +66,10 @@ class Distillation:
             dist.barrier()
 
     def _on_main(self, fn):
-        """fn() on rank 0 while the others wait; its result, or its user error (one line), reaches every rank."""
-        from r1_engine.engine.config import USER_ERRORS
+        """fn() on rank 0 while the others wait; its result, or its error, reaches every rank (engine.run.on_main)."""
+        from r1_engine.engine.run import on_main
 
-        result = error = None
-        if self.ps.is_main:
-            try:
-                result = fn()
-            except USER_ERRORS as err:
-                if not self._multi():
-                    raise
-                error = str(err)
-        if self._multi():
-            box = [(result, error)]
-            dist.broadcast_object_list(box, src=0)
-            result, error = box[0]
-            if error is not None:
-                raise ValueError(error)
-        return result
+        return on_main(self.ps, fn)
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +138,7 @@ class Distillation:
         loss_before = trainer.evaluate_loss(examples)
         trainer.fit()
         loss_after = trainer.evaluate_loss(examples)
-        hf = trainer.export_hf()
-        trainer.close()
+        hf = trainer.finish()
         sampling = json.loads(cost_file.read_text())
         sft_s, sft_cpu = time.perf_counter() - started, time.process_time() - cpu
         trained = sum(m.get("train/num_tokens", 0.0) for m in self.logged("offline"))
@@ -221,9 +206,7 @@ class Distillation:
                 "student_tokens_generated": generated, "student_tokens_trained": trained, "steps": trainer.step}
 
     def _export(self, trainer, phase: str) -> tuple[Path, dict]:
-        trainer.save()
-        hf = trainer.export_hf()
-        trainer.close()
+        hf = trainer.finish()
         return hf, self._rl_cost(trainer, phase)
 
     def onpolicy(self) -> tuple[Path, dict]:
@@ -242,35 +225,30 @@ class Distillation:
                              "in --out: give --baseline-seconds")
         return max(spent)
 
+    def budget_stop(self, clock, started: float, budget: float):
+        """The GRPO baseline's stop condition for the run skeleton: stop before a step unless the run would end
+        nearer the budget with it than without it (half the last step's time); rank 0's clock decides for every
+        rank."""
+        last = {"start": None, "seconds": 0.0}
+
+        def stop(trainer) -> bool:
+            now = clock()
+            if last["start"] is not None:
+                last["seconds"] = now - last["start"]
+            last["start"] = now
+            go = torch.tensor([float(now - started + last["seconds"] / 2 <= budget)], device=self.ps.device)
+            if self._multi():
+                dist.broadcast(go, src=0)
+            return not go.item()
+        return stop
+
     def rl(self) -> tuple[Path, dict]:
         """GRPO from the student until the budget (counted from here, as each phase's cost) is spent: a step is
         started while the run would end nearer the budget with it than without it."""
         clock = time.process_time if self.cfg.baseline_clock == "cpu" else time.perf_counter
         budget, started = self.rl_budget(), clock()
         trainer = self._grpo_trainer(self.cfg.rl, "rl")
-        last = 0.0
-        progress = None
-        if self.ps.is_main and trainer.cfg.train.progress:
-            from tqdm import tqdm
-
-            progress = tqdm(desc=f"GRPO for {budget:.0f} {self.cfg.baseline_clock} s", unit="step",
-                            initial=trainer.step, dynamic_ncols=True)
-        while trainer.step < trainer.cfg.train.steps:
-            go = torch.tensor([float(clock() - started + last / 2 <= budget)], device=self.ps.device)
-            if self._multi():  # rank 0's clock decides for every rank
-                dist.broadcast(go, src=0)
-            if not go.item():
-                break
-            t0 = clock()
-            metrics = trainer.train_one_step()
-            last = clock() - t0
-            if trainer.logger is not None:
-                trainer.logger.log(trainer.step, metrics)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(acc=f"{metrics.get('accuracy', float('nan')):.2f}", s=f"{clock() - started:.0f}")
-        if progress is not None:
-            progress.close()
+        trainer.fit(stop=self.budget_stop(clock, started, budget))
         hf, cost = self._export(trainer, "rl")
         cost["budget_s"], cost["budget_clock"] = budget, self.cfg.baseline_clock
         return hf, cost

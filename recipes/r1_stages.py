@@ -68,11 +68,10 @@ class Pipeline:
         return backend
 
     def _on_main(self, fn):
-        """fn() on rank 0, the others wait; an error on rank 0 is re-raised there (the others then time out in
-        the barrier, as torchrun stops the job)."""
-        result = fn() if self.ps.is_main else None
-        self._barrier()
-        return result
+        """fn() on rank 0 while the others wait; its result, or its error, reaches every rank (engine.run.on_main)."""
+        from r1_engine.engine.run import on_main
+
+        return on_main(self.ps, fn)
 
     def run(self) -> None:
         from r1_engine.recipes.r1_config import STAGES
@@ -135,11 +134,7 @@ class Pipeline:
             train=dataclasses.replace(config.train, out=str(self.dir(stage))))
         trainer = SFTTrainer(config, start, examples)
         trainer.fit()
-        if config.train.save_every == 0 or trainer.step % config.train.save_every:
-            trainer.save()
-        hf = trainer.export_hf()
-        trainer.close()
-        return hf
+        return trainer.finish()
 
     def rl(self, out: Path, config, start: Path, examples) -> Path:
         from r1_engine.engine.trainer import GRPOTrainer
@@ -150,11 +145,7 @@ class Pipeline:
             train=dataclasses.replace(config.train, out=str(out)))
         trainer = GRPOTrainer(config, start, examples, ())
         trainer.fit()
-        if config.train.save_every == 0 or trainer.step % config.train.save_every:
-            trainer.save()
-        hf = trainer.export_hf()
-        trainer.close()
-        return hf
+        return trainer.finish()
 
     def reward_models(self) -> dict[str, str]:
         """name -> HF dir: the ones given, or one trained here on --data.preferences (rank 0; every rank calls)."""

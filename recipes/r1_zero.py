@@ -142,13 +142,9 @@ def main(argv: list[str] | None = None):
         if before and after:
             print(f"held-out pass@1 {before['eval/pass@1']:.3f} -> {after['eval/pass@1']:.3f}   "
                   f"format rate {before['eval/format_rate']:.3f} -> {after['eval/format_rate']:.3f}")
-    if cfg.train.save_every == 0 or trainer.step % cfg.train.save_every:
-        trainer.save()
-    if cfg.train.export_hf:
-        path = trainer.export_hf()
-        if ps.is_main:
-            print(f"HF checkpoint: {path}")
-    trainer.close()
+    path = trainer.finish(export=cfg.train.export_hf)  # the last checkpoint is written by fit()
+    if path is not None and ps.is_main:
+        print(f"HF checkpoint: {path}")
     if ps.is_main:
         print(f"metrics: {trainer.out / 'metrics.jsonl'}   curves: {trainer.out / 'curves.png'}")
     return before, after

@@ -12,13 +12,16 @@ blank lines), a non-zero exit, a timeout or a limit hit. C++ is compiled (g++/cl
 sandbox under its own limits. Python programs get the standard library only.
 
 One completion is one sandbox run (engine/sandbox.py) of the harness (code_harness.py), which runs every test in a
-fork of itself; the expected outputs stay outside the sandbox. Many completions run concurrently in the reward
-worker pool (one per worker: size the pool by the cores, reward.code_workers). The run's wall clock is the
-completion's budget: compile + tests x per-test limit, at most completion_timeout_s; tests it cuts off fail.
+fork of itself; the expected outputs stay outside the sandbox, and each test's input is sent as its own frame that
+the harness reads only right before that test (a test never holds a later test's input). Between tests the harness
+kills the test's whole process tree and empties the cwd. Many completions run concurrently in the reward worker
+pool (one per worker: size the pool by the cores, reward.code_workers). The run's wall clock is the completion's
+budget: compile + tests x per-test limit, at most completion_timeout_s; tests it cuts off fail.
 
-Not guaranteed: an assert-style test only shows that the program exited 0 after printing a nonce the harness adds
-once the test code ran to its end; a program can still defeat it from inside its own process (overriding __eq__,
-reading the harness's frames). C++ test_code passes on exit status 0 alone.
+Not guaranteed (docs/code_judge.md lists what was tested per isolation): a failed assert-style test is trustworthy,
+a passed one only shows that the program exited 0 after printing a nonce the harness adds once the test code ran to
+its end; a program can still defeat it from inside its own process (overriding __eq__, reading the harness's
+frames). C++ test_code passes on exit status 0 alone.
 """
 from __future__ import annotations
 
@@ -93,14 +96,14 @@ class CodeJudge:
         lim = self.limits
         if language == "cpp" and self.cxx is None:
             return Verdict(0, tests.count, ("no_compiler",) * tests.count, "no C++ compiler (g++, clang++) here")
-        programs = []
+        programs, inputs = [], []  # inputs: (stdin, stdout cap) per test, sent after the job, one frame each
         if tests.io:
-            caps = [max(lim.output_bytes, 2 * len(out.encode()) + 4096) for _, out in tests.io]
-            programs.append({"language": language, "source": source, "inputs": [s for s, _ in tests.io],
-                             "caps": caps, "asserts": False})
+            inputs += [(s, max(lim.output_bytes, 2 * len(out.encode()) + 4096)) for s, out in tests.io]
+            programs.append({"language": language, "source": source, "tests": len(tests.io), "asserts": False})
         if tests.test_code is not None:
-            programs.append({"language": language, "source": f"{source}\n\n{tests.test_code}\n", "inputs": [""],
-                             "caps": [lim.output_bytes], "asserts": True})
+            inputs.append(("", lim.output_bytes))
+            programs.append({"language": language, "source": f"{source}\n\n{tests.test_code}\n", "tests": 1,
+                             "asserts": True})
         compile_s = lim.compile_timeout_s * len(programs) if language == "cpp" else 0.0
         wall = min(lim.completion_timeout_s, 1.0 + compile_s + tests.count * (lim.test_timeout_s + 0.3))
         job = {"programs": programs, "test_timeout_s": lim.test_timeout_s, "test_cpu_s": math.ceil(lim.test_timeout_s),
@@ -111,9 +114,9 @@ class CodeJudge:
         outer = Limits(wall_s=wall, cpu_s=math.ceil(wall), memory_mb=max(lim.memory_mb, lim.compile_memory_mb),
                        processes=lim.processes, file_size_mb=max(64, lim.file_size_mb), open_files=64,
                        work_mb=lim.work_mb,
-                       output_bytes=sum(c for p in programs for c in p["caps"]) + 64 * tests.count + 8192 * len(programs))
-        run = self.sandbox.run([self.sandbox.python, "-I", "-S", "-c", HARNESS], stdin=marshal.dumps(job, 4),
-                               limits=outer)
+                       output_bytes=sum(c for _, c in inputs) + 64 * tests.count + 8192 * len(programs))
+        stream = b"".join(_frame(marshal.dumps(item, 4)) for item in (job, *inputs))
+        run = self.sandbox.run([self.sandbox.python, "-I", "-S", "-c", HARNESS], stdin=stream, limits=outer)
         outputs, note = parse_frames(run.stdout)
         if run.status not in ("exited", "timeout") or (run.status == "exited" and run.exit_code != 0):
             note = note or f"judge run {run.status} (exit {run.exit_code}): {run.note} {run.stderr[-300:]!r}"
@@ -125,6 +128,10 @@ class CodeJudge:
                 status = "pass" if want is None or same_output(got, want) else "wrong_output"
             statuses.append(status)
         return Verdict(statuses.count("pass"), len(statuses), tuple(statuses), note)
+
+
+def _frame(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data
 
 
 def parse_frames(data: bytes) -> tuple[dict[int, tuple[str, bytes]], str]:

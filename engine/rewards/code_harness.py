@@ -2,20 +2,32 @@
 completion's program on each test. engine/rewards/code.py sends the job and reads the results; expected outputs
 never enter the sandbox (they are compared outside).
 
-Job (stdin, marshal format 4: no import to pay for, where json costs more than the interpreter start):
-{"programs": [{"language": "python" | "cpp", "source": str, "inputs": [str, ...], "caps": [stdout bytes allowed per
-input], "asserts": bool}], "test_timeout_s", "test_cpu_s", "memory_mb", "file_size_mb",
-"compile": {"argv": [...], "timeout_s", "cpu_s", "memory_mb", "file_size_mb"}}.
+Job (stdin: frames of an 8-byte little-endian length + marshal format 4 data, no import to pay for, where json costs
+more than the interpreter start): first {"programs": [{"language": "python" | "cpp", "source": str, "tests": n,
+"asserts": bool}], "test_timeout_s", "test_cpu_s", "memory_mb", "file_size_mb", "compile": {"argv": [...],
+"timeout_s", "cpu_s", "memory_mb", "file_size_mb"}}, then one frame (stdin text, stdout bytes allowed) per test, in
+order. A test's frame is read from the pipe only right before that test forks (os.read of exactly its length: no
+read-ahead buffer), so the fork of test i holds test i's input and no later one.
 Results (stdout): per program b"R1C <ok|error> <n>\\n" + n bytes of compiler/syntax log, then per test
 b"R1T <index> <status> <exit code> <n>\\n" + n bytes of its stdout; b"R1END\\n" last.
 
 Python programs run in a fork of this process (no interpreter start per test: a test costs about a millisecond), in
 a fresh __main__ with stdin/stdout/stderr rebuilt on the test's files. C++ is compiled once per program, here, under
 the compile limits, and each test execs the binary. Each test runs in its own process group with its own rlimits
-(soft = hard) and an interval timer that kills it at the wall limit even where this harness may not signal it (the
-seccomp fallback); it is killed once its output passes the cap. Assert-style tests (`asserts`: the test code is
-already appended to the source) pass when the program exits 0 after printing a per-test nonce that the harness adds
-after the test code ran to its end: exiting early with status 0 (exit(0), os._exit(0)) does not pass.
+(soft = hard) and an interval timer; whatever it does, the harness kills its whole process tree (setsid orphans
+included) when it exits, passes the wall limit or the output cap, before the next test starts, and removes the files
+it left in the cwd: tests share no process, no file and no time. The tree kill: in the namespaces isolation
+kill(-1) from here (the PID namespace holds only init, this harness and the test's processes); in the seccomp
+fallback, where seccomp lets this process signal only its own process group, the launcher kills every descendant
+but this harness when asked on the reap channel ($R1_SANDBOX_REAP_FD); without the launcher (rlimits), the test's
+process group only. Where /proc exists (fallback, rlimits) the harness makes itself non-dumpable, so a test cannot
+open its stdout (the results) or read its memory through /proc/<ppid>/.
+
+Assert-style tests (`asserts`: the test code is already appended to the source) pass when the program exits 0 after
+printing a per-test nonce that the harness adds after the test code ran to its end: exiting early with status 0
+(exit(0), os._exit(0)) does not pass. A failed assert-style test is trustworthy; a passed one is not proof against a
+hostile program: code in the test's own process can read the nonce from this harness's frames (sys._getframe),
+override __eq__, or (C++, which passes on exit status 0) exit(0) from a static initializer.
 """
 import _signal as signal  # the signal module would import enum: 6 ms a completion
 import builtins
@@ -26,6 +38,10 @@ import resource
 import select
 import sys
 import time
+
+ISOLATION = os.environ.pop("R1_SANDBOX_ISOLATION", "")  # set by the launcher; not the tests' business
+REAP_FD = os.environ.pop("R1_SANDBOX_REAP_FD", None)
+KEEP = {"prog", "prog.cpp"}  # the compiled program survives between tests; nothing else does
 
 
 def set_limits(cpu_s, memory_mb, file_size_mb):
@@ -86,7 +102,7 @@ def run_python(code, nonce):
 
 def collect(pid, out_r, err_r, deadline, cap):
     """Read the child's stdout (up to cap) and stderr (dropped) until it exits and its pipes close, or the deadline;
-    returns (status, exit code, stdout). A child past the deadline or the cap is killed where this process may."""
+    returns (status, exit code, stdout). Then the child's whole process tree is killed, whatever happened."""
     poller = select.poll()
     streams = {out_r, err_r}
     for fd in streams:
@@ -126,17 +142,92 @@ def collect(pid, out_r, err_r, deadline, cap):
     for fd in (out_r, err_r, pidfd):
         if fd is not None:
             os.close(fd)
-    if verdict is not None:
+    kill_tree(pid)
+    if wait_status is None:
         try:
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except OSError:  # the seccomp fallback forbids it: the child's own timer and limits end it
+            wait_status = os.waitpid(pid, 0)[1]
+        except ChildProcessError:  # reaped by kill_tree
             pass
+    if verdict is not None:
         return verdict, -1, b"".join(chunks)[:cap]
     if os.WIFSIGNALED(wait_status):
         return "signal", -1, b"".join(chunks)
     code = os.waitstatus_to_exitcode(wait_status)
     return ("ok" if code == 0 else "exit"), code, b"".join(chunks)
+
+
+def kill_tree(pid):
+    """SIGKILL every process a test (or the compiler) started, `pid` and setsid orphans included, and wait until they
+    are gone (see the module's docstring for how, per isolation)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the seccomp fallback forbids it (EPERM): the launcher does it below
+    except OSError:
+        pass
+    if REAP_FD is not None:
+        os.write(int(REAP_FD), b"k")
+        if os.read(int(REAP_FD), 1) != b"k":
+            os._exit(3)  # the launcher is gone: nothing can be trusted any more
+    elif ISOLATION == "namespaces" and os.getppid() == 1:
+        give_up = time.monotonic() + 5.0
+        while time.monotonic() < give_up:
+            try:
+                os.kill(-1, signal.SIGKILL)  # every process of the namespace but init and this one
+            except ProcessLookupError:
+                break  # none left, zombies included (init reaps the orphans, this loop its own children)
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
+                pass
+            time.sleep(0.001)
+
+
+def clean_cwd():
+    """Remove what the last test left in the cwd (tests share no files), through directories it made unwritable."""
+    for name in os.listdir("."):
+        if name not in KEEP:
+            remove(name)
+
+
+def remove(path):
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            for name in os.listdir(path):
+                remove(os.path.join(path, name))
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def read_exact(n):
+    """Exactly n bytes of stdin, read with os.read: nothing beyond them is read ahead into this process."""
+    parts = []
+    while n > 0:
+        data = os.read(0, min(n, 1 << 20))
+        if not data:
+            raise EOFError("the job ended early")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def read_frame():
+    return marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
+
+
+def make_undumpable():
+    """Where /proc exists (the seccomp fallback, rlimits): no /proc/<pid>/fd, mem or environ of this process for
+    the tests (same uid), and none for their forks until they exec."""
+    if not os.path.isdir("/proc/self"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        os._exit(4)
 
 
 def run_test(job, program, code, stdin_text, cap, nonce):
@@ -161,6 +252,7 @@ def run_test(job, program, code, stdin_text, cap, nonce):
     for f in (fd, out_w, err_w):
         os.close(f)
     status, exit_code, out = collect(pid, out_r, err_r, time.monotonic() + job["test_timeout_s"], cap)
+    clean_cwd()
     if nonce and status == "ok":
         text = out.rstrip(b"\n")
         if not text.endswith(nonce.encode()):
@@ -196,7 +288,8 @@ def frame(header, payload=b""):
 
 
 def main():
-    job = marshal.loads(sys.stdin.buffer.read())
+    make_undumpable()
+    job = read_frame()
     builtins.exit = builtins.quit = sys.exit  # what site would have added (-S skips it)
     index = 0
     for program in job["programs"]:
@@ -210,7 +303,8 @@ def main():
         else:
             ok, log = compile_cpp(job, program["source"])
         frame(f"R1C {'ok' if ok else 'error'}", log)
-        for stdin_text, cap in zip(program["inputs"], program["caps"]):
+        for _ in range(program["tests"]):
+            stdin_text, cap = read_frame()
             if ok:
                 nonce = os.urandom(16).hex() if program["asserts"] and code is not None else ""  # C++: exit 0
                 status, exit_code, out = run_test(job, program, code, stdin_text, cap, nonce)

@@ -51,9 +51,8 @@ def run_trainer(model_dir: str, out: str, steps: int, tensor_parallel: int = 1, 
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tensor_parallel),
                               algo=dataclasses.replace(cfg.algo, **(algo or {})))
     trainer = GRPOTrainer(cfg, model_dir, load_prompts(DATA / "train.jsonl"), load_prompts(DATA / "eval.jsonl"))
-    history = trainer.fit()
-    trainer.save()
-    trainer.close()
+    history = trainer.fit()  # the run skeleton saves the last step
+    trainer.finish(export=False)
     return [{k: v for k, v in m.items() if not k.startswith(("time/", "throughput/"))} for m in history]
 
 

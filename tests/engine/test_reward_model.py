@@ -11,10 +11,10 @@ import torch
 
 from r1_engine.engine.data import encode_text, load_tokenizer
 from r1_engine.engine.reward_model import RewardModelScorer, RewardModelSet, RewardModelSpec, check_reward_model_dir
+from r1_engine.engine.objectives import bradley_terry_loss
 from r1_engine.engine.reward_model_train import (
     PreferencePair,
     RewardModelTrainConfig,
-    bradley_terry_loss,
     load_preference_pairs,
     train_reward_model,
 )

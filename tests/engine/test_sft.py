@@ -213,13 +213,19 @@ def test_sft_config_from_yaml_and_command_line(tmp_path):
 
 
 def test_learning_rate_schedule_by_hand():
-    from r1_engine.engine.sft import sft_learning_rate
+    """The one schedule (engine.run.learning_rate) every trainer uses: warm-up, then cosine or constant."""
+    from r1_engine.engine.run import learning_rate
 
-    lrs = [sft_learning_rate(s, 7, 1.0, warmup_steps=2, min_lr_ratio=0.2) for s in range(7)]
+    lrs = [learning_rate(s, 7, 1.0, warmup_steps=2, min_lr_ratio=0.2) for s in range(7)]
     # warm-up 0.5, 1; then 0.2 + 0.4 * (1 + cos(pi * k / 4)) for k = 0..4
     want = [0.5, 1.0] + [0.2 + 0.4 * (1 + math.cos(math.pi * k / 4)) for k in range(5)]
     assert lrs == pytest.approx(want, abs=1e-12)
-    assert lrs[-1] == pytest.approx(0.2) and sft_learning_rate(0, 1, 3.0) == 3.0
+    assert lrs[-1] == pytest.approx(0.2) and learning_rate(0, 1, 3.0) == 3.0
+    # GRPO's default: a warm-up to a constant (what its trainer always did: lr * min(1, (step + 1) / warmup))
+    constant = [learning_rate(s, 7, 1.0, warmup_steps=3, schedule="constant") for s in range(7)]
+    assert constant == [min(1.0, (s + 1) / 3) for s in range(7)]
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        learning_rate(5, 7, 1.0, schedule="linear")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +303,7 @@ def test_tokenized_examples_are_prompt_then_completion_and_eos(tiny):
 
 def test_training_lowers_the_loss_and_writes_metrics_curves_and_hf(full_run, tiny):
     from r1_engine.engine.data import load_tokenizer
-    from r1_engine.engine.sft import sft_learning_rate
+    from r1_engine.engine.run import learning_rate
 
     trainer, history = full_run["trainer"], full_run["history"]
     assert trainer.num_skipped_too_long == 1 and len(trainer.items) == NUM_EXAMPLES
@@ -305,7 +311,7 @@ def test_training_lowers_the_loss_and_writes_metrics_curves_and_hf(full_run, tin
     assert [m["train/num_sequences"] for m in history] == [3, 3, 1] * 2  # the partial batch is kept
     assert full_run["after"] < full_run["before"] - 1.0  # held-out mean NLL, nats a token
     assert history[-1]["train/loss"] < history[0]["train/loss"] - 1.0
-    assert [m["optim/lr"] for m in history] == pytest.approx([sft_learning_rate(s, 6, 1e-2, 1, 0.5) for s in range(6)])
+    assert [m["optim/lr"] for m in history] == pytest.approx([learning_rate(s, 6, 1e-2, 1, "cosine", 0.5) for s in range(6)])
     out = tiny["root"] / "full"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and "train/grad_norm" in rows[0]

@@ -38,7 +38,15 @@ def test_resume_after_a_crash_logs_each_step_once_and_keeps_k_checkpoints(model_
     prompts = load_prompts(DATA / "train.jsonl")
     crashed = GRPOTrainer(tiny_config(out, steps=3, save_every=2), model_dir, prompts)
     crashed.logger.log(0, {"eval/pass@1": 0.25})  # the base model's score, as the recipe logs it
-    crashed.fit()  # steps 1-3 logged, a checkpoint at step 2 only: then the "crash" (no final save)
+    class Crash(Exception):
+        pass
+
+    def crash_after_step_3(trainer, metrics):
+        if trainer.step == 3:
+            raise Crash
+
+    with pytest.raises(Crash):  # steps 1-3 logged, a checkpoint at step 2 only: then the crash (no final save)
+        crashed.fit(on_step=crash_after_step_3)
     crashed.close()
     cfg = tiny_config(out, steps=4, save_every=2)
     resumed = GRPOTrainer(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, keep_checkpoints=1)),
