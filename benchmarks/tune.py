@@ -18,10 +18,10 @@ def _sweep(suite: Suite, lp) -> dict:
     logits = torch.randn(n, v, generator=g, device=suite.device, dtype=suite.dtype).mul_(3.0)
     targets = torch.randint(0, v, (n,), generator=g, device=suite.device)
     grad = torch.empty_like(logits)
-    _, entropy, lse_parts = lp.combine_stats(lp._stats_triton(logits, targets, 0, 1.0))
+    _, entropy, lse_parts = lp.combine_stats(lp.stats_triton(logits, targets, 0, 1.0))
     g_vec = torch.randn(n, generator=g, device=suite.device)  # every row has a gradient: full work
-    passes = {"stats": (lambda: lp._stats_triton(logits, targets, 0, 1.0), 1),
-              "grad": (lambda: lp._grad_triton(logits, grad, targets, lse_parts, entropy, g_vec, None, 0, 1.0), 2)}
+    passes = {"stats": (lambda: lp.stats_triton(logits, targets, 0, 1.0), 1),
+              "grad": (lambda: lp.grad_triton(logits, grad, targets, lse_parts, entropy, g_vec, None, 0, 1.0), 2)}
     blocks, warps = ((256, 1024), (4,)) if suite.dry else ((1024, 2048, 4096, 8192, 16384), (4, 8, 16, 32))
     logits_bytes = n * v * (torch.finfo(suite.dtype).bits // 8)
     roof = suite.meta.get("copy_roofline_gbps")

@@ -54,6 +54,44 @@ def apply_template(question: str, template: str = "r1-zero", tokenizer: Any = No
 
 
 @dataclass(frozen=True)
+class CodeTests:
+    """A code row's tests: (stdin, expected stdout) pairs and/or assert-style test code run after the program."""
+
+    io: tuple[tuple[str, str], ...] = ()
+    test_code: str | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.io) + (self.test_code is not None)
+
+
+
+def parse_code_tests(record: dict, where: str) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """A code row's (stdin, stdout) tests and test code, checked: a ValueError naming the field otherwise."""
+    tests, test_code = record.get("tests"), record.get("test_code")
+    shape = 'a non-empty list of {"stdin": str, "stdout": str} objects'
+    if isinstance(tests, str):  # datasets often store the list as JSON text
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: field 'tests' is a string but not JSON ({err.msg}); expected {shape}") from None
+    pairs = []
+    if tests is not None:
+        if not isinstance(tests, list) or not tests:
+            raise ValueError(f"{where}: field 'tests' must be {shape}, got {str(tests)[:60]!r}")
+        for j, test in enumerate(tests):
+            ok = isinstance(test, dict) and isinstance(test.get("stdout"), str) and isinstance(test.get("stdin", ""), str)
+            if not ok:
+                raise ValueError(f"{where}: field 'tests'[{j}] must be an object with string 'stdin' (optional, default "
+                                 f"empty) and 'stdout', got {str(test)[:60]!r}")
+            pairs.append((test.get("stdin", ""), test["stdout"]))
+    if test_code is not None and (not isinstance(test_code, str) or not test_code.strip()):
+        raise ValueError(f"{where}: field 'test_code' must be non-empty code (asserts run after the program), got "
+                         f"{str(test_code)[:60]!r}")
+    return tuple(pairs), test_code
+
+
+@dataclass(frozen=True)
 class PromptExample:
     """One dataset row. index: 0-based position among the file's examples; source: "file:row" of its origin;
     kind: "reasoning" (rule rewards against the reference answer), "general" (reward models, no reference) or "code"
@@ -69,11 +107,9 @@ class PromptExample:
 
     @property
     def reference(self):
-        """What the row's rewards check against: the answer, or for a code row its engine.rewards.code.CodeTests."""
+        """What the row's rewards check against: the answer, or for a code row its CodeTests."""
         if self.kind != "code":
             return self.answer
-        from r1_engine.engine.rewards.code import CodeTests
-
         return CodeTests(io=self.tests, test_code=self.test_code)
 
 
@@ -142,14 +178,12 @@ def _row(record: Any, *, path: Path, row: int, row_word: str, kind: str, **keys)
     """A row as an example; a row with `tests` or `test_code` is a code prompt (no reference answer needed)."""
     if isinstance(record, dict) and any(record.get(name) is not None for name in CODE_FIELDS):
         example = _row_to_example(record, path=path, row=row, row_word=row_word, **{**keys, "require_answer": False})
-        from r1_engine.engine.rewards.code import parse_code_tests
-
         tests, test_code = parse_code_tests(record, f"{path}, {row_word} {row}")
         return dataclasses.replace(example, kind="code", tests=tests, test_code=test_code)
     return _row_to_example(record, path=path, row=row, row_word=row_word, kind=kind, **keys)
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """(1-based line number, parsed object) for each non-blank line. Decodes per line so errors name the line."""
     rows = []
     for line_number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
@@ -169,7 +203,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, Any]]:
     return rows
 
 
-def _read_parquet(path: Path, columns: Sequence[str]) -> list[tuple[int, Any]]:
+def read_parquet(path: Path, columns: Sequence[str]) -> list[tuple[int, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -200,9 +234,9 @@ def load_prompts(
         raise FileNotFoundError(f"prompt file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows, row_word = _read_jsonl(path), "line"
+        rows, row_word = read_jsonl(path), "line"
     elif suffix == ".parquet":
-        rows, row_word = _read_parquet(path, [prompt_key, answer_key, *CODE_FIELDS]), "row"
+        rows, row_word = read_parquet(path, [prompt_key, answer_key, *CODE_FIELDS]), "row"
     else:
         raise ValueError(f"{path}: unsupported prompt file type {suffix!r}; expected .jsonl or .parquet")
     examples = [

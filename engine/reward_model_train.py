@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from r1_engine.engine.data import _read_jsonl, load_tokenizer, required_strings
+from r1_engine.engine.data import read_jsonl, load_tokenizer, required_strings
 from r1_engine.engine.metrics import MetricsLogger
 from r1_engine.engine.objectives import bradley_terry_loss
 from r1_engine.engine.preflight import check_model_dir
@@ -62,7 +62,7 @@ def load_preference_pairs(path: str | Path, prompt_key: str = "prompt", chosen_k
     if path.suffix.lower() != ".jsonl":
         raise ValueError(f"{path}: unsupported preference file type {path.suffix!r}; expected .jsonl")
     pairs = []
-    for line, record in _read_jsonl(path):
+    for line, record in read_jsonl(path):
         where = f"{path}, line {line}"
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object per line, got {type(record).__name__}")

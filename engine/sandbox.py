@@ -368,8 +368,6 @@ def protections(sandbox: Sandbox) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m r1_engine.engine.sandbox", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", action="store_true", help=f"(re)compile the launcher into {LAUNCHER}")
-    parser.add_argument("--bench", action="store_true",
-                        help="time the code judge: 128 trivial Python programs x 10 tests through 2 reward workers")
     args = parser.parse_args(argv)
     # part of the README's set-up: never fails on a machine that merely lacks a compiler or the kernel features
     weak = "Code rewards then fall back to rlimits only, which the trainer refuses unless --reward.allow-unsandboxed-code"
@@ -390,12 +388,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"r1-sandbox:   {line}")
     except Exception as err:  # noqa: BLE001
         print(f"r1-sandbox: WARNING: the launcher could not be probed: {err}. {weak}.", file=sys.stderr)
-    if args.bench:
-        from r1_engine.engine.rewards.code import benchmark
-
-        wall, cpu = benchmark(completions=128, tests=10, workers=2)
-        print(f"r1-sandbox: 128 completions x 10 tests through 2 reward workers: {wall:.2f} s wall, {cpu:.2f} "
-              f"CPU-seconds (load average {os.getloadavg()[0]:.1f} on {len(os.sched_getaffinity(0))} cores)")
     return 0
 
 

@@ -37,8 +37,8 @@ from r1_engine.engine.checkpoint import latest_checkpoint, load_checkpoint
 from r1_engine.engine.config import to_dict
 from r1_engine.engine.data import (
     ROUND_TRIP_PROMPTS,
-    _read_jsonl,
-    _read_parquet,
+    read_jsonl,
+    read_parquet,
     apply_template,
     check_tokenizer_fits,
     check_tokenizer_round_trip,
@@ -94,9 +94,9 @@ def load_sft_examples(path: str | Path, prompt_key: str = "prompt", completion_k
         raise FileNotFoundError(f"SFT file not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows, row_word = _read_jsonl(path), "line"
+        rows, row_word = read_jsonl(path), "line"
     elif suffix == ".parquet":
-        rows, row_word = _read_parquet(path, [prompt_key, completion_key]), "row"
+        rows, row_word = read_parquet(path, [prompt_key, completion_key]), "row"
     else:
         raise ValueError(f"{path}: unsupported SFT file type {suffix!r}; expected .jsonl or .parquet")
     examples = [_row_to_example(record, f"{path}, {row_word} {row}", f"{path}:{row}", prompt_key, completion_key)

@@ -24,7 +24,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .logprobs import (_grad_torch, _grad_triton, _stats_torch, _stats_triton, _use_triton, combine_stats,
+from .logprobs import (grad_torch, grad_triton, stats_torch, stats_triton, use_triton, combine_stats,
                        owned_targets, validate_targets)
 from .loss_family import (MetricSums, PolicyLossConfig, aggregation_weights, prepare_inputs, token_losses)
 from .nvtx import nvtx_range
@@ -68,9 +68,9 @@ class LinearPolicyLossFunction(torch.autograd.Function):
                 tp_group, vocab_start, chunk_size, metrics_out: dict):
         n, v_local = hidden2d.shape[0], weight.shape[0]
         inv_temp = 1.0 / float(temperature)
-        triton_ok = _use_triton(hidden2d)
-        stats_fn = _stats_triton if triton_ok else _stats_torch
-        grad_fn = _grad_triton if triton_ok else _grad_torch
+        triton_ok = use_triton(hidden2d)
+        stats_fn = stats_triton if triton_ok else stats_torch
+        grad_fn = grad_triton if triton_ok else grad_torch
         budget = CHUNK_BYTES["cuda" if hidden2d.is_cuda else "cpu"]
         chunk = chunk_size or default_chunk_size(n, v_local, hidden2d.element_size(), budget)
         # a frozen lm_head (or frozen hidden states) gets no gradient GEMM: 2 of the 3 GEMMs of N x V x H

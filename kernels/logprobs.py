@@ -155,7 +155,7 @@ if HAS_TRITON:
                 tl.store(gbase + tail, d.to(out_ty), mask=valid)
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -203,7 +203,7 @@ def _launch(pass_name: str, n_cols: int) -> tuple[int, int]:
     return min(block, triton.next_power_of_2(max(n_cols, 16))), warps
 
 
-def _stats_triton(logits2d, targets, vocab_start, inv_temp):
+def stats_triton(logits2d, targets, vocab_start, inv_temp):
     n, v = logits2d.shape
     stats = torch.empty(4, n, dtype=torch.float32, device=logits2d.device)
     if n:
@@ -223,7 +223,7 @@ def _shifted_fp32(block: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | 
     return out.copy_(block).sub_(shift[:, None])
 
 
-def _stats_torch(logits2d, targets, vocab_start, inv_temp):
+def stats_torch(logits2d, targets, vocab_start, inv_temp):
     """The statistics pass in torch, a block of rows at a time (the block stays in the last-level cache across its
     four passes: max, shift, exp, sum + the e.u dot). u - m and e^(u-m) are its only temporaries."""
     n, v = logits2d.shape
@@ -259,7 +259,7 @@ def _stats_torch(logits2d, targets, vocab_start, inv_temp):
     return stats
 
 
-def _grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
+def grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
     n, v = logits2d.shape
     if n:
         block, warps = _launch("grad", v)
@@ -269,7 +269,7 @@ def _grad_triton(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_star
                            HAS_H=h is not None, BLOCK_V=block, num_warps=warps)
 
 
-def _grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
+def grad_torch(logits2d, grad2d, targets, lse_parts, entropy, g, h, vocab_start, inv_temp):
     """The gradient pass in torch, a block of rows at a time: d = p (h (-H - logp) - g) (the h term only where
     p > 0), + g at the target, / T. An fp32 grad2d is the working buffer itself (with grad2d = logits2d, the
     linear loss's case, the pass runs in place: three passes over the block and no temporary without h)."""
@@ -408,7 +408,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, targets, temperature, vocab_start, tp_group, inplace_backward):
         inv_temp = 1.0 / float(temperature)
-        stats_fn = _stats_triton if _use_triton(logits2d) else _stats_torch
+        stats_fn = stats_triton if use_triton(logits2d) else stats_torch
         with nvtx_range("statistics"):
             stats = stats_fn(logits2d, targets, vocab_start, inv_temp)
             owned = owned_targets(targets, vocab_start, logits2d.shape[1]) if tp_group is not None else None
@@ -425,7 +425,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
         g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(entropy)
         h = grad_entropy.float().contiguous() if grad_entropy is not None else None
         grad = logits2d.detach() if ctx.inplace else torch.empty_like(logits2d)
-        grad_fn = _grad_triton if _use_triton(logits2d) else _grad_torch
+        grad_fn = grad_triton if use_triton(logits2d) else grad_torch
         with nvtx_range("gradient"):
             grad_fn(logits2d, grad, targets, lse_parts, entropy, g, h, ctx.vocab_start, ctx.inv_temp)
         return grad, None, None, None, None, None

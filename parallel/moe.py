@@ -239,7 +239,7 @@ def decoder_spec(config, use_te: bool):
 
 def moe_layers_of(model: torch.nn.Module) -> list[torch.nn.Module]:
     """This stage's MoE layers' `mlp` modules, in order."""
-    from r1_engine.parallel.models import unwrap_model
+    from r1_engine.parallel.layout import unwrap_model
 
     core = unwrap_model(model)
     return [layer.mlp for layer in core.decoder.layers if hasattr(layer.mlp, "router")]
@@ -278,7 +278,7 @@ def defer_expert_bias_update(finalize):
 
 
 def _bias_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    from r1_engine.parallel.models import unwrap_model
+    from r1_engine.parallel.layout import unwrap_model
 
     if getattr(unwrap_model(model), "model_info", None) is None or unwrap_model(model).model_info.moe is None:
         return []
@@ -361,7 +361,7 @@ class MoEForward:
     packed `thd`: one row of B * S)."""
 
     def __init__(self, model: torch.nn.Module, replay: bool = True):
-        from r1_engine.parallel.models import unwrap_model
+        from r1_engine.parallel.layout import unwrap_model
 
         core = unwrap_model(model)
         info = getattr(core, "model_info", None)
@@ -459,7 +459,7 @@ class MoEForward:
     def _every_stage_has_moe(self) -> bool:
         """Megatron's aux-loss reduction is collective over the pipeline: only taken when every stage (uneven
         first/last stages included) tracks one."""
-        from r1_engine.parallel.models import pipeline_stage_layers
+        from r1_engine.parallel.layout import pipeline_stage_layers
 
         return all(any(self.moe.moe_layers[i] for i in stage) for stage in pipeline_stage_layers(self.config))
 

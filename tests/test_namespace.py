@@ -79,3 +79,74 @@ def test_no_script_edits_sys_path():
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
     assert 'pythonpath = ["."]' not in (ROOT / "pyproject.toml").read_text()
+
+
+def _import_graph():
+    """module -> the project modules it imports, at module level or inside functions (both count: a lazy import is
+    still a dependency), from the source with ast."""
+    import ast
+
+    graph, private = {}, []
+    for top in ("engine", "kernels", "parallel", "recipes"):
+        for path in (ROOT / top).rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = "r1_engine." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:  # relative: resolve against the package
+                        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                        module = ".".join(base + ([node.module] if node.module else []))
+                    else:
+                        module = node.module or ""
+                    if not module.startswith("r1_engine."):
+                        if module.split(".")[0] == "megatron":
+                            deps.add(module)
+                        continue
+                    for alias in node.names:
+                        sub = f"{module}.{alias.name}"
+                        target = sub if (ROOT / Path(*sub.split(".")[1:])).with_suffix(".py").is_file() else module
+                        deps.add(target)
+                        if alias.name.startswith("_") and target == module and module != name:
+                            private.append(f"{name} imports {module}.{alias.name}")
+                elif isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names if a.name.startswith(("r1_engine.", "megatron"))}
+            graph[name] = deps - {name}
+    return graph, private
+
+
+def test_layers_look_one_way_without_circles():
+    """recipes -> engine -> parallel -> kernels, never back up; engine reaches Megatron only through parallel/; no
+    import circle inside engine/ or parallel/ (lazy imports included); no private name imported across modules."""
+    graph, private = _import_graph()
+    rank = {"recipes": 3, "engine": 2, "parallel": 1, "kernels": 0}
+    for module, deps in graph.items():
+        layer = module.split(".")[1]
+        for dep in deps:
+            if dep.startswith("megatron"):
+                assert layer == "parallel", f"{module} imports {dep}: Megatron is reached through parallel/ only"
+                continue
+            assert rank[dep.split(".")[1]] <= rank[layer], f"{module} imports {dep}: the layers look one way"
+    assert not private, private
+    project = {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    cycles = []
+    state: dict[str, int] = {}
+
+    def visit(node, stack):
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(project[node]):
+            if state.get(dep) == 1:
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(project):
+        if module not in state and module.split(".")[1] in ("engine", "parallel"):
+            visit(module, [])
+    assert not cycles, "import circles: " + "; ".join(" -> ".join(c) for c in cycles[:5])

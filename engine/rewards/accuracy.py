@@ -52,7 +52,7 @@ _BIG_FACTORIAL = re.compile(r"(?:\d{5,}|[)}\]])\s*!")
 
 
 # --------------------------------------------------------------------------- extraction
-def _answer_region(completion: str) -> str:
+def answer_region(completion: str) -> str:
     """The part of a completion that may hold the final answer. Readable layout: after the last summary marker and
     before a reasoning marker that follows it; a completion cut off in its reasoning (a reasoning marker, no
     summary) has none. R1-Zero tags: after the last `</think>`, and before an unterminated `<think>`."""
@@ -98,7 +98,7 @@ def extract_final_answers(completion: str) -> list[str]:
     Candidates are the contents of the boxes in the answer region and of the `<answer>` sections that
     contain no box (a section holding boxes contributes its boxes). Text inside `<think>...</think>`
     is never a candidate."""
-    region = _answer_region(completion)
+    region = answer_region(completion)
     candidates = [(start, content) for start, content in _boxes(region)]
     for section in _ANSWER_SECTION.finditer(region):
         if not _BOX_OPEN.search(section.group(1)):

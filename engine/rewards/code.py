@@ -25,33 +25,20 @@ frames). C++ test_code passes on exit status 0 alone.
 """
 from __future__ import annotations
 
-import json
 import marshal
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r1_engine.engine.rewards.accuracy import _answer_region
+from r1_engine.engine.data import CodeTests  # a row's tests live with the data (engine.data)
+from r1_engine.engine.rewards.accuracy import answer_region
 from r1_engine.engine.sandbox import Limits, Sandbox, describe, find_cxx, get_sandbox
 
 HARNESS = (Path(__file__).with_name("code_harness.py")).read_text()
 _FENCE = re.compile(r"```[ \t]*(python3?|py|cpp|c\+\+|cc|cxx)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
 _LANGUAGES = {"python": "python", "python3": "python", "py": "python"}  # everything else matched is C++
-
-
-@dataclass(frozen=True)
-class CodeTests:
-    """A code row's tests: (stdin, expected stdout) pairs and/or assert-style test code run after the program."""
-
-    io: tuple[tuple[str, str], ...] = ()
-    test_code: str | None = None
-
-    @property
-    def count(self) -> int:
-        return len(self.io) + (self.test_code is not None)
 
 
 @dataclass(frozen=True)
@@ -173,34 +160,9 @@ def same_output(got: bytes, expected: str) -> bool:
     return norm(got.decode("utf-8", "replace")) == norm(expected)
 
 
-def parse_code_tests(record: dict, where: str) -> tuple[tuple[tuple[str, str], ...], str | None]:
-    """A code row's (stdin, stdout) tests and test code, checked: a ValueError naming the field otherwise."""
-    tests, test_code = record.get("tests"), record.get("test_code")
-    shape = 'a non-empty list of {"stdin": str, "stdout": str} objects'
-    if isinstance(tests, str):  # datasets often store the list as JSON text
-        try:
-            tests = json.loads(tests)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: field 'tests' is a string but not JSON ({err.msg}); expected {shape}") from None
-    pairs = []
-    if tests is not None:
-        if not isinstance(tests, list) or not tests:
-            raise ValueError(f"{where}: field 'tests' must be {shape}, got {str(tests)[:60]!r}")
-        for j, test in enumerate(tests):
-            ok = isinstance(test, dict) and isinstance(test.get("stdout"), str) and isinstance(test.get("stdin", ""), str)
-            if not ok:
-                raise ValueError(f"{where}: field 'tests'[{j}] must be an object with string 'stdin' (optional, default "
-                                 f"empty) and 'stdout', got {str(test)[:60]!r}")
-            pairs.append((test.get("stdin", ""), test["stdout"]))
-    if test_code is not None and (not isinstance(test_code, str) or not test_code.strip()):
-        raise ValueError(f"{where}: field 'test_code' must be non-empty code (asserts run after the program), got "
-                         f"{str(test_code)[:60]!r}")
-    return tuple(pairs), test_code
-
-
 def extract_program(completion: str) -> tuple[str, str] | None:
     """(language, source) of the last fenced python/cpp block in the answer section, or None."""
-    blocks = _FENCE.findall(_answer_region(completion))
+    blocks = _FENCE.findall(answer_region(completion))
     if not blocks:
         return None
     tag, source = blocks[-1]
@@ -240,28 +202,3 @@ def code_reward(completion: str, tests: CodeTests, judge: CodeJudge | None = Non
         return 0.0, {"code_pass_frac": 0.0}
     verdict = (judge or make_code_judge()).judge(*program, tests)
     return verdict.reward, {"code_pass_frac": verdict.pass_frac}
-
-
-def benchmark(completions: int = 128, tests: int = 10, workers: int = 2) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of the workers and everything they ran) to judge `completions` trivial Python
-    programs with `tests` stdin/stdout tests each through a reward pool of `workers` processes."""
-    import time
-
-    from r1_engine.engine.rewards.compose import build_reward_composer
-
-    def cpu(pids):  # utime + stime + reaped children's
-        fields = [Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() for pid in pids]
-        return sum(int(x) for f in fields for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
-
-    program = " <think>x</think> <answer>```python\nn = int(input())\nprint(2 * n)\n```</answer>"
-    io = CodeTests(io=tuple((f"{i}\n", f"{2 * i}\n") for i in range(tests)))
-    with build_reward_composer({"code": 1.0}, num_workers=workers, code_judge=make_code_judge()) as pool:
-        pool.score([program] * workers, [io] * workers)  # workers started
-        pids = [worker.process.pid for worker in pool._workers]
-        before, started = cpu(pids), time.monotonic()
-        out = pool.score([program] * completions, [io] * completions)
-        wall, spent = time.monotonic() - started, cpu(pids) - before
-    if out.total != [1.0] * completions:
-        raise RuntimeError(f"benchmark: a correct program failed: {out.error_messages}")
-    return wall, spent
-

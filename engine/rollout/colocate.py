@@ -196,14 +196,12 @@ def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, s
     import os
 
     import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
+    from r1_engine.parallel.state import get_parallel_state
 
     from r1_engine.engine.rollout.vllm import VLLMRolloutEngine
 
-    if mpu.get_context_parallel_world_size() != 1:
-        raise ValueError("colocated vLLM does not support context parallelism")
-    plan = plan_colocated(dist.get_world_size(), dist.get_rank(), mpu.get_tensor_model_parallel_world_size(),
-                          mpu.get_pipeline_model_parallel_world_size())
+    ps = get_parallel_state()  # the trainer's layout (parallel.state initialises no context parallelism)
+    plan = plan_colocated(dist.get_world_size(), dist.get_rank(), ps.tp_size, ps.pp_size)
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if name not in os.environ:
             raise ValueError(f"colocated vLLM on {plan.world_size} ranks needs the torchrun environment "
@@ -221,4 +219,4 @@ def build_colocated_vllm(model_dir: str | Path, tokenizer: Any, *, dtype: str, s
         tensor_parallel_size=plan.tp_size, distributed_executor_backend="external_launcher",
         # the same seed on the TP ranks of a replica (vLLM requires it), another one per replica
         seed=seed + plan.replica, record_routing=record_routing)
-    return ColocatedRolloutEngine(local, plan, group=mpu.get_pipeline_model_parallel_group())
+    return ColocatedRolloutEngine(local, plan, group=ps.pp_group)

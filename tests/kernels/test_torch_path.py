@@ -17,7 +17,7 @@ def torch_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     v = 64
     monkeypatch.setattr(logprobs, "_TORCH_BLOCK_BYTES", 3 * 4 * v)
-    assert logprobs._torch_rows(v) == 3 and not logprobs._use_triton(torch.zeros(1))
+    assert logprobs._torch_rows(v) == 3 and not logprobs.use_triton(torch.zeros(1))
     return v
 
 
