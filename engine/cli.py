@@ -207,3 +207,60 @@ def refuse_recipe_owned(section: str, config: Any, default: Any, fields: Sequenc
             name = next(f.name for f in dataclasses.fields(got) if getattr(got, f.name) != getattr(want, f.name))
             flag, got = f"{flag}.{name}", getattr(got, name)
         raise ValueError(f"{flag.replace('_', '-')}={got!r}: set by the recipe ({owner}); give it there instead")
+
+
+@dataclasses.dataclass
+class RecipeConfig:
+    """What resolve_recipe_config found: the config, whether the embedded (tiny) world runs, the defaults it was
+    resolved over (the preset's or the at-scale ones), and given(key): whether a dotted option was set on the
+    command line or in the YAML."""
+
+    config: Any
+    embedded: bool
+    default: Any
+    given: Any
+
+
+def resolve_recipe_config(cls: type[T], argv: Sequence[str] | None, *, preset: Any, description: str,
+                          aliases: dict[str, str] | None = None, named_by: Sequence[str] = ("model.path",)
+                          ) -> RecipeConfig:
+    """The one config resolver of the recipes: short flags expanded (`--model DIR` -> `--model.path DIR`), the YAML of
+    `--config FILE` over the defaults, the command line over both. The defaults are the embedded world's
+    (`preset()`) unless one of `named_by` (a model, a teacher, ...) is given on the command line or in the YAML, then
+    the class's own (a real run's)."""
+    aliases = aliases or {}
+    args = []
+    for a in (sys.argv[1:] if argv is None else argv):
+        flag, eq, value = a.partition("=")
+        args.append(aliases[flag] + eq + value if flag in aliases else a)
+    path, args = pop_config_arg(args)
+    yaml_data = read_yaml(path) if path else {}
+
+    def given(key: str) -> bool:
+        flags = {f"--{key}", f"--{key.replace('_', '-')}"}
+        if any(a in flags or a.split("=", 1)[0] in flags for a in args):
+            return True
+        node: Any = yaml_data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return node is not None
+
+    embedded = not any(given(key) for key in named_by)
+    default = preset() if embedded else cls()
+    if path:
+        default = from_dict(cls, yaml_data, path, base=default)
+    return RecipeConfig(load_config(cls, args, default=default, description=description), embedded, default, given)
+
+
+def spread_over_ranks(resolved: RecipeConfig, field: str = "tensor_parallel") -> Any:
+    """The embedded world under `torchrun --nproc_per_node=N` with no layout given: the tiny model is split over
+    every rank (model.<field> = WORLD_SIZE / pipeline_parallel; tensor_parallel, or expert_parallel for the tiny
+    mixture of experts). A named model keeps the layout it was given."""
+    cfg = resolved.config
+    layout = ("model.tensor_parallel", "model.expert_parallel")
+    if not resolved.embedded or any(resolved.given(key) for key in layout):
+        return cfg
+    ranks = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{field: ranks}))

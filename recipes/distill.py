@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-from r1_engine.engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
+from r1_engine.engine.cli import resolve_recipe_config, spread_over_ranks
+from r1_engine.engine.config import check_ranges, run_cli
 from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from r1_engine.engine.sft_config import check_sft_ranges
 from r1_engine.recipes.distill_config import DistillConfig
@@ -61,23 +61,15 @@ def check_phase_sections(cfg: DistillConfig, default: DistillConfig) -> None:
 def resolve_config(argv: list[str] | None = None) -> tuple[DistillConfig, bool]:
     from r1_engine.recipes.tiny.settings import tiny_distill
 
-    path, args = pop_config_arg(list(sys.argv[1:] if argv is None else argv))
-    yaml_data = read_yaml(path) if path else {}
-
-    def given(key: str) -> bool:
-        return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in args) or yaml_data.get(key) is not None
-
-    embedded = not (given("teacher") or given("student"))
-    default = tiny_distill() if embedded else DistillConfig()
-    cfg = load_config(DistillConfig, ([f"--config={path}"] if path else []) + args, default=default, description=HELP)
+    resolved = resolve_recipe_config(DistillConfig, argv, preset=tiny_distill, description=HELP,
+                                     named_by=("teacher", "student"))
+    cfg, embedded, default = resolved.config, resolved.embedded, resolved.default
     if not embedded and (cfg.teacher is None or cfg.student is None or cfg.data is None or cfg.eval_data is None):
         missing = [f"--{k.replace('_', '-')}" for k in ("teacher", "student", "data", "eval_data") if getattr(cfg, k) is None]
         raise ValueError(f"{' and '.join(missing)} required (without --teacher and --student the embedded tiny world "
                          f"runs)")
-    if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
-        # `torchrun --nproc_per_node=2 recipes/distill.py`: the tiny student is split over every rank (TP)
-        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    # `torchrun --nproc_per_node=2 recipes/distill.py`: the tiny student is split over every rank (TP)
+    cfg = spread_over_ranks(dataclasses.replace(resolved, config=cfg))
     check_phase_sections(cfg, default)
     _checked("sft", check_sft_ranges, cfg.sft)
     for section in ("onpolicy", "rl"):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from r1_engine.engine.config import RolloutConfig, load_config, run_cli
+from r1_engine.engine.cli import resolve_recipe_config
+from r1_engine.engine.config import RolloutConfig, run_cli
 from r1_engine.engine.data import TEMPLATES, load_prompts
 from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from r1_engine.recipes.tiny.settings import TINY_DEFAULT
@@ -114,8 +115,9 @@ def expand_args(args: list[str]) -> list[str]:
 
 
 def resolve_config(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
-    cfg = load_config(EvalConfig, expand_args(list(sys.argv[1:] if argv is None else argv)), description=HELP)
-    embedded = not cfg.models
+    resolved = resolve_recipe_config(EvalConfig, expand_args(list(sys.argv[1:] if argv is None else argv)),
+                                     preset=EvalConfig, description=HELP, named_by=("models",))
+    cfg, embedded = resolved.config, not resolved.config.models
     if cfg.rollout.max_new_tokens is None:
         budget = (TINY_DEFAULT.rollout if embedded else RolloutConfig()).max_new_tokens
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_new_tokens=budget))

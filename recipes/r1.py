@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
-from r1_engine.engine.config import check_ranges, load_config, pop_config_arg, read_yaml, run_cli
+from r1_engine.engine.cli import resolve_recipe_config, spread_over_ranks
+from r1_engine.engine.config import check_ranges, run_cli
 from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from r1_engine.engine.sft_config import check_sft_ranges
 from r1_engine.recipes.r1_config import STAGES, R1Config, R1Data
@@ -37,19 +37,10 @@ HELP = ("DeepSeek-R1's four stages. Without a model (--model DIR, or model.path 
 def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
     from r1_engine.recipes.tiny.r1_settings import tiny_r1
 
-    args = [("--model.path" + a[len("--model"):]) if a == "--model" or a.startswith("--model=") else a
-            for a in (sys.argv[1:] if argv is None else argv)]
-    path, args = pop_config_arg(args)
-    yaml_data = read_yaml(path) if path else {}
-    named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) \
-        or (yaml_data.get("model") or {}).get("path")
-    embedded = not named
-    default = tiny_r1() if embedded else R1Config()
-    cfg = load_config(R1Config, ([f"--config={path}"] if path else []) + args, default=default, description=HELP)
-    if embedded and not any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel")) for a in args):
-        # `torchrun --nproc_per_node=2 recipes/r1.py`: the tiny model is split over every rank (TP)
-        tp = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tensor_parallel=tp))
+    resolved = resolve_recipe_config(R1Config, argv, preset=tiny_r1, description=HELP,
+                                     aliases={"--model": "--model.path"})
+    # `torchrun --nproc_per_node=2 recipes/r1.py`: the tiny model is split over every rank (TP)
+    cfg, embedded, default = spread_over_ranks(resolved), resolved.embedded, resolved.default
     if not 1 <= cfg.from_stage <= cfg.until_stage <= 4:
         raise ValueError(f"--from-stage {cfg.from_stage} --until-stage {cfg.until_stage}: need 1 <= from <= until <= 4")
     cfg = with_run_language(cfg)

@@ -12,20 +12,12 @@ format rate before and after, and writes metrics.jsonl, TensorBoard logs and cur
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 import torch.distributed as dist
 
-from r1_engine.engine.config import (
-    GRPOConfig,
-    check_ranges,
-    from_dict,
-    load_config,
-    pop_config_arg,
-    read_yaml,
-    run_cli,
-)
+from r1_engine.engine.cli import resolve_recipe_config, spread_over_ranks
+from r1_engine.engine.config import GRPOConfig, check_ranges, run_cli
 from r1_engine.engine.data import load_prompts
 from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from r1_engine.parallel.state import init_parallel
@@ -39,38 +31,18 @@ HELP = ("R1-Zero: GRPO from a base model with accuracy + format rewards. Without
         "Short forms: --model DIR, --data FILE, --out DIR, --eval-data FILE.")
 
 
-def _expand_aliases(args: list[str]) -> list[str]:
-    out = []
-    for a in args:
-        flag, eq, value = a.partition("=")
-        out.append(ALIASES[flag] + eq + value if flag in ALIASES else a)
-    return out
-
-
 def resolve_config(argv: list[str] | None = None) -> tuple[GRPOConfig, bool]:
-    """(config, embedded): YAML over the defaults, the command line over both. The defaults are the tiny
-    world's unless a model is named, on the command line or in the YAML."""
-    path, args = pop_config_arg(_expand_aliases(list(sys.argv[1:] if argv is None else argv)))
-    yaml_data = read_yaml(path) if path else {}
-    model_section = yaml_data.get("model") if isinstance(yaml_data.get("model"), dict) else {}
-    named = any(a == "--model.path" or a.startswith("--model.path=") for a in args) or model_section.get("path")
-    embedded = not named
-    default = TINY_DEFAULT if embedded else GRPOConfig()
-    if path:
-        default = from_dict(GRPOConfig, yaml_data, path, base=default)
-    cfg = load_config(GRPOConfig, args, default=default, description=HELP)
+    """(config, embedded): YAML over the defaults, the command line over both (engine.cli.resolve_recipe_config).
+    The defaults are the tiny world's unless a model is named, on the command line or in the YAML."""
+    resolved = resolve_recipe_config(GRPOConfig, argv, preset=lambda: TINY_DEFAULT, description=HELP,
+                                     aliases=ALIASES)
+    cfg, embedded = resolved.config, resolved.embedded
     moe = cfg.model.preset == "tiny-moe"
     if embedded and moe and cfg.train.out == TINY_DEFAULT.train.out:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out=TINY_MOE_OUT))
-    layout_given = any(a.startswith(("--model.tensor-parallel", "--model.tensor_parallel", "--model.expert-parallel",
-                                     "--model.expert_parallel")) for a in args) \
-        or "tensor_parallel" in model_section or "expert_parallel" in model_section
-    if embedded and not layout_given:
-        # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP); the
-        # tiny MoE model's experts are (EP, data-parallel ranks each with their own prompts)
-        ranks = int(os.environ.get("WORLD_SIZE", "1")) // cfg.model.pipeline_parallel
-        split = {"expert_parallel": ranks} if moe else {"tensor_parallel": ranks}
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **split))
+    # `torchrun --nproc_per_node=2 recipes/r1_zero.py`: the tiny model is split over every rank (TP); the tiny MoE
+    # model's experts are (EP, data-parallel ranks each with their own prompts)
+    cfg = spread_over_ranks(dataclasses.replace(resolved, config=cfg), "expert_parallel" if moe else "tensor_parallel")
     if embedded and cfg.loss.name == "grpo" and cfg.loss.eps_high is None:
         # the tiny world's GRPO clips higher (DAPO); `--loss.name gspo` keeps GSPO's own 3e-4 / 4e-4
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, eps_high=TINY_GRPO_EPS_HIGH))
