@@ -26,12 +26,26 @@ from r1_engine.engine.cli import (  # noqa: F401
 from r1_engine.kernels.loss_family import PolicyLossConfig
 
 
+# The at-scale defaults a named model gets (the embedded presets set their own): a generation budget that fits
+# reasoning (the paper's runs used 32,768 tokens; 8,192 is what one 8-GPU node trains a 7B model with at a useful
+# pace, raise it with --rollout.max-new-tokens), and bf16 wherever there is a GPU.
+GENERATION_BUDGET = 8192
+
+
+def device_dtype() -> str:
+    """bfloat16 where CUDA is present, float32 on a CPU (bf16 matmuls there are slow and the tests compare fp32)."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None
     """HF model directory (config.json, safetensors, tokenizer). None: the recipe's embedded default."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Weights and activations (bf16 on GPUs; the optimizer keeps fp32 master weights)."""
+    dtype: Literal["float32", "bfloat16"] = field(default_factory=lambda: device_dtype())
+    """Weights and activations: bfloat16 where CUDA is present, else float32 (the optimizer keeps fp32 master
+    weights)."""
     tensor_parallel: int = 1
     """Megatron tensor-parallel size (vocab-parallel loss included); WORLD_SIZE = TP x PP x DP."""
     pipeline_parallel: int = 1
@@ -84,8 +98,9 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     """-1: no top-k cut."""
-    max_new_tokens: int = 256
-    """Generation budget per completion; prompt + budget must fit the model's max_position_embeddings."""
+    max_new_tokens: int = GENERATION_BUDGET
+    """Generation budget per completion (a reasoning-length default; the paper used 32,768); prompt + budget must
+    fit the model's max_position_embeddings."""
     stop_strings: tuple[str, ...] = ()
     """Generation also stops after any of these strings (the stop string is kept). Default none: a completion ends
     with the EOS the policy samples, so training teaches the model to stop, as a user sampling the exported model
@@ -217,8 +232,8 @@ class TrainConfig:
     seed: int = 1234
     out: str = "outputs/r1_zero"
     """Run directory: checkpoints, metrics.jsonl, tensorboard/, curves.png, hf/."""
-    save_every: int = 0
-    """Checkpoint every k steps (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every k steps (0: only at the end), so an interrupted run resumes near where it stopped."""
     eval_every: int = 0
     """Held-out pass@1 every k steps (0: before and after only)."""
     eval_samples: int = 1

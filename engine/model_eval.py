@@ -12,7 +12,7 @@ each reward model's mean score (helpfulness reads the summary only, harmlessness
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
@@ -20,7 +20,7 @@ import torch
 
 from r1_engine.engine.data import PromptDataset, PromptExample, load_tokenizer
 from r1_engine.engine.eval import EquivalenceJudge, results_to_json, sample_questions, summarize
-from r1_engine.engine.config import RewardConfig
+from r1_engine.engine.config import GENERATION_BUDGET, RewardConfig, device_dtype
 from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
 from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
 
@@ -31,13 +31,13 @@ class EvalSettings:
     """k: completions a held-out prompt (pass@1 is their mean correctness; cons@k their majority vote)."""
     temperature: float = 0.6
     top_p: float = 0.95
-    max_new_tokens: int = 256
+    max_new_tokens: int = GENERATION_BUDGET
     size: int | None = None
     """Held-out reasoning questions used (None: all)."""
     template: str = "chat"
     language: str = "en"
     backend: Literal["hf", "vllm"] = "hf"
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = field(default_factory=lambda: device_dtype())
     seed: int = 1234
     num_workers: int = 2
     """Reward/judge worker processes (0: in this process)."""

@@ -63,7 +63,7 @@ class RejectionConfig:
     require_format: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 256
+    max_new_tokens: int = 8192  # engine.config.GENERATION_BUDGET (a reasoning-length budget)
     seed: int = 0
     stop_strings: tuple[str, ...] = ()
 

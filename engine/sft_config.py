@@ -22,8 +22,9 @@ class SFTDataConfig:
     appended: the model also learns to stop)."""
     template: str = "r1-zero"
     """r1-zero | chat | none | a custom string with {prompt} (engine.data.apply_template)."""
-    max_tokens: int = 1024
-    """Longer examples (templated prompt + completion + eos) are skipped and counted, never truncated."""
+    max_tokens: int = 16384
+    """Longer examples (templated prompt + completion + eos) are skipped, counted and reported, never truncated
+    (16,384: a long chain of thought and its prompt)."""
 
 
 @dataclass
@@ -41,8 +42,8 @@ class SFTTrainConfig:
     seed: int = 1234
     out: str = "outputs/sft"
     """Run directory: checkpoints/, metrics.jsonl, tensorboard/, curves.png, hf/."""
-    save_every: int = 0
-    """Checkpoint every k steps (0: only at the end)."""
+    save_every: int = 200
+    """Checkpoint every k steps (0: only at the end), so an interrupted stage resumes near where it stopped."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints (the older ones beyond the newest k are deleted)."""
     resume: bool = True

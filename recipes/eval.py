@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from r1_engine.engine.cli import resolve_recipe_config
-from r1_engine.engine.config import RolloutConfig, run_cli
+from r1_engine.engine.config import RolloutConfig, device_dtype, run_cli
 from r1_engine.engine.data import TEMPLATES, load_prompts
 from r1_engine.engine.preflight import check_model_dir, check_out_dir, check_prompt_file
 from r1_engine.recipes.tiny.settings import TINY_DEFAULT
@@ -51,13 +51,13 @@ class EvalRollout:
     """The paper's evaluation temperature (0: greedy)."""
     top_p: float = 0.95
     max_new_tokens: int | None = None
-    """Generation budget (None: 40 for the embedded default, else 256)."""
+    """Generation budget (None: the embedded default's, else engine.config.GENERATION_BUDGET, 8,192)."""
     stop_strings: tuple[str, ...] = ()
     """Default none, as a user serving the model samples it: a completion ends at its EOS (the trainer's default too;
     a stop string would hide a model that does not stop)."""
     questions_per_call: int = 32
     """Questions per generate() call (k samples each); fixed chunks keep results independent of the DP size."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = field(default_factory=lambda: device_dtype())
     num_threads: int | None = 1
     """CPU threads for the hf backend."""
     gpu_memory_utilization: float = 0.5

@@ -141,7 +141,7 @@ def test_defaults_and_the_example_are_in_range():
     ("rollout.num_threads", 0, "--rollout.num-threads=0"),
     ("reward.timeout_s", 0.0, "--reward.timeout-s=0.0: must be > 0"),
     ("reward.num_workers", -1, "--reward.num-workers=-1"),
-    ("reward.overlong_buffer", 300, "--reward.overlong-buffer=300: must be None/0 (off) or 1..--rollout.max-new"),
+    ("reward.overlong_buffer", 9000, "--reward.overlong-buffer=9000: must be None/0 (off) or 1..--rollout.max-new"),
     ("reward.weights", {"accuracy": float("nan")}, "--reward.weights="),
     ("optim.lr", 0.0, "--optim.lr=0.0: must be > 0"),
     ("optim.lr", -1e-6, "--optim.lr=-1e-06"),

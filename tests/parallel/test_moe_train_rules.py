@@ -52,8 +52,8 @@ def _biases(model):
     return [r.expert_bias.detach().clone() for r in router_modules(model)]
 
 
-def _real_load(model, rows):
-    """Tokens per expert of each MoE layer over the rows' real positions (padding left out), no grad."""
+def _routing_maps(model, rows):
+    """Each MoE layer's routing map [tokens (S-major), experts] of a no-grad forward of `rows`."""
     from r1_engine.parallel.moe import router_modules
 
     maps = []
@@ -64,6 +64,12 @@ def _real_load(model, rows):
     model.train()
     for h in hooks:
         h.remove()
+    return maps
+
+
+def _real_load(model, rows):
+    """Tokens per expert of each MoE layer over the rows' real positions (padding left out), no grad."""
+    maps = _routing_maps(model, rows)
     real = (rows.seq_ids >= 0).transpose(0, 1).reshape(-1, 1)  # routers see tokens S-major
     return [(m & real).sum(0).double() for m in maps]
 
@@ -134,16 +140,7 @@ def test_skipped_step_neither_moves_nor_counts(deepseek_dir, single_process_para
 
 def _recorded(model, rows):
     """The routing of `rows` under the model's own weights, [B, S, MoE layers, k] (what a rollout would record)."""
-    from r1_engine.parallel.moe import router_modules
-
-    maps = []
-    hooks = [r.register_forward_hook(lambda m, a, out: maps.append(out[1].detach().clone()))
-             for r in router_modules(model)]
-    with torch.no_grad():
-        model.eval()(rows.tokens, rows.position_ids, rows.attention_mask())
-    model.train()
-    for h in hooks:
-        h.remove()
+    maps = _routing_maps(model, rows)
     b, s = rows.tokens.shape
     k = int(maps[0].sum(1)[0])
     return torch.stack([m.nonzero()[:, 1].view(s, b, k).transpose(0, 1) for m in maps], dim=2)
