@@ -130,7 +130,14 @@ class RewardConfig:
     dir, run on the rollout device. Weight: reward.weights[name] (default 1). Reasoning prompts keep the rules."""
     model_scope: dict[str, Literal["summary", "response"]] = field(default_factory=dict)
     """name -> what the reward model reads after the prompt: summary (helpfulness, the default: the text after
-    the readable format's summary marker) or response (harmlessness: the whole response)."""
+    the readable format's summary marker) or response (harmlessness: the whole response). A reward model trained
+    here records its scope (engine.reward_model.RECORD_FILE) and is scored on it; a setting that contradicts it is
+    an error."""
+    model_normalization: Literal["group", "none"] = "group"
+    """How reward-model scores enter a general row's total: group (the default) z-scores each model's scores
+    within the prompt's group of completions, (s - mean) / (std + 1e-6), population std, so a reward model's raw
+    logit scale cannot outweigh the rule rewards under --algo.advantage-scale none|batch; none: raw scores. The
+    logged rm components are the raw scores either way."""
     code_test_timeout_s: float = 2.0
     """Code prompts: wall-clock limit of one test run of the program (its CPU limit: the same, rounded up)."""
     code_timeout_s: float = 60.0

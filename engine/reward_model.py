@@ -7,7 +7,17 @@
         total = models.weighted_total(scores)          # total[i] = sum_k weight_k * scores[k][i]
 
 Helpfulness scores the summary only, harmlessness the whole response (GRPO_SPEC.md): a spec's `scope` picks
-which, and `reward_text` builds the text the same way for scoring and for training (engine.reward_model_train).
+which, and `reward_ids` builds the tokens the same way for scoring and for training (engine.reward_model_train).
+
+One scope per reward model: a model trained here records its scope and input format in RECORD_FILE beside its
+weights (`write_record`); every RewardModelSpec of that directory reads it, and a scope given explicitly that
+contradicts it is an error. Without a record (an off-the-shelf reward model) the scope is the one given, else
+"summary".
+
+Input format: "text" is the prompt followed by the scored text, as the models trained here read it (their record
+says so). A reward model without a record is read the way it was trained: with its tokenizer's chat template when
+it has one (user turn: the question, assistant turn: the scored text, closed by the template's end of turn), else
+as "text".
 
 Where the score is read: HF's sequence-classification heads take the logit at the rightmost token that is not
 `config.pad_token_id`. When pad == eos (Qwen's <|endoftext|>, the tiny world's tokenizer) a text ending with eos
@@ -32,32 +42,102 @@ from r1_engine.engine.preflight import check_model_dir
 from r1_engine.engine.readable import summary_of
 
 SCOPES = ("summary", "response")
+INPUT_FORMATS = ("text", "chat")
+RECORD_FILE = "r1_reward.json"  # beside a trained reward model's config.json: {"scope": ..., "input_format": ...}
+
+
+def read_record(path: str | Path) -> dict:
+    """What a reward model trained here recorded about itself ({} for a directory without RECORD_FILE)."""
+    record = Path(path) / RECORD_FILE
+    if not record.is_file():
+        return {}
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{record}: not readable JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("scope") not in SCOPES \
+            or data.get("input_format", "text") not in INPUT_FORMATS:
+        raise ValueError(f"{record}: expected {{\"scope\": one of {SCOPES}, \"input_format\": one of "
+                         f"{INPUT_FORMATS}}}, got {data!r}")
+    return data
+
+
+def write_record(model_dir: str | Path, scope: str, input_format: str = "text") -> None:
+    """Record the scope and input format a reward model was trained with (read by every RewardModelSpec of it)."""
+    if scope not in SCOPES or input_format not in INPUT_FORMATS:
+        raise ValueError(f"write_record: scope {scope!r} / input_format {input_format!r} out of range")
+    (Path(model_dir) / RECORD_FILE).write_text(json.dumps({"scope": scope, "input_format": input_format}) + "\n",
+                                               encoding="utf-8")
+
+
+def resolve_scope(name: str, path: str | Path, scope: str | None) -> str:
+    """The scope a reward model is scored on: the recorded one (a contradicting explicit `scope` is an error), else
+    `scope`, else "summary"."""
+    recorded = read_record(path).get("scope")
+    if scope is not None and recorded is not None and scope != recorded:
+        raise ValueError(f"reward model {name!r} ({path}) was trained on scope {recorded!r} (recorded in "
+                         f"{Path(path) / RECORD_FILE}) but reward.model_scope gives {name}={scope!r}: drop the "
+                         f"setting, or train the reward model on {scope!r}")
+    return recorded or scope or "summary"
 
 
 @dataclass(frozen=True)
 class RewardModelSpec:
     """One weighted reward model: `path` is an HF *ForSequenceClassification directory with num_labels 1;
-    scope "summary" scores prompt + summary_of(response), "response" prompt + the whole response."""
+    scope "summary" scores prompt + summary_of(response), "response" prompt + the whole response. scope None:
+    the one the model recorded when it was trained here (RECORD_FILE), else "summary"; an explicit scope that
+    contradicts the record is a ValueError."""
 
     name: str
     path: str
     weight: float = 1.0
-    scope: Literal["summary", "response"] = "summary"
+    scope: Literal["summary", "response"] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError(f"reward model {self.path}: the name is empty")
-        if self.scope not in SCOPES:
+        if self.scope is not None and self.scope not in SCOPES:
             raise ValueError(f"reward model {self.name!r}: scope must be one of {SCOPES}, got {self.scope!r}")
+        object.__setattr__(self, "scope", resolve_scope(self.name, self.path, self.scope))
         if not math.isfinite(self.weight):
             raise ValueError(f"reward model {self.name!r}: weight must be finite, got {self.weight}")
 
 
-def reward_text(prompt: str, response: str, scope: str) -> str:
-    """The text a reward model reads: the prompt followed by the summary (scope "summary") or the response."""
+def scored_text(response: str, scope: str) -> str:
+    """What of a response a reward model reads: its summary (scope "summary") or all of it ("response")."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    return prompt + (summary_of(response) if scope == "summary" else response)
+    return summary_of(response) if scope == "summary" else response
+
+
+def reward_text(prompt: str, response: str, scope: str) -> str:
+    """The text a reward model reads in the "text" format: the prompt followed by the summary (scope "summary") or
+    the response."""
+    return prompt + scored_text(response, scope)
+
+
+def input_format_of(path: str | Path, tokenizer: Any) -> str:
+    """How a reward model reads its input: what it recorded, else "chat" when its tokenizer has a chat template,
+    else "text"."""
+    recorded = read_record(path).get("input_format")
+    if recorded is not None:
+        return recorded
+    return "chat" if getattr(tokenizer, "chat_template", None) else "text"
+
+
+def reward_ids(tokenizer: Any, prompt: str, response: str, scope: str, input_format: str, pad_id: int,
+               max_length: int | None, question: str | None = None) -> tuple[list[int], bool]:
+    """(token ids, truncated?) a reward model scores. "text": prompt + the scored text (encode_reward_text);
+    "chat": the tokenizer's chat template over a user turn (`question`, else `prompt`) and an assistant turn (the
+    scored text), the template's own special tokens and end of turn, no generation prompt."""
+    if input_format == "text":
+        return encode_reward_text(tokenizer, reward_text(prompt, response, scope), pad_id, max_length)
+    if input_format != "chat":
+        raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+    messages = [{"role": "user", "content": prompt if question is None else question},
+                {"role": "assistant", "content": scored_text(response, scope)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return encode_reward_text(tokenizer, text, pad_id, max_length, add_special_tokens=False)
 
 
 # --------------------------------------------------------------------------- directories
@@ -109,11 +189,13 @@ def set_pad_id(model: Any, pad_id: int) -> None:
     model.config.get_text_config().pad_token_id = pad_id
 
 
-def encode_reward_text(tokenizer: Any, text: str, pad_id: int, max_length: int | None) -> tuple[list[int], bool]:
+def encode_reward_text(tokenizer: Any, text: str, pad_id: int, max_length: int | None,
+                       add_special_tokens: bool = True) -> tuple[list[int], bool]:
     """(token ids, truncated?) of a text to score: the tokenizer's own special tokens (a BOS for Llama; a prompt
-    whose chat template already wrote one keeps just that one), no trailing pad tokens (see the module docstring),
-    and at most `max_length` tokens, keeping the end, where the score is read and where responses differ."""
-    ids = encode_text(tokenizer, text, add_special_tokens=True)
+    whose chat template already wrote one keeps just that one; add_special_tokens=False for a text the chat template
+    wrote whole), no trailing pad tokens (see the module docstring), and at most `max_length` tokens, keeping the
+    end, where the score is read and where responses differ."""
+    ids = encode_text(tokenizer, text, add_special_tokens=add_special_tokens)
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
         ids = ids[1:]
@@ -164,18 +246,23 @@ class RewardModelScorer:
         self.pad_id = resolve_pad_id(self.model.config, self.tokenizer)
         set_pad_id(self.model, self.pad_id)
         self.max_length = max_length if max_length is not None else default_max_length(self.model.config)
+        self.input_format = input_format_of(spec.path, self.tokenizer)
         self.num_truncated = 0
 
     @torch.inference_mode()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              questions: Sequence[str] | None = None) -> list[float]:
+        """Scores of (prompt, response) pairs. prompts: what the policy read (its template applied); questions: the
+        raw user questions, the user turn of a chat-format reward model (default: the prompts)."""
         if self.model is None:
             raise RuntimeError(f"reward model {self.spec.name!r}: score called after close()")
-        if len(prompts) != len(responses):
-            raise ValueError(f"reward model {self.spec.name!r}: {len(prompts)} prompts but {len(responses)} responses")
+        if len(prompts) != len(responses) or (questions is not None and len(questions) != len(prompts)):
+            raise ValueError(f"reward model {self.spec.name!r}: {len(prompts)} prompts but {len(responses)} responses"
+                             + ("" if questions is None else f" and {len(questions)} questions"))
         rows = []
-        for prompt, response in zip(prompts, responses):
-            ids, truncated = encode_reward_text(self.tokenizer, reward_text(prompt, response, self.spec.scope),
-                                                self.pad_id, self.max_length)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids, truncated = reward_ids(self.tokenizer, prompt, response, self.spec.scope, self.input_format,
+                                        self.pad_id, self.max_length, None if questions is None else questions[i])
             rows.append(ids)
             self.num_truncated += truncated
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch: less padding
@@ -221,9 +308,10 @@ class RewardModelSet:
             self.close()
             raise
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, list[float]]:
-        """{name: per-row scores}."""
-        return {scorer.spec.name: scorer.score(prompts, responses) for scorer in self.scorers}
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              questions: Sequence[str] | None = None) -> dict[str, list[float]]:
+        """{name: per-row scores} (questions: the raw user questions, see RewardModelScorer.score)."""
+        return {scorer.spec.name: scorer.score(prompts, responses, questions) for scorer in self.scorers}
 
     def weighted_total(self, scores: Mapping[str, Sequence[float]]) -> list[float]:
         """total[i] = sum over the models of weight * scores[name][i] (scores as `score` returns them)."""

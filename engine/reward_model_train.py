@@ -3,6 +3,7 @@
     pairs = load_preference_pairs("prefs.jsonl")          # {"prompt", "chosen", "rejected"} per line
     result = train_reward_model("models/base", pairs, "runs/rm_helpful", RewardModelTrainConfig(scope="summary"))
     # runs/rm_helpful/metrics.jsonl, curves.png, and runs/rm_helpful/hf/: the reward model RewardModelSpec reads
+    # (hf/r1_reward.json records its scope: every RewardModelSpec of it scores that scope)
 
 The model is `AutoModelForSequenceClassification` (num_labels 1) initialised from a causal-LM HF directory: the
 backbone's weights come from it, the score head is new (drawn from the seed). Training is plain torch in one
@@ -35,6 +36,7 @@ from r1_engine.engine.reward_model import (
     resolve_pad_id,
     reward_text,
     set_pad_id,
+    write_record,
 )
 from r1_engine.parallel.convert import copy_tokenizer_files
 
@@ -125,12 +127,14 @@ def _evaluate(model, rows, pad_id: int, device, batch_size: int) -> dict[str, fl
     return {f"eval/{name}": total / len(rows) for name, total in totals.items()}
 
 
-def _save_atomically(model, base_dir: Path, final: Path) -> None:
-    """Write the HF directory beside `final`, then swap it in: a crash leaves `final` as it was."""
+def _save_atomically(model, base_dir: Path, final: Path, scope: str) -> None:
+    """Write the HF directory beside `final` (with the record of its scope and input format: every use of the model
+    reads it, engine.reward_model.RECORD_FILE), then swap it in: a crash leaves `final` as it was."""
     staging, old = final.with_name(final.name + ".partial"), final.with_name(final.name + ".old")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     copy_tokenizer_files(base_dir, staging)
+    write_record(staging, scope, "text")  # trained on reward_text: the prompt followed by the scored text
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -239,7 +243,7 @@ def train_reward_model(base_dir: str | Path, pairs: Sequence[PreferencePair], ou
                 result.update(evaluated)
         bar.close()
         model.eval()
-        _save_atomically(model, base_dir, out_dir / HF_SUBDIR)
+        _save_atomically(model, base_dir, out_dir / HF_SUBDIR, cfg.scope)
         logger.plot()
     finally:
         logger.close()

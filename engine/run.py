@@ -44,11 +44,15 @@ def learning_rate(step: int, total_steps: int, lr: float, warmup_steps: int = 0,
 
 
 def on_main(ps: Any, fn: Callable[[], Any]) -> Any:
-    """fn() on rank 0 while the other ranks wait; its result, or its user error (engine.config.USER_ERRORS, as one
-    line), reaches every rank. Any other error on rank 0 is raised there, and the other ranks are told so."""
+    """fn() on rank 0 while the other ranks wait (over parallel.state.wait_group: no 30-minute collective timeout,
+    rank 0 may work alone for hours); its result, or its user error (engine.config.USER_ERRORS, as one line),
+    reaches every rank. Any other error on rank 0 is raised there, and the other ranks are told so."""
     from r1_engine.engine.config import USER_ERRORS
 
+    from r1_engine.parallel.state import wait_group
+
     multi = dist.is_initialized() and dist.get_world_size() > 1
+    group = wait_group() if multi else None  # the others wait without the default 30-minute collective timeout
     result = error = None
     if ps is None or ps.is_main:
         try:
@@ -61,11 +65,11 @@ def on_main(ps: Any, fn: Callable[[], Any]) -> Any:
             if not multi:
                 raise
             box = [(None, ("crash", f"rank 0 failed: {err!r}"))]
-            dist.broadcast_object_list(box, src=0)
+            dist.broadcast_object_list(box, src=0, group=group)
             raise
     if multi:
         box = [(result, error)]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         result, error = box[0]
         if error is not None:
             kind, message = error

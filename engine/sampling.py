@@ -52,7 +52,8 @@ class RolloutSampler:
         self.generated_tokens += int(rollout.lengths.sum())
         rows = [it for it in items for _ in range(n)]
         rewards = self.scorer.score([it.example.kind for it in rows], [it.text for it in rows],
-                                    rollout.completion_text, [it.example.reference for it in rows])
+                                    rollout.completion_text, [it.example.reference for it in rows],
+                                    questions=[it.example.prompt for it in rows], group_size=n)
         return ScoredRollout(rollout, rewards)
 
     __call__ = generate_and_score  # the callable engine.eval.sample_questions and engine.rejection take
@@ -86,7 +87,7 @@ def plan_scoring(reward_config: Any, examples: Sequence, weights: Mapping[str, f
     rule_weights = {"accuracy": 0.0, "format": 0.0,
                     **{k: v for k, v in weights.items() if k not in reward_config.models}}
     check_reward_weights(rule_weights, reward_config.language)
-    check_reward_models(reward_config.models, examples)
+    check_reward_models(reward_config.models, examples, reward_config.model_scope)
     code_judge = build_code_judge(reward_config, examples)  # None without code prompts
     if code_judge is not None:
         rule_weights.setdefault("code", rule_weights["accuracy"])
@@ -102,7 +103,8 @@ def build_scorer(reward_config: Any, plan: ScoringPlan, *, device=None, dtype=No
                                   num_workers=reward_workers(reward_config, plan.code_judge),
                                   timeout_s=reward_config.timeout_s)
     models = build_reward_models(reward_config, device, dtype) if plan.general else None  # loaded only when used
-    return RolloutScorer(rules, models, {k: reward_config.weights.get(k, 1.0) for k in reward_config.models})
+    return RolloutScorer(rules, models, {k: reward_config.weights.get(k, 1.0) for k in reward_config.models},
+                         normalization=getattr(reward_config, "model_normalization", "group"))
 
 
 def build_sampler(engine: RolloutEngine, reward_config: Any, examples: Sequence, *,

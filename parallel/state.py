@@ -113,6 +113,8 @@ class ParallelState:
 
 
 _STATE: ParallelState | None = None
+_WAIT_GROUP = None
+WAIT_TIMEOUT = datetime.timedelta(days=2)
 _WE_STARTED_DIST = False
 _OUR_PORT: str | None = None  # MASTER_PORT we chose ourselves (no torchrun)
 
@@ -253,12 +255,22 @@ def init_parallel(
         ep_size=expert_parallel,
         ep_rank=mpu.get_expert_model_parallel_rank(),
     )
+    global _WAIT_GROUP
+    # one CPU group without the 30-minute collective timeout, for ranks that wait while one rank works alone
+    # (an evaluation or rejection sampling on rank 0 of a 7B job takes longer than that)
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if world_size > 1 else None
     return _STATE
+
+
+def wait_group():
+    """A gloo group of every rank whose collectives wait up to WAIT_TIMEOUT (not the default 30 minutes): for the
+    ranks that wait while one rank does work alone. None in a one-process job."""
+    return _WAIT_GROUP
 
 
 def destroy_parallel() -> None:
     """Tear down Megatron's groups and, if `init_parallel` created it, the process group."""
-    global _STATE, _WE_STARTED_DIST
+    global _STATE, _WE_STARTED_DIST, _WAIT_GROUP
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
@@ -267,6 +279,7 @@ def destroy_parallel() -> None:
         dist.destroy_process_group()
     _WE_STARTED_DIST = False
     _STATE = None
+    _WAIT_GROUP = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,8 +62,11 @@ class Distillation:
         return dist.is_initialized() and dist.get_world_size() > 1
 
     def _barrier(self) -> None:
+        """Every rank here; a rank may have worked alone, so no 30-minute collective timeout (wait_group)."""
         if self._multi():
-            dist.barrier()
+            from r1_engine.parallel.state import wait_group
+
+            dist.barrier(group=wait_group())
 
     def _on_main(self, fn):
         """fn() on rank 0 while the others wait; its result, or its error, reaches every rank (engine.run.on_main)."""

@@ -53,8 +53,11 @@ class Pipeline:
         return hf
 
     def _barrier(self) -> None:
+        """Every rank here; a rank may have worked alone, so no 30-minute collective timeout (wait_group)."""
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
+            from r1_engine.parallel.state import wait_group
+
+            dist.barrier(group=wait_group())
 
     def _solo_backend(self, backend: str) -> str:
         """The rollout backend for work rank 0 does alone (evaluation, rejection sampling): vLLM inside a multi-rank
