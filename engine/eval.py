@@ -7,10 +7,13 @@
 
 The trainer's held-out evaluation and recipes/eval.py both run this code.
 
-Sampling (seeded, data-parallel): the questions are cut into fixed chunks of `questions_per_call`; chunk c goes to
-DP rank c % D and is generated with seed `params.seed + first_question * k` (vLLM then seeds sample j of question
-q with seed + q*k + j). Chunks and seeds depend only on the question order, never on D, so DP=2 gives the same
-samples as DP=1.
+Sampling (seeded, data-parallel): the work is the (question, sample) pairs, numbered question-major (pair
+p = q * k + j), cut into fixed calls of `samples_per_call` consecutive pairs. Call c goes to DP rank c % D and is one
+generate() of its pairs' prompts, one completion each, with seed `params.seed + c * samples_per_call` (its first
+pair's number). Calls and seeds depend only on the pairs, never on D, so DP=N gives the same samples as DP=1, and
+the work spreads over the ranks by sample, not by question: AIME's 30 questions x 16 samples are 8 calls, one per
+GPU of 8 (32-question chunks left 7 of them idle). A question's samples may come from calls on several ranks:
+`gather_results` puts them back in order.
 
 Per sample: correctness (the accuracy reward), its final answer (the last boxed / <answer> candidate of the
 answer region, normalised; None when there is none, it is empty or over MAX_ANSWER_CHARS), length in tokens,
@@ -29,6 +32,7 @@ extractable answer do not vote; a question where none has one is unsolved.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +60,7 @@ class Sample:
     truncated: bool
     format: float
     language: float | None = None
+    completion_digest: str | None = None  # blake2b-128 of the completion's token ids: what DP=N == DP=1 compares
 
 
 @dataclass
@@ -64,6 +69,7 @@ class QuestionResult:
     source: str  # "file:row"
     reference: str | None
     samples: list[Sample]
+    first_sample: int = 0  # the number of samples[0] among the question's k (a part of a question, see gather_results)
 
     @property
     def num_correct(self) -> int:
@@ -248,42 +254,83 @@ def summarize(results: Sequence[QuestionResult], judge: Judge | None = None) -> 
 
 
 # --------------------------------------------------------------------------- sampling
+SAMPLES_PER_CALL = 64  # (question, sample) pairs a generate() call: AIME's 30 x 16 are 8 calls, one per GPU of 8
+
+
+def completion_digest(ids: Sequence[int]) -> str:
+    """A 128-bit fingerprint of a completion's token ids (equal digests: equal ids, short enough to gather)."""
+    return hashlib.blake2b(",".join(map(str, ids)).encode(), digest_size=16).hexdigest()
+
+
 def sample_questions(generate_and_score, items: Sequence, k: int, params: SamplingParams, *, dp_rank: int = 0,
-                     dp_size: int = 1, questions_per_call: int = 32) -> list[QuestionResult]:
-    """This DP rank's questions, k samples each. `items` are TokenizedPrompts; `generate_and_score(chunk, k,
-    params)` returns (RolloutBatch, RewardOutput with a "format" component, "accuracy" for reasoning rows and "code"
-    for code rows, optionally "language"): engine.sampling.RolloutSampler. params.seed None is taken as 0 (evaluation is seeded)."""
+                     dp_size: int = 1, samples_per_call: int = SAMPLES_PER_CALL) -> list[QuestionResult]:
+    """This DP rank's (question, sample) pairs, as parts of questions (see the module docstring: call c of
+    `samples_per_call` pairs goes to rank c % dp_size with seed params.seed + c * samples_per_call); with
+    dp_size 1 every question whole, in order. `items` are TokenizedPrompts; `generate_and_score(prompts, 1, params)`
+    returns (RolloutBatch, RewardOutput with a "format" component, "accuracy" for reasoning rows and "code" for code
+    rows, optionally "language"): engine.sampling.RolloutSampler. params.seed None is taken as 0 (evaluation is
+    seeded). gather_results joins the parts of every rank."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"evaluation: k (samples per question) must be an integer >= 1, got {k!r}")
-    if questions_per_call < 1:
-        raise ValueError(f"evaluation: questions_per_call must be >= 1, got {questions_per_call}")
+    if isinstance(samples_per_call, bool) or not isinstance(samples_per_call, int) or samples_per_call < 1:
+        raise ValueError(f"evaluation: samples_per_call must be an integer >= 1, got {samples_per_call!r}")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"evaluation: dp_rank {dp_rank} out of range for dp_size {dp_size}")
     base = params.seed or 0
-    results = []
-    for c, start in enumerate(range(0, len(items), questions_per_call)):
+    results: list[QuestionResult] = []
+    total = len(items) * k
+    for c, start in enumerate(range(0, total, samples_per_call)):
         if c % dp_size != dp_rank:
             continue
-        chunk = items[start:start + questions_per_call]
-        rollout, scores = generate_and_score(chunk, k, dataclasses.replace(params, seed=base + start * k))
+        pairs = range(start, min(start + samples_per_call, total))
+        chunk = [items[p // k] for p in pairs]
+        rollout, scores = generate_and_score(chunk, 1, dataclasses.replace(params, seed=base + start))
         fmt = scores.components["format"]
         language = scores.components.get("language")
         lengths, truncated = rollout.lengths.tolist(), rollout.truncated.tolist()
-        for q, item in enumerate(chunk):
-            samples = [Sample(correct=row_correct(scores, i), answer=final_answer(rollout.completion_text[i]),
-                              length=lengths[i], truncated=truncated[i], format=fmt[i],
-                              language=None if language is None else language[i])
-                       for i in range(q * k, (q + 1) * k)]
-            results.append(QuestionResult(index=start + q, source=item.example.source,
-                                          reference=item.example.answer, samples=samples))
+        for i, p in enumerate(pairs):
+            q, j = divmod(p, k)
+            sample = Sample(correct=row_correct(scores, i), answer=final_answer(rollout.completion_text[i]),
+                            length=lengths[i], truncated=truncated[i], format=fmt[i],
+                            language=None if language is None else language[i],
+                            completion_digest=completion_digest(rollout.completion_ids[i]))
+            last = results[-1] if results else None
+            if last is not None and last.index == q and last.first_sample + len(last.samples) == j:
+                last.samples.append(sample)  # the next sample of the same question
+            else:
+                item = items[q]
+                results.append(QuestionResult(index=q, source=item.example.source, reference=item.example.answer,
+                                              samples=[sample], first_sample=j))
     return results
 
 
+def join_parts(parts: Sequence[QuestionResult]) -> list[QuestionResult]:
+    """Parts of questions (any order) as whole questions in question order; a part must start where the
+    previous part of its question ended (a ValueError names the question otherwise)."""
+    out: list[QuestionResult] = []
+    for part in sorted(parts, key=lambda r: (r.index, r.first_sample)):
+        last = out[-1] if out else None
+        if last is not None and last.index == part.index:
+            if part.first_sample != len(last.samples):
+                raise ValueError(f"gather_results: question {part.index} ({part.source}) has samples "
+                                 f"0..{len(last.samples) - 1}, then a part starting at {part.first_sample}")
+            last.samples.extend(part.samples)
+        else:
+            if part.first_sample != 0:
+                raise ValueError(f"gather_results: question {part.index} ({part.source}) lacks its first "
+                                 f"{part.first_sample} samples")
+            out.append(dataclasses.replace(part, samples=list(part.samples)))
+    return out
+
+
 def gather_results(local: list[QuestionResult], group=None) -> list[QuestionResult]:
-    """Every rank's results, on every rank of `group` (None or one rank: just `local`), in question order."""
+    """Every rank's parts of questions, on every rank of `group` (None or one rank: just `local`), joined into whole
+    questions in question order, each question's samples in sample order."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return sorted(local, key=lambda r: r.index)
+        return join_parts(local)
     parts: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, local, group=group)
-    return sorted((r for part in parts for r in part), key=lambda r: r.index)
+    return join_parts([r for part in parts for r in part])
 
 
 def results_to_json(results: Sequence[QuestionResult]) -> list[dict]:

@@ -85,7 +85,8 @@ class ModelEvaluator:
             texts = [it.text for it in items for _ in range(s.samples)]
             report["summary"]["general/length/mean"] = rollout.lengths.double().mean().item()
             if self.reward_models is not None:
-                for name, values in self.reward_models.score(texts, rollout.completion_text).items():
+                # raw scores (no group normalisation: a mean over prompts); questions: a chat-format model's user turn
+                for name, values in self.reward_models.score(texts, rollout.completion_text, prompts).items():
                     report["summary"][f"rm/{name}"] = sum(values) / len(values)
             if self.general_metric is not None:
                 report["summary"].update(self.general_metric(prompts, rollout.completion_text))

@@ -8,11 +8,11 @@ A row's kind comes from its prompt (engine.data.PromptExample.kind; its referenc
 rows get the rule composer's weighted total; code rows the same without accuracy and with the composer's "code"
 component (its pass fraction joins the components as code_pass_frac); general rows the weighted sum of the reward
 models' scores (each model's scores z-scored within the prompt's group by default, RewardConfig.model_normalization;
-the component keeps the raw score). Components that do not apply to a row are NaN in `components` (so a metric is the mean over the
-rows it describes: `nanmean`), never 0: an accuracy of 0 on a greeting would read as a wrong answer. Groups never
-mix kinds (one prompt, G completions), so the group normalisation of the advantages puts rule rewards and reward-model
-scores on one scale per group; under --algo.advantage-scale none|batch the z-scoring of the reward models' scores
-("group") is what keeps a reward model's raw logits from outweighing the rule rewards.
+the component keeps the raw score). Components that do not apply to a row are NaN in `components` (so a metric is
+the mean over the rows it describes: `nanmean`), never 0: an accuracy of 0 on a greeting would read as a wrong
+answer. Groups never mix kinds (one prompt, G completions), so the group normalisation of the advantages puts rule
+rewards and reward-model scores on one scale per group; under --algo.advantage-scale none|batch the z-scoring of the
+reward models' scores ("group") is what keeps a reward model's raw logits from outweighing the rule rewards.
 """
 from __future__ import annotations
 

@@ -10,6 +10,13 @@ model-parallel group (the rank that owns the rollout engine), and broadcasts the
 
 so a student at any TP/PP size distils from a teacher of any shape that fits one device (offload: on the CPU
 between uses). A teacher sharded over its own TP group is not built here.
+
+Memory: the teacher never holds full-vocabulary logits for its batch. The decoder's last hidden states of a batch of
+sequences are projected by the LM head `chunk_tokens` real tokens at a time (default: LOGIT_BUDGET fp32 elements,
+at most 2**27 / vocabulary tokens, ~512 MB), and each chunk's target log-probs, logit[target] / T - logsumexp(
+logits / T), are picked on the device; only [batch, width] floats reach the CPU. A model whose logits are not the
+LM head of the last hidden state (a softcap or a logit scale in its config) runs one sequence at a time instead,
+its log-softmax still taken in token chunks on the device.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ from r1_engine.parallel.rows import PackedRows
 from r1_engine.parallel.step import logprobs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOGIT_BUDGET = 2**27  # fp32 logits alive at once in the teacher's log-prob pass (elements: tokens x vocabulary)
+# config fields that put something between the LM head and the logits (Gemma's softcap, Cohere's and Granite's scales)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def sequence_spans(rows: PackedRows) -> list[tuple[int, int, int]]:
@@ -49,12 +59,28 @@ class HFTeacher:
     """A frozen transformers causal LM that scores packed rows: log p(targets[t]) / T at the loss positions."""
 
     def __init__(self, model_dir: str | Path, device: torch.device | str, dtype: str = "float32",
-                 offload: bool = False, batch_size: int = 32):
+                 offload: bool = False, batch_size: int = 32, chunk_tokens: int | None = None):
         from transformers import AutoModelForCausalLM
 
         self.device, self.offload, self.batch_size = torch.device(device), offload, batch_size
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_DTYPES[dtype])
         self.model = model.to("cpu" if offload else self.device).eval().requires_grad_(False)
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"HFTeacher: chunk_tokens must be >= 1, got {chunk_tokens}")
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.chunk_tokens = chunk_tokens or max(1, LOGIT_BUDGET // vocab)  # tokens whose logits exist at once
+        config = model.config.get_text_config()
+        self.head_only = not any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS)
+
+    def _pick(self, logits_of, num_tokens: int, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """[num_tokens] fp32 log p(targets) / T, `chunk_tokens` at a time: logits_of(a, b) gives tokens a..b's
+        logits; the full-vocabulary fp32 tensor of a chunk is the largest one made."""
+        out = torch.empty(num_tokens, dtype=torch.float32, device=self.device)
+        for a in range(0, num_tokens, self.chunk_tokens):
+            b = min(a + self.chunk_tokens, num_tokens)
+            logits = logits_of(a, b).float() / temperature
+            out[a:b] = logits.gather(1, targets[a:b, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        return out
 
     @torch.no_grad()
     def logprobs(self, rows: PackedRows, temperature: float = 1.0) -> torch.Tensor:
@@ -73,14 +99,34 @@ class HFTeacher:
                 mask = torch.zeros(len(chunk), width, dtype=torch.long)
                 for i, (r, start, end) in enumerate(chunk):
                     ids[i, :end - start], mask[i, :end - start] = tokens[r, start:end], 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                logp = torch.log_softmax(logits.float() / temperature, dim=-1).cpu()
+                picked = self._chunk_logprobs(chunk, ids, mask, targets, width, temperature).cpu()  # [n, width]
                 for i, (r, start, end) in enumerate(chunk):
-                    out[r, start:end] = logp[i, :end - start].gather(1, targets[r, start:end, None]).squeeze(1)
+                    out[r, start:end] = picked[i, :end - start]
             return torch.where(rows.loss_mask.cpu() > 0, out, torch.zeros_like(out)).to(rows.device)
         finally:
             if self.offload:
                 self.model.to("cpu")
+
+    def _chunk_logprobs(self, chunk, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, width: int,
+                        temperature: float) -> torch.Tensor:
+        """[len(chunk), width] log p(target) / T of a right-padded batch of sequences (0 on padding), on the
+        device; no full-vocabulary tensor for more than `chunk_tokens` tokens."""
+        goal = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (r, start, end) in enumerate(chunk):
+            goal[i, :end - start] = targets[r, start:end]
+        ids, mask, goal = ids.to(self.device), mask.to(self.device), goal.to(self.device)
+        real = mask.bool()
+        picked = torch.zeros(len(chunk), width, dtype=torch.float32, device=self.device)
+        if self.head_only:
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[real]  # [N, H]
+            head = self.model.get_output_embeddings()
+            picked[real] = self._pick(lambda a, b: head(hidden[a:b]), hidden.shape[0], goal[real], temperature)
+            return picked
+        for i in range(len(chunk)):  # the model's own logits, one sequence at a time
+            n = int(real[i].sum())
+            logits = self.model(input_ids=ids[i:i + 1, :n]).logits[0]  # [n, V] in the model's dtype
+            picked[i, :n] = self._pick(lambda a, b: logits[a:b], n, goal[i, :n], temperature)
+        return picked
 
 
 class HFTeacherTrainer(GRPOTrainer):

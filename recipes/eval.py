@@ -55,8 +55,9 @@ class EvalRollout:
     stop_strings: tuple[str, ...] = ()
     """Default none, as a user serving the model samples it: a completion ends at its EOS (the trainer's default too;
     a stop string would hide a model that does not stop)."""
-    questions_per_call: int = 32
-    """Questions per generate() call (k samples each); fixed chunks keep results independent of the DP size."""
+    samples_per_call: int = 64
+    """(question, sample) pairs per generate() call, spread over the data-parallel ranks; fixed calls with fixed
+    seeds keep the results independent of the DP size (engine.eval.sample_questions)."""
     dtype: Literal["float32", "bfloat16"] = field(default_factory=lambda: device_dtype())
     num_threads: int | None = 1
     """CPU threads for the hf backend."""
@@ -128,7 +129,7 @@ def resolve_config(argv: list[str] | None = None) -> tuple[EvalConfig, bool]:
                "1 with --rollout.temperature 0 (greedy decoding has one answer; vLLM refuses n > 1 without sampling)"),
               ("--rollout.top-p", r.top_p, 0 < r.top_p <= 1, "in (0, 1]"),
               ("--rollout.max-new-tokens", r.max_new_tokens, r.max_new_tokens >= 1, ">= 1"),
-              ("--rollout.questions-per-call", r.questions_per_call, r.questions_per_call >= 1, ">= 1"),
+              ("--rollout.samples-per-call", r.samples_per_call, r.samples_per_call >= 1, ">= 1"),
               ("--data.max-prompt-tokens", d.max_prompt_tokens, d.max_prompt_tokens >= 1, ">= 1"),
               ("--data.limit", d.limit, d.limit is None or d.limit >= 1, ">= 1 (or None: all)"),
               ("--reward.num-workers", cfg.reward.num_workers, cfg.reward.num_workers >= 0, ">= 0"),
@@ -276,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
                     items = PromptDataset(rows, tokenizer, cfg.data.template, cfg.data.max_prompt_tokens).items
                     items = items[:cfg.data.limit]
                     local = sample_questions(sampler, items, cfg.k, params, dp_rank=dp_rank,
-                                             dp_size=dp_size, questions_per_call=r.questions_per_call)
+                                             dp_size=dp_size, samples_per_call=r.samples_per_call)
                     results = gather_results(local, group)
                     if is_main:
                         report[name]["datasets"][ds] = {"summary": summarize(results, judge),

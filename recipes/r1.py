@@ -50,9 +50,31 @@ def resolve_config(argv: list[str] | None = None) -> tuple[R1Config, bool]:
                          "--reasoning-rl.reward.weights gives language 0: the two runs would be the same")
     for section in ("cold_start", "sft"):
         _checked(section, check_sft_ranges, getattr(cfg, section))
+    trained_scope_checked(cfg)
     for section in ("reasoning_rl", "all_scenario_rl"):
-        _checked(section, check_ranges, getattr(cfg, section))
+        config = getattr(cfg, section)
+        if section == "all_scenario_rl" and not config.reward.models:  # the scope of the model trained here: above
+            config = dataclasses.replace(config, reward=dataclasses.replace(config.reward, model_scope={}))
+        _checked(section, check_ranges, config)
     return cfg, embedded
+
+
+def trained_scope_checked(cfg: R1Config) -> None:
+    """One scope per reward model: the one trained here (no --all-scenario-rl.reward.models) is trained on
+    --reward-model.scope and scored on it in stage 4 and every evaluation (it records it beside its weights);
+    --all-scenario-rl.reward.model-scope may name it ("helpfulness") only with that same scope."""
+    scopes = cfg.all_scenario_rl.reward.model_scope
+    if cfg.all_scenario_rl.reward.models or not scopes:
+        return
+    for name, scope in scopes.items():
+        if name != "helpfulness":
+            raise ValueError(f"--all-scenario-rl.reward.model-scope {name}={scope}: without "
+                             f"--all-scenario-rl.reward.models the one reward model is the one trained here, "
+                             f"'helpfulness'")
+        if scope != cfg.reward_model.scope:
+            raise ValueError(f"--all-scenario-rl.reward.model-scope helpfulness={scope} contradicts "
+                             f"--reward-model.scope {cfg.reward_model.scope}, the scope the reward model is trained "
+                             f"on here and scored on everywhere: set --reward-model.scope {scope} alone")
 
 
 def check_stage_sections(cfg: R1Config, default: R1Config) -> None:
@@ -140,10 +162,11 @@ def main(argv: list[str] | None = None):
     check_out_dir("--out", cfg.out)
     data = data_files(cfg, embedded)
     if cfg.until_stage >= 4:
-        from r1_engine.engine.reward_model import check_reward_model_dir
+        from r1_engine.engine.reward_model import check_reward_model_dir, resolve_scope
 
         for name, path in cfg.all_scenario_rl.reward.models.items():
             check_reward_model_dir(f"--all-scenario-rl.reward.models {name}", path)
+            resolve_scope(name, path, cfg.all_scenario_rl.reward.model_scope.get(name))  # agrees with its record
     from transformers.utils import logging as hf_logging
 
     from r1_engine.parallel.state import init_parallel

@@ -180,6 +180,15 @@ class Pipeline:
         self._rm_dirs = {"helpfulness": str(rm_dir)}
         return self._rm_dirs
 
+    def reward_model_scopes(self, dirs: dict[str, str]) -> dict[str, str]:
+        """name -> the scope each reward model is scored on, in stage 4 and every evaluation alike: the one it was
+        trained on when it was trained here (recorded beside its weights), else --all-scenario-rl.reward.model-scope,
+        else "summary"; a setting that contradicts the record is a ValueError (engine.reward_model.resolve_scope)."""
+        from r1_engine.engine.reward_model import resolve_scope
+
+        given = self.cfg.all_scenario_rl.reward.model_scope
+        return {name: resolve_scope(name, path, given.get(name)) for name, path in dirs.items()}
+
     def base_with_tokens_path(self) -> Path:
         return self.dir(0) / "hf"
 
@@ -190,8 +199,9 @@ class Pipeline:
 
         settings = dataclasses.replace(self.cfg.eval, template=self.data.template,
                                        backend=self._solo_backend(self.cfg.eval.backend))
-        scopes = self.cfg.all_scenario_rl.reward.model_scope
-        rms = [RewardModelSpec(name=k, path=v, scope=scopes.get(k, "summary")) for k, v in (self._rm_dirs or {}).items()]
+        dirs = self._rm_dirs or {}
+        scopes = self.reward_model_scopes(dirs)
+        rms = [RewardModelSpec(name=k, path=v, scope=scopes[k]) for k, v in dirs.items()]
         metric = None
         if self.tiny:
             from r1_engine.recipes.tiny.r1_world import helpful_rate
@@ -278,7 +288,8 @@ class Pipeline:
     def stage_4(self) -> None:
         rms = self.reward_models()
         rl = self.cfg.all_scenario_rl
-        config = dataclasses.replace(rl, reward=dataclasses.replace(rl.reward, models=rms))
+        config = dataclasses.replace(rl, reward=dataclasses.replace(rl.reward, models=rms,
+                                                                    model_scope=self.reward_model_scopes(rms)))
         reasoning = self.reasoning_prompts()
         general = self.general_prompts(self.data.general) if self.data.general else []
         f = self.data.general_fraction

@@ -182,7 +182,9 @@ def model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("tiny_eval_model"))
 
 
-def _run_eval(model_dir, k=3, questions=5, seed=11, dp_rank=0, dp_size=1, per_call=2):
+def _run_eval(model_dir, k=3, questions=5, seed=11, dp_rank=0, dp_size=1, per_call=4, ids=None):
+    """sample_questions on the tiny model; `ids` (a dict), when given, receives every completion's token ids by
+    (question, sample), read off the calls' seeds (a call's seed is seed + its first pair's number q * k + j)."""
     from r1_engine.engine.data import PromptDataset, load_prompts, load_tokenizer
     from r1_engine.engine.rewards import build_reward_composer
     from r1_engine.engine.rollout.base import SamplingParams
@@ -194,11 +196,14 @@ def _run_eval(model_dir, k=3, questions=5, seed=11, dp_rank=0, dp_size=1, per_ca
     with build_reward_composer({"accuracy": 1.0, "format": 0.0}, num_workers=0) as rewards:
         def generate_and_score(chunk, n, params):
             rollout = engine.generate([it.prompt_ids for it in chunk], n, params)
+            if ids is not None:
+                for row, completion in enumerate(rollout.completion_ids):
+                    ids[divmod(params.seed - seed + row, k)] = list(completion)
             return rollout, rewards.score(rollout.completion_text, [it.example.answer for it in chunk for _ in range(n)])
 
         params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=8, seed=seed)
         local = sample_questions(generate_and_score, items, k, params, dp_rank=dp_rank, dp_size=dp_size,
-                                 questions_per_call=per_call)
+                                 samples_per_call=per_call)
     return local
 
 
@@ -208,34 +213,68 @@ def _dp_worker(model_dir):
     from r1_engine.parallel.state import init_parallel
 
     ps = init_parallel(1, 1, 0)
-    local = _run_eval(model_dir, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
+    ids = {}
+    local = _run_eval(model_dir, dp_rank=ps.dp_rank, dp_size=ps.dp_size, ids=ids)
     results = gather_results(local, ps.dp_group)
-    return [r.index for r in local], [(r.index, [(s.answer, s.length, s.format) for s in r.samples]) for r in results], \
-        dist.get_world_size()
+    return ([(r.index, r.first_sample, len(r.samples)) for r in local], _fingerprint(results), ids,
+            dist.get_world_size())
 
 
 def _fingerprint(results):
-    return [(r.index, [(s.answer, s.length, s.format) for s in r.samples]) for r in results]
+    """Per question, per sample: the completion's token ids (their digest) and what was read off them."""
+    return [(r.index, [(s.completion_digest, s.answer, s.length, s.format) for s in r.samples]) for r in results]
 
 
 def test_same_seed_same_numbers_and_other_seed_other_samples(model_dir):
-    a, b = _run_eval(model_dir), _run_eval(model_dir)
-    assert [r.index for r in a] == list(range(5)) and all(len(r.samples) == 3 for r in a)
+    from r1_engine.engine.eval import completion_digest
+
+    ids_a, ids_b = {}, {}
+    a, b = _run_eval(model_dir, ids=ids_a), _run_eval(model_dir, ids=ids_b)
+    assert [r.index for r in a] == list(range(5)) and all(len(r.samples) == 3 and r.first_sample == 0 for r in a)
+    assert ids_a == ids_b and sorted(ids_a) == [(q, j) for q in range(5) for j in range(3)]
     assert _fingerprint(a) == _fingerprint(b) and summarize(a) == summarize(b)
-    assert _fingerprint(_run_eval(model_dir, seed=12)) != _fingerprint(a)
-    # one rank's share: chunks {0,1} and {4} of size 2 go to rank 0, with the seeds DP=1 used for them
-    share = _run_eval(model_dir, dp_rank=0, dp_size=2)
-    assert [r.index for r in share] == [0, 1, 4] and _fingerprint(share) == [_fingerprint(a)[i] for i in (0, 1, 4)]
+    assert [s.completion_digest for r in a for s in r.samples] == [completion_digest(ids_a[q, j])
+                                                                   for q in range(5) for j in range(3)]
+    assert len({tuple(v) for v in ids_a.values()}) > 10  # the samples differ: a real comparison below
+    other = {}
+    _run_eval(model_dir, seed=12, ids=other)
+    assert other != ids_a
+    # one rank's share: calls 0 and 2 of 4 pairs each (pairs 0-3 and 8-11), with the seeds DP=1 used for them
+    share_ids = {}
+    share = _run_eval(model_dir, dp_rank=0, dp_size=2, ids=share_ids)
+    assert [(r.index, r.first_sample, len(r.samples)) for r in share] == [(0, 0, 3), (1, 0, 1), (2, 2, 1), (3, 0, 3)]
+    assert share_ids == {pair: ids_a[pair] for pair in share_ids} and len(share_ids) == 8
     with pytest.raises(ValueError, match="k \\(samples per question\\) must be an integer >= 1, got 0"):
         _run_eval(model_dir, k=0)
 
 
+def test_gather_joins_the_parts_of_a_question_in_sample_order():
+    from r1_engine.engine.eval import join_parts
+
+    def part(q, first, n):
+        return QuestionResult(q, f"f:{q}", "1", [Sample(True, str(first + i), 1, False, 1.0) for i in range(n)],
+                              first_sample=first)
+
+    joined = gather_results([part(1, 1, 2), part(0, 0, 3), part(1, 0, 1)])
+    assert [(r.index, r.first_sample, [s.answer for s in r.samples]) for r in joined] == [
+        (0, 0, ["0", "1", "2"]), (1, 0, ["0", "1", "2"])]
+    with pytest.raises(ValueError, match="question 1 .* lacks its first 1 samples"):
+        join_parts([part(1, 1, 2)])
+    with pytest.raises(ValueError, match="question 0 .* then a part starting at 3"):
+        join_parts([part(0, 0, 2), part(0, 3, 1)])
+
+
 @pytest.mark.multiproc
 def test_two_data_parallel_ranks_give_the_single_rank_results(model_dir):
-    single = _fingerprint(_run_eval(model_dir))
-    (own0, all0, w0), (own1, all1, w1) = run_distributed(_dp_worker, 2, str(model_dir))
-    assert w0 == w1 == 2 and own0 == [0, 1, 4] and own1 == [2, 3]
+    """DP=2 and DP=1 give every (question, sample) the same completion token ids: question 1's samples come from
+    both ranks (pairs 0-3 and 8-11 on rank 0, 4-7 and 12-14 on rank 1)."""
+    ids = {}
+    single = _fingerprint(_run_eval(model_dir, ids=ids))
+    (own0, all0, ids0, w0), (own1, all1, ids1, w1) = run_distributed(_dp_worker, 2, str(model_dir))
+    assert w0 == w1 == 2
+    assert own0 == [(0, 0, 3), (1, 0, 1), (2, 2, 1), (3, 0, 3)] and own1 == [(1, 1, 2), (2, 0, 2), (4, 0, 3)]
     assert all0 == all1 == single
+    assert {**ids0, **ids1} == ids and not set(ids0) & set(ids1)  # the token ids themselves, pair by pair
 
 
 def test_trainer_evaluate_runs_this_code(model_dir, tmp_path):
@@ -257,7 +296,11 @@ def test_trainer_evaluate_runs_this_code(model_dir, tmp_path):
         seen.append(real(items, n, params))
         out = seen[-1]
         # scripted correctness, so pass@k is not trivially 0 for a random model: question q has q correct samples
-        acc = [float(j < q) for q in range(len(items)) for j in range(n)]
+        # (the call holds one row per (question, sample) pair, n = 1)
+        questions, acc = {}, []
+        for it in items:
+            q = questions.setdefault(it.example.index, len(questions))
+            acc.append(float(sum(x.example.index == it.example.index for x in items[:len(acc)]) < q))
         return out[0], dataclasses.replace(out[1], components={**out[1].components, "accuracy": acc})
 
     t.generate_and_score = recording

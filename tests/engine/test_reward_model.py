@@ -242,3 +242,141 @@ def test_train_reward_model_learns_the_preference_and_saves_what_it_learned(base
     first_epoch = [r for r in records if "train/loss" in r][:4]
     rerun = [json.loads(line) for line in (tmp_path / "rm" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rerun if "train/loss" in r] == first_epoch and again["steps"] == 4
+
+
+# --------------------------------------------------------------------------- one scope per reward model (issue 26.3)
+def test_a_trained_reward_model_is_scored_on_the_scope_it_was_trained_on(base, tmp_path):
+    from r1_engine.engine.config import RewardConfig
+    from r1_engine.engine.reward_model import RECORD_FILE, read_record
+    from r1_engine.engine.scoring import build_reward_models, check_reward_models
+
+    cfg = RewardModelTrainConfig(lr=1e-3, epochs=1, batch_size=8, seed=0, scope="response", progress=False)
+    train_reward_model(base, addition_pairs(0, 8), tmp_path / "rm", cfg)
+    hf_dir = tmp_path / "rm" / "hf"
+    assert read_record(hf_dir) == {"scope": "response", "input_format": "text"}
+    assert RewardModelSpec("helpful", str(hf_dir)).scope == "response"  # no setting: the recorded scope
+    assert RewardModelSpec("helpful", str(hf_dir), scope="response").scope == "response"
+    with pytest.raises(ValueError, match=rf"trained on scope 'response' \(recorded in {hf_dir / RECORD_FILE}\) but "
+                                         r"reward.model_scope gives helpful='summary'"):
+        RewardModelSpec("helpful", str(hf_dir), scope="summary")
+    # stage 4's RL (RewardConfig.model_scope unset) scores what training read: the whole response
+    models = build_reward_models(RewardConfig(models={"helpful": str(hf_dir)}), "cpu", torch.float32)
+    assert [s.scope for s in models.specs] == ["response"]
+    responses = [READABLE, "<think>9</think> <|summary|> 9"]
+    got = models.score([PROMPT] * 2, responses)["helpful"]
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = AutoModelForSequenceClassification.from_pretrained(hf_dir).eval(), load_tokenizer(hf_dir)
+    with torch.no_grad():  # one unpadded text at a time (none holds the pad id)
+        expected = [model(input_ids=torch.tensor([encode_text(tokenizer, PROMPT + r)])).logits[0, 0].item()
+                    for r in responses]
+    assert got == pytest.approx(expected, abs=1e-5)
+    models.close()
+    with pytest.raises(ValueError, match="trained on scope 'response'"):
+        check_reward_models({"helpful": str(hf_dir)}, [], {"helpful": "summary"})
+    # a model without a record (off the shelf): the scope given, else summary
+    assert RewardModelSpec("x", str(base)).scope == "summary"
+    assert RewardModelSpec("x", str(base), scope="response").scope == "response"
+
+
+def test_r1_scores_its_trained_reward_model_on_the_trained_scope(reward_dir, tmp_path, capsys):
+    """recipes/r1: stage 4 and the evaluations read the recorded scope; a contradicting setting is one error."""
+    from r1_engine.engine.reward_model import write_record
+    from r1_engine.recipes.r1 import main, resolve_config
+    from r1_engine.recipes.r1_stages import Pipeline
+    from tests.recipes.helpers import one_error_line
+
+    given = tmp_path / "given_rm"  # a reward model trained elsewhere by this engine, given with --...reward.models
+    shutil.copytree(reward_dir, given)
+    write_record(given, "response")
+    line = one_error_line(capsys, main, ["--out", str(tmp_path / "out"), "--all-scenario-rl.reward.models",
+                                         "harmless", str(given), "--all-scenario-rl.reward.model-scope", "harmless",
+                                         "summary"])
+    assert "was trained on scope 'response'" in line and not (tmp_path / "out").exists()
+
+    rm = tmp_path / "rm_hf"
+    rm.mkdir()
+    write_record(rm, "response")
+    cfg, _ = resolve_config(["--out", str(tmp_path / "run"), "--reward-model.scope", "response"])
+    assert Pipeline(cfg, None, tmp_path, None).reward_model_scopes({"helpfulness": str(rm)}) == {
+        "helpfulness": "response"}
+    # naming the trained model's scope is allowed when it agrees, and one clear error when it does not
+    cfg, _ = resolve_config(["--out", str(tmp_path / "run"), "--reward-model.scope", "response",
+                             "--all-scenario-rl.reward.model-scope", "helpfulness", "response"])
+    with pytest.raises(ValueError, match=r"--all-scenario-rl.reward.model-scope helpfulness=summary contradicts "
+                                         r"--reward-model.scope response"):
+        resolve_config(["--out", str(tmp_path / "run"), "--reward-model.scope", "response",
+                        "--all-scenario-rl.reward.model-scope", "helpfulness", "summary"])
+    cfg, _ = resolve_config(["--out", str(tmp_path / "run"), "--all-scenario-rl.reward.model-scope",
+                             "helpfulness", "summary"])  # a run directory trained earlier on response
+    with pytest.raises(ValueError, match="trained on scope 'response'"):
+        Pipeline(cfg, None, tmp_path, None).reward_model_scopes({"helpfulness": str(rm)})
+
+
+# --------------------------------------------------------------------------- off-the-shelf input (issue 26.5)
+CHAT = "{% for m in messages %}{{ m['role'] }}> {{ m['content'] }}<|endoftext|>\n{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def chat_reward_dir(reward_dir, tmp_path_factory) -> Path:
+    """The reward model of `reward_dir` with a chat template in its tokenizer and no record: an off-the-shelf one."""
+    out = tmp_path_factory.mktemp("chat_rm")
+    shutil.copytree(reward_dir, out, dirs_exist_ok=True)
+    tokenizer = load_tokenizer(out)
+    tokenizer.chat_template = CHAT
+    tokenizer.save_pretrained(out)
+    assert load_tokenizer(out).chat_template == CHAT
+    return out
+
+
+def test_an_off_the_shelf_reward_model_reads_its_own_chat_template(chat_reward_dir, tmp_path):
+    from r1_engine.engine.reward_model import write_record
+
+    question, policy_prompt = "12+35=?", PROMPT  # the raw question, and the policy's templated prompt
+    responses = [READABLE, "<think>1+1=3</think> wrong <|summary|> 2+2=4"]
+    with RewardModelSet([RewardModelSpec("helpful", str(chat_reward_dir))]) as models:
+        assert models.scorers[0].input_format == "chat"
+        got = models.score([policy_prompt] * 2, responses, [question] * 2)["helpful"]
+        without_questions = models.score([policy_prompt], responses[:1])["helpful"]
+    # user turn: the question; assistant turn: the summary, closed by the template's end of turn (<|endoftext|>,
+    # the pad id too: the score is read at the last real token before it, as transformers reads an unpadded row)
+    expected = [hf_score(chat_reward_dir, f"user> {question}<|endoftext|>\nassistant> {s}<|endoftext|>\n")
+                for s in (" so the answer is 47.", " 2+2=4")]
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert without_questions[0] == pytest.approx(hf_score(
+        chat_reward_dir, f"user> {policy_prompt}<|endoftext|>\nassistant>  so the answer is 47.<|endoftext|>\n"),
+        abs=1e-5)
+    assert abs(got[0] - hf_score(chat_reward_dir, policy_prompt + " so the answer is 47.")) > 1e-3
+    # a model trained here records the format it was trained with, and is read that way (no chat template)
+    recorded = tmp_path / "recorded"
+    shutil.copytree(chat_reward_dir, recorded)
+    write_record(recorded, "summary", "text")
+    with RewardModelSet([RewardModelSpec("helpful", str(recorded))]) as models:
+        assert models.scorers[0].input_format == "text"
+        got = models.score([policy_prompt], responses[:1], [question])["helpful"]
+    assert got[0] == pytest.approx(hf_score(recorded, policy_prompt + " so the answer is 47."), abs=1e-5)
+
+
+def test_group_normalisation_puts_reward_model_scores_on_the_rules_scale(reward_dir):
+    """The tiny reward model's raw scores spread over several units; z-scored within each prompt's group, the
+    general rows' totals have mean 0 and std 1 per group, whatever the head's scale."""
+    from r1_engine.engine.rewards import build_reward_composer
+    from r1_engine.engine.scoring import NORM_EPS, RolloutScorer
+
+    G = 4
+    completions = ["1", " so the answer is 4.", "<think>7+8=15</think> 85", "22",
+                   "Hello", "Hi there", "<think>x</think> Hey.", "Good day to you"]
+    rules = build_reward_composer({"accuracy": 1.0, "format": 0.5}, num_workers=0)
+    with RewardModelSet([RewardModelSpec("helpful", str(reward_dir), weight=2.0)]) as models:
+        raw = RolloutScorer(rules, models, {"helpful": 2.0}).score(["general"] * 8, [PROMPT] * 8, completions,
+                                                                     [None] * 8, group_size=G)
+        normed = RolloutScorer(rules, models, {"helpful": 2.0}, normalization="group").score(
+            ["general"] * 8, [PROMPT] * 8, completions, [None] * 8, group_size=G)
+    scores = raw.components["helpful"]
+    assert raw.total == pytest.approx([2.0 * s for s in scores])
+    assert max(scores) - min(scores) > 2.0  # raw logits would outweigh a 0/1 accuracy
+    assert normed.components["helpful"] == scores  # the logged component stays the raw score
+    for g in range(2):
+        group = torch.tensor(scores[g * G:(g + 1) * G], dtype=torch.float64)
+        z = (group - group.mean()) / (group.std(unbiased=False) + NORM_EPS)
+        assert normed.total[g * G:(g + 1) * G] == pytest.approx((2.0 * z).tolist(), abs=1e-6)

@@ -31,10 +31,12 @@ class ScriptedEngine(RolloutEngine):
         self.script = script  # prompt text fragment -> completions
 
     def generate(self, prompt_ids, n, params):
-        texts = []
+        texts, seen = [], {}  # the j-th row of a prompt in this call gets its j-th scripted completion (cycled)
         for ids in prompt_ids:
             key = next(k for k in self.script if k in self.decode(ids))
-            texts += [self.script[key][j % len(self.script[key])] for j in range(n)]
+            for _ in range(n):
+                j = seen[key] = seen.get(key, -1) + 1
+                texts.append(self.script[key][j % len(self.script[key])])
         return RolloutBatch(prompt_ids=[list(p) for p in prompt_ids for _ in range(n)],
                             completion_ids=[[1, 2] for _ in texts], completion_text=texts,
                             rollout_logp=[torch.zeros(2) for _ in texts], finish_reason=["stop"] * len(texts),

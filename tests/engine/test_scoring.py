@@ -14,8 +14,8 @@ class FakeRewardModels:
     def __init__(self):
         self.calls = []
 
-    def score(self, prompts, responses):
-        self.calls.append((list(prompts), list(responses)))
+    def score(self, prompts, responses, questions=None):
+        self.calls.append((list(prompts), list(responses)) + (() if questions is None else (list(questions),)))
         return {"helpfulness": [float(len(r)) for r in responses], "harmlessness": [-1.0 for _ in responses]}
 
     def close(self):
@@ -66,3 +66,37 @@ def test_check_reward_models_names_the_file_row(tmp_path):
     assert examples[0].kind == "general" and examples[0].answer is None
     with pytest.raises(ValueError, match=r"general\.jsonl:1.*--reward.models"):
         check_reward_models({}, examples)
+
+
+def test_reward_model_scores_are_normalised_within_each_group():
+    """normalization="group" (RewardConfig.model_normalization's default): each model's scores z-scored over the
+    group_size consecutive rows of one prompt before weighting; the components keep the raw scores."""
+    from r1_engine.engine.config import RewardConfig
+    from r1_engine.engine.sampling import build_scorer, plan_scoring
+    from r1_engine.engine.scoring import NORM_EPS, group_zscore
+
+    rules = build_reward_composer({"accuracy": 1.0, "format": 0.5}, num_workers=0)
+    rms = FakeRewardModels()
+    scorer = RolloutScorer(rules, rms, {"helpfulness": 0.5, "harmlessness": 2.0}, normalization="group")
+    kinds = ["reasoning", "reasoning", "general", "general", "general", "general"]
+    completions = [GOOD, BAD, "Hello Ann!", "Hi", "Thanks.", "Thanks!"]  # helpfulness: 10, 2 | 7, 7
+    out = scorer.score(kinds, ["q", "q", "g1", "g1", "g2", "g2"], completions, ["15", "15", None, None, None, None],
+                       questions=["Q", "Q", "G1", "G1", "G2", "G2"], group_size=2)
+    one = 4.0 / (4.0 + NORM_EPS)
+    assert out.total[:2] == [1.5, 0.5]  # rule rows as before
+    assert out.total[2:] == pytest.approx([0.5 * one, -0.5 * one, 0.0, 0.0])  # harmlessness: equal, 0
+    assert out.components["helpfulness"][2:] == [10.0, 2.0, 7.0, 7.0]  # raw
+    # questions reach the reward models with the general rows only
+    assert rms.calls == [(["g1", "g1", "g2", "g2"], completions[2:], ["G1", "G1", "G2", "G2"])]
+    # group_size 1 (evaluation): nothing to normalise against, raw scores
+    single = scorer.score(["general"], ["g"], ["Hello"], [None])
+    assert single.total == [0.5 * 5 - 2.0]
+    with pytest.raises(ValueError, match="not whole groups of 4"):
+        scorer.score(kinds, ["q"] * 6, completions, [None] * 6, group_size=4)
+    assert group_zscore([1.0, 3.0, 5.0, 5.0], [0, 0, 1, 1]) == pytest.approx([-1.0, 1.0, 0.0, 0.0], abs=1e-5)
+    # the config's default, carried by build_scorer
+    assert RewardConfig().model_normalization == "group"
+    reward = RewardConfig(num_workers=0)
+    assert build_scorer(reward, plan_scoring(reward, [])).normalization == "group"
+    none = RewardConfig(num_workers=0, model_normalization="none")
+    assert build_scorer(none, plan_scoring(none, [])).normalization == "none"
