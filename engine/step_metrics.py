@@ -54,6 +54,13 @@ def step_metrics(step: CollectedStep, updates: list[dict[str, float]], lr: float
     m["throughput/rollout_tokens_per_s"] = generated_tokens / max(m.get("time/rollout", 1e-9), 1e-9)
     m.update(step.metrics)  # the same keys on every rank (they follow the config)
     keys, count_keys = sorted(m), sorted(counts)
+    if ps.dp_size > 1:  # a rank may have drawn rows of one kind only (reasoning, no general): the union of the keys,
+        everyone = [None] * ps.dp_size  # a component a rank lacks counts 0 rows there
+        dist.all_gather_object(everyone, (keys, count_keys), group=ps.dp_group)
+        keys = sorted({k for ks, _ in everyone for k in ks})
+        count_keys = sorted({k for _, cs in everyone for k in cs})
+        m = {k: m.get(k, 0.0) for k in keys}
+        counts = {k: counts.get(k, 0.0) for k in count_keys}
     t = torch.tensor([m[k] for k in keys] + [counts[k] for k in count_keys], dtype=torch.float64)
     if ps.dp_size > 1:  # average over data-parallel replicas
         t = t.to(ps.device)
