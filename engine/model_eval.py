@@ -14,12 +14,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import torch
 
 from r1_engine.engine.data import PromptDataset, PromptExample, load_tokenizer
-from r1_engine.engine.eval import EquivalenceJudge, results_to_json, sample_questions, summarize
+from r1_engine.engine.eval import (
+    SAMPLES_PER_CALL,
+    EquivalenceJudge,
+    gather_results,
+    results_to_json,
+    sample_questions,
+    summarize,
+)
 from r1_engine.engine.config import GENERATION_BUDGET, RewardConfig, device_dtype
 from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
 from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
@@ -41,6 +48,17 @@ class EvalSettings:
     seed: int = 1234
     num_workers: int = 2
     """Reward/judge worker processes (0: in this process)."""
+    timeout_s: float = 10.0
+    """Per-sample reward and per-comparison equivalence timeout."""
+    stop_strings: tuple[str, ...] = ()
+    """None by default: a completion ends with its EOS, as a user sampling the model sees it."""
+    max_prompt_tokens: int = 512
+    """Longer prompts are skipped (counted and warned about)."""
+    samples_per_call: int = SAMPLES_PER_CALL
+    """(question, sample) pairs a generate() call; fixed calls keep the results independent of the DP size."""
+    gpu_memory_utilization: float = 0.5
+    num_threads: int | None = 1
+    """CPU threads of the hf backend."""
 
 
 class ModelEvaluator:
@@ -54,31 +72,56 @@ class ModelEvaluator:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # the rule rewards (and the code judge for code prompts) as every evaluation scores them (engine.sampling)
         self.reward = RewardConfig(weights=dict(EVAL_WEIGHTS), language=settings.language,
-                                   num_workers=settings.num_workers)
-        self.judge = EquivalenceJudge(settings.num_workers)
+                                   num_workers=settings.num_workers, timeout_s=settings.timeout_s)
+        self.judge = EquivalenceJudge(settings.num_workers, settings.timeout_s)
 
     def _params(self) -> SamplingParams:
         s = self.settings
-        return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens, seed=s.seed)
+        return SamplingParams(temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
+                              stop_strings=tuple(s.stop_strings), seed=s.seed)
+
+    def _engine(self, model_dir: Path, tokenizer, device):
+        s = self.settings
+        return build_rollout_engine(s.backend, model_dir, tokenizer, device=device, dtype=s.dtype, seed=s.seed,
+                                    gpu_memory_utilization=s.gpu_memory_utilization, num_threads=s.num_threads)
+
+    def evaluate_datasets(self, model_dir: str | Path, datasets: Mapping[str, Sequence[PromptExample]], *,
+                          dp_rank: int = 0, dp_size: int = 1, group=None, device=None) -> dict[str, dict] | None:
+        """Every dataset of reasoning (or code) prompts on one checkpoint, the (question, sample) pairs spread over
+        `dp_size` ranks (group: their data-parallel group; every rank calls this together): {name: {"summary": every
+        number of engine.eval.summarize, "questions": per-question records}} on rank 0, None on the others."""
+        s, model_dir = self.settings, Path(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        engine = self._engine(model_dir, tokenizer, device or self.device)
+        report = {}
+        # the sampler every evaluation uses: a reasoning row by its answer, a code row by the sandboxed judge
+        with build_sampler(engine, self.reward, [e for rows in datasets.values() for e in rows],
+                           weights=EVAL_WEIGHTS) as sampler:
+            for name, rows in datasets.items():
+                items = PromptDataset(list(rows), tokenizer, s.template, s.max_prompt_tokens).items[:s.size]
+                local = sample_questions(sampler, items, s.samples, self._params(), dp_rank=dp_rank, dp_size=dp_size,
+                                         samples_per_call=s.samples_per_call)
+                results = gather_results(local, group)
+                if dp_rank == 0:
+                    report[name] = {"summary": summarize(results, self.judge), "questions": results_to_json(results)}
+        return report if dp_rank == 0 else None
 
     def evaluate(self, model_dir: str | Path, reasoning: Sequence[PromptExample],
                  general: Sequence[PromptExample] = ()) -> dict:
-        """{"summary": flat numbers, "questions": per-question records, "general": samples} for one checkpoint."""
+        """{"summary": flat numbers, "questions": per-question records, "general": samples} for one checkpoint (the
+        R1 and distillation recipes' per-stage evaluation; one process)."""
         s = self.settings
-        tokenizer = load_tokenizer(model_dir)
-        engine = build_rollout_engine(s.backend, model_dir, tokenizer, device=self.device, dtype=s.dtype, seed=s.seed,
-                                      gpu_memory_utilization=0.5, num_threads=1)
         report: dict = {"summary": {}, "questions": [], "general": []}
         if reasoning:
-            items = PromptDataset(list(reasoning), tokenizer, s.template).items[:s.size]
-            with build_sampler(engine, self.reward, [it.example for it in items], weights=EVAL_WEIGHTS) as sampler:
-                results = sample_questions(sampler, items, s.samples, self._params())
-            summary = summarize(results, self.judge)
+            result = self.evaluate_datasets(model_dir, {"reasoning": reasoning})["reasoning"]
+            summary = result["summary"]
             keep = [k for k in summary if k.startswith(("pass@", "cons@", "se/"))]
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
             report["summary"].update({k: summary[k] for k in keep if k in summary})
-            report["questions"] = results_to_json(results)
+            report["questions"] = result["questions"]
         if general:
+            tokenizer = load_tokenizer(model_dir)
+            engine = self._engine(Path(model_dir), tokenizer, self.device)
             items = PromptDataset(list(general), tokenizer, s.template).items
             rollout = engine.generate([it.prompt_ids for it in items], s.samples, self._params())
             prompts = [it.example.prompt for it in items for _ in range(s.samples)]

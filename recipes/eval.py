@@ -235,17 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from r1_engine.engine.config import RewardConfig
-    from r1_engine.engine.data import PromptDataset, check_tokenizer_fits, load_tokenizer
-    from r1_engine.engine.eval import (
-        EquivalenceJudge,
-        gather_results,
-        results_to_json,
-        sample_questions,
-        summarize,
-    )
-    from r1_engine.engine.rollout import SamplingParams, build_rollout_engine
-    from r1_engine.engine.sampling import EVAL_WEIGHTS, build_sampler
+    from r1_engine.engine.data import check_tokenizer_fits, load_tokenizer
+    from r1_engine.engine.model_eval import EvalSettings, ModelEvaluator
 
     dp_rank, dp_size, group, device = 0, 1, None, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every rank is a data-parallel replica
@@ -254,47 +245,32 @@ def main(argv: list[str] | None = None) -> dict:
         ps = init_parallel(1, 1, cfg.seed)
         dp_rank, dp_size, group, device = ps.dp_rank, ps.dp_size, ps.dp_group, ps.device
     is_main = dp_rank == 0
-    r = cfg.rollout
-    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            stop_strings=tuple(r.stop_strings), seed=cfg.seed)
-    reward = RewardConfig(weights=dict(EVAL_WEIGHTS), language=cfg.reward.language,
-                          num_workers=cfg.reward.num_workers, timeout_s=cfg.reward.timeout_s)
+    r, d = cfg.rollout, cfg.data
+    # the evaluator the R1 and distillation recipes use, with this recipe's settings
+    settings = EvalSettings(samples=cfg.k, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            size=d.limit, template=d.template, language=cfg.reward.language, backend=r.backend,
+                            dtype=r.dtype, seed=cfg.seed, num_workers=cfg.reward.num_workers,
+                            timeout_s=cfg.reward.timeout_s, stop_strings=tuple(r.stop_strings),
+                            max_prompt_tokens=d.max_prompt_tokens, samples_per_call=r.samples_per_call,
+                            gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
     report: dict = {}
-    judge = EquivalenceJudge(cfg.reward.num_workers, cfg.reward.timeout_s) if is_main else None
-    try:
+    with ModelEvaluator(settings) as evaluator:
         for name, model_dir in models:
-            tokenizer = load_tokenizer(model_dir)
             vocab = json.loads((model_dir / "config.json").read_text()).get("vocab_size")
             if isinstance(vocab, int):
-                check_tokenizer_fits(tokenizer, vocab, model_dir)
-            engine = build_rollout_engine(r.backend, model_dir, tokenizer, device=device, dtype=r.dtype, seed=cfg.seed,
-                                          gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads)
-            report[name] = {"path": str(model_dir), "datasets": {}}
-            # the sampler every evaluation uses: a reasoning row by its answer, a code row by the sandboxed judge
-            with build_sampler(engine, reward, [e for rows in examples.values() for e in rows],
-                               weights=EVAL_WEIGHTS) as sampler:
-                for ds, rows in examples.items():
-                    items = PromptDataset(rows, tokenizer, cfg.data.template, cfg.data.max_prompt_tokens).items
-                    items = items[:cfg.data.limit]
-                    local = sample_questions(sampler, items, cfg.k, params, dp_rank=dp_rank,
-                                             dp_size=dp_size, samples_per_call=r.samples_per_call)
-                    results = gather_results(local, group)
-                    if is_main:
-                        report[name]["datasets"][ds] = {"summary": summarize(results, judge),
-                                                        "questions": results_to_json(results)}
-            engine = None  # free it before the next model's is built
-    finally:
-        if judge is not None:
-            judge.close()
+                check_tokenizer_fits(load_tokenizer(model_dir), vocab, model_dir)
+            datasets = evaluator.evaluate_datasets(model_dir, examples, dp_rank=dp_rank, dp_size=dp_size, group=group,
+                                                   device=device)
+            report[name] = {"path": str(model_dir), "datasets": datasets}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         tables = markdown_tables(report)
-        settings = (f"k={cfg.k} samples a question, temperature {r.temperature}, top-p {r.top_p}, "
-                    f"max {r.max_new_tokens} new tokens, seed {cfg.seed}, template {cfg.data.template}")
+        described = (f"k={cfg.k} samples a question, temperature {r.temperature}, top-p {r.top_p}, "
+                     f"max {r.max_new_tokens} new tokens, seed {cfg.seed}, template {cfg.data.template}")
         (out / "eval.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "models": report}, indent=1))
-        (out / "eval.md").write_text(f"# Evaluation\n\n{settings}\n\n{tables}")
+        (out / "eval.md").write_text(f"# Evaluation\n\n{described}\n\n{tables}")
         plot(report, out / "eval.png")
-        print(f"{settings}\n\n{tables}\nwrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}", flush=True)
+        print(f"{described}\n\n{tables}\nwrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.png'}", flush=True)
     return report
 
 
