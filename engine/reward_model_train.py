@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -27,7 +28,7 @@ from r1_engine.engine.data import read_jsonl, load_tokenizer, required_strings
 from r1_engine.engine.metrics import MetricsLogger
 from r1_engine.engine.objectives import bradley_terry_loss
 from r1_engine.engine.preflight import check_model_dir
-from r1_engine.engine.run import learning_rate
+from r1_engine.engine.run import TrainingRun, learning_rate
 from r1_engine.engine.reward_model import (
     SCOPES,
     default_max_length,
@@ -150,102 +151,139 @@ def train_reward_model(base_dir: str | Path, pairs: Sequence[PreferencePair], ou
     plus the base's tokenizer files byte for byte). Returns the last epoch's "train/loss" and "train/accuracy",
     "steps", "num_truncated", and with eval_pairs "eval/loss", "eval/accuracy" (share of pairs ranked right) and
     "eval/margin" after training ("eval/accuracy_before" before it)."""
-    from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    _check_config(cfg)
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    check_model_dir("base_dir", base_dir, need_weights=True)
-    if not pairs:
-        raise ValueError("train_reward_model: no preference pairs")
-    device = torch.device(device)
-    tokenizer = load_tokenizer(base_dir)
-    torch.manual_seed(cfg.seed)  # the new score head's initialisation
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its load report calls the new head "MISSING"; other missing weights raise below
-    try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, num_labels=1, dtype=torch.float32, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] not in NEW_HEAD_MODULES)
-    if missing:
-        raise ValueError(f"base_dir {base_dir}: its weights lack {len(missing)} tensors of "
-                         f"{type(model).__name__} ({', '.join(missing[:3])}, ...): not a checkpoint of this architecture")
-    model.to(device).train()
-    pad_id = resolve_pad_id(model.config, tokenizer)
-    set_pad_id(model, pad_id)
-    max_length = cfg.max_length if cfg.max_length is not None else default_max_length(model.config)
-
-    num_truncated = 0
-
-    def encode(pair_list: Sequence[PreferencePair]) -> list[tuple[list[int], list[int]]]:
-        nonlocal num_truncated
-        rows = []
-        for pair in pair_list:
-            encoded = []
-            for response in (pair.chosen, pair.rejected):
-                try:
-                    ids, truncated = encode_reward_text(tokenizer, reward_text(pair.prompt, response, cfg.scope),
-                                                        pad_id, max_length)
-                except ValueError as err:
-                    raise ValueError(f"{pair.source}: {err}") from None
-                num_truncated += truncated
-                encoded.append(ids)
-            rows.append((encoded[0], encoded[1]))
-        return rows
-
-    train_rows, eval_rows = encode(pairs), encode(eval_pairs)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    logger = MetricsLogger(out_dir)
-    logger.truncate_after(-1)  # a rerun into the same out_dir replaces the run, metrics and model alike
-    result: dict[str, float] = {}
     began = time.perf_counter()
+    trainer = RewardModelTrainer(base_dir, pairs, out_dir, cfg, eval_pairs, device)
     try:
-        if eval_rows:
-            before = _evaluate(model, eval_rows, pad_id, device, cfg.batch_size)
-            logger.log(0, before)
-            result["eval/accuracy_before"] = before["eval/accuracy"]
-        steps_per_epoch = -(-len(train_rows) // cfg.batch_size)
-        step = 0
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="reward model", disable=not cfg.progress,
-                   mininterval=2.0)
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(len(train_rows),
-                                   generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)).tolist()
-            epoch_loss = epoch_accuracy = 0.0
-            for start in range(0, len(order), cfg.batch_size):
-                chunk = [train_rows[i] for i in order[start:start + cfg.batch_size]]
-                lr = learning_rate(step, cfg.epochs * steps_per_epoch, cfg.lr, cfg.warmup_steps, "constant")
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                metrics = _pair_metrics(model, chunk, pad_id, device)
-                optimizer.zero_grad(set_to_none=True)
-                metrics["loss"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                optimizer.step()
-                step += 1
-                logged = {f"train/{name}": value.item() for name, value in metrics.items()}
-                logger.log(step, {**logged, "train/lr": lr, "train/grad_norm": grad_norm.item()})
-                epoch_loss += logged["train/loss"] * len(chunk)
-                epoch_accuracy += logged["train/accuracy"] * len(chunk)
-                bar.update(1)
-                bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
-            result.update({"train/loss": epoch_loss / len(train_rows), "train/accuracy": epoch_accuracy / len(train_rows)})
-            if eval_rows:
-                evaluated = _evaluate(model, eval_rows, pad_id, device, cfg.batch_size)
-                logger.log(step, evaluated)
-                result.update(evaluated)
-        bar.close()
-        model.eval()
-        _save_atomically(model, base_dir, out_dir / HF_SUBDIR, cfg.scope)
-        logger.plot()
+        trainer.fit()
+        trainer.finish()
     finally:
-        logger.close()
-    result.update({"steps": step, "num_truncated": num_truncated, "train/seconds": time.perf_counter() - began})
-    return result
+        trainer.close()
+    return {**trainer.result, "steps": trainer.step, "num_truncated": trainer.num_truncated,
+            "train/seconds": time.perf_counter() - began}
+
+
+class RewardModelTrainer(TrainingRun):
+    """Bradley-Terry training of a sequence-classification head (and the whole model) on preference pairs, on the
+    run skeleton (engine.run.TrainingRun: the loop, the progress bar, the metrics). An HF model on one process;
+    the run keeps no resumable checkpoint (a rerun starts afresh) and ends with out_dir/hf."""
+
+    label = "reward model"
+
+    def __init__(self, base_dir, pairs: Sequence[PreferencePair], out_dir, cfg: RewardModelTrainConfig,
+                 eval_pairs: Sequence[PreferencePair] = (), device: str | torch.device = "cpu"):
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        _check_config(cfg)
+        self.cfg, self.base_dir, self.out = cfg, Path(base_dir), Path(out_dir)
+        check_model_dir("base_dir", self.base_dir, need_weights=True)
+        if not pairs:
+            raise ValueError("train_reward_model: no preference pairs")
+        self.device = torch.device(device)
+        tokenizer = load_tokenizer(self.base_dir)
+        torch.manual_seed(cfg.seed)  # the new score head's initialisation
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report calls the new head "MISSING"; other missing weights raise
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                self.base_dir, num_labels=1, dtype=torch.float32, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = sorted(k for k in info["missing_keys"] if k.split(".")[0] not in NEW_HEAD_MODULES)
+        if missing:
+            raise ValueError(f"base_dir {self.base_dir}: its weights lack {len(missing)} tensors of "
+                             f"{type(model).__name__} ({', '.join(missing[:3])}, ...): not a checkpoint of this "
+                             f"architecture")
+        self.policy = model.to(self.device).train()
+        self.pad_id = resolve_pad_id(model.config, tokenizer)
+        set_pad_id(model, self.pad_id)
+        max_length = cfg.max_length if cfg.max_length is not None else default_max_length(model.config)
+        self.num_truncated = 0
+
+        def encode(pair_list: Sequence[PreferencePair]) -> list[tuple[list[int], list[int]]]:
+            rows = []
+            for pair in pair_list:
+                encoded = []
+                for response in (pair.chosen, pair.rejected):
+                    try:
+                        ids, truncated = encode_reward_text(tokenizer, reward_text(pair.prompt, response, cfg.scope),
+                                                            self.pad_id, max_length)
+                    except ValueError as err:
+                        raise ValueError(f"{pair.source}: {err}") from None
+                    self.num_truncated += truncated
+                    encoded.append(ids)
+                rows.append((encoded[0], encoded[1]))
+            return rows
+
+        self.train_rows, self.eval_rows = encode(pairs), encode(eval_pairs)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.logger = MetricsLogger(self.out)
+        self.logger.truncate_after(-1)  # a rerun into the same out_dir replaces the run, metrics and model alike
+        self.ps = SimpleNamespace(is_main=True)
+        self.step = 0
+        self.steps_per_epoch = -(-len(self.train_rows) // cfg.batch_size)
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.result: dict[str, float] = {}
+        self._order: list[int] = []
+        self._epoch_sums = [0.0, 0.0]
+        if self.eval_rows:
+            before = _evaluate(model, self.eval_rows, self.pad_id, self.device, cfg.batch_size)
+            self.logger.log(0, before)
+            self.result["eval/accuracy_before"] = before["eval/accuracy"]
+
+    def train_settings(self) -> SimpleNamespace:
+        return SimpleNamespace(save_every=0, keep_checkpoints=1, progress=self.cfg.progress)
+
+    def train_one_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        epoch, position = divmod(self.step, self.steps_per_epoch)
+        if position == 0:  # each epoch its own order, from (seed, epoch)
+            self._order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(
+                cfg.seed * 1_000_003 + epoch)).tolist()
+            self._epoch_sums = [0.0, 0.0]
+        start = position * cfg.batch_size
+        chunk = [self.train_rows[i] for i in self._order[start:start + cfg.batch_size]]
+        lr = learning_rate(self.step, self.total_steps, cfg.lr, cfg.warmup_steps, "constant")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        metrics = _pair_metrics(self.policy, chunk, self.pad_id, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.step += 1
+        logged = {f"train/{name}": value.item() for name, value in metrics.items()}
+        self._epoch_sums[0] += logged["train/loss"] * len(chunk)
+        self._epoch_sums[1] += logged["train/accuracy"] * len(chunk)
+        return {**logged, "train/lr": lr, "train/grad_norm": grad_norm.item()}
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        if self.step % self.steps_per_epoch:
+            return
+        n = len(self.train_rows)  # an epoch ends: its means, and the held-out pairs
+        self.result.update({"train/loss": self._epoch_sums[0] / n, "train/accuracy": self._epoch_sums[1] / n})
+        if self.eval_rows:
+            evaluated = _evaluate(self.policy, self.eval_rows, self.pad_id, self.device, self.cfg.batch_size)
+            metrics.update(evaluated)
+            self.result.update(evaluated)
+
+    def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.4f}"}
+
+    def save(self) -> None:
+        self._saved_at = self.step  # no resumable checkpoint: the HF model is written by finish()
+
+    def export_hf(self, out_dir: str | Path | None = None) -> Path:
+        self.policy.eval()
+        _save_atomically(self.policy, self.base_dir, self.out / HF_SUBDIR, self.cfg.scope)
+        return self.out / HF_SUBDIR
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.plot()
+            self.logger.close()
+            self.logger = None

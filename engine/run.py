@@ -1,5 +1,6 @@
-"""The one run skeleton every trainer uses: the GRPO trainer (engine.trainer), SFT (engine.sft) and, through a stop
-condition, the distillation's time-budgeted GRPO baseline.
+"""The one run skeleton every trainer uses: the GRPO trainer (engine.trainer), SFT (engine.sft), the reward model's
+Bradley-Terry trainer (engine.reward_model_train) and, through a stop condition, the distillation's time-budgeted GRPO
+baseline.
 
     trainer = GRPOTrainer(cfg, model_dir, prompts)   # set-up: resumes from out/checkpoints/latest (config checked)
     trainer.fit(stop=None)                           # steps until the last one or stop(trainer) says so; saves at the
@@ -105,6 +106,10 @@ class TrainingRun:
     def progress_postfix(self, metrics: dict[str, float]) -> dict[str, str]:
         return {}
 
+    def train_settings(self) -> Any:
+        """save_every, keep_checkpoints, progress: the trainer's cfg.train (a flat config overrides this)."""
+        return self.cfg.train
+
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self, on_step: Callable | None = None, stop: Callable[[TrainingRun], bool] | None = None,
             stop_after: int | None = None) -> list[dict[str, float]]:
@@ -115,7 +120,8 @@ class TrainingRun:
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         history: list[dict[str, float]] = []
         progress = None
-        if self.ps.is_main and self.cfg.train.progress:
+        settings = self.train_settings()
+        if self.ps.is_main and settings.progress:
             from tqdm import tqdm
 
             progress = tqdm(total=self.total_steps, initial=self.step, desc=self.label, dynamic_ncols=True)
@@ -134,7 +140,7 @@ class TrainingRun:
                     progress.set_postfix(**self.progress_postfix(metrics))
                 if on_step is not None:
                     on_step(self, metrics)
-                if self.cfg.train.save_every and self.step % self.cfg.train.save_every == 0:
+                if settings.save_every and self.step % settings.save_every == 0:
                     self.save()
                 self.end_step()
         finally:
