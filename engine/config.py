@@ -232,23 +232,15 @@ class AlgoConfig:
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 100
-    """GRPO steps in total (each: one rollout batch, then epochs_per_batch x mini_batches optimizer steps);
-    a resumed run counts from its checkpoint."""
+class RunConfig:
+    """The run section every trainer shares (engine.run.TrainingRun reads it): where the run lives, its seed,
+    checkpoints, resume, the HF export and the progress bar."""
+
     seed: int = 1234
-    out: str = "outputs/r1_zero"
+    out: str = "outputs/run"
     """Run directory: checkpoints, metrics.jsonl, tensorboard/, curves.png, hf/."""
     save_every: int = 50
     """Checkpoint every k steps (0: only at the end), so an interrupted run resumes near where it stopped."""
-    eval_every: int = 0
-    """Held-out pass@1 every k steps (0: before and after only)."""
-    eval_samples: int = 1
-    """Completions per held-out question for pass@1."""
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
-    eval_size: int | None = None
-    """Held-out questions used (None: all)."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints: after each successful save the older ones beyond the newest k are
     deleted (never the one `latest` names)."""
@@ -259,6 +251,24 @@ class TrainConfig:
     """Write an HF checkpoint (safetensors + config + tokenizer) to out/hf at the end."""
     progress: bool = True
     """Show a progress bar."""
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """GRPO's run section: the shared one (RunConfig) and its steps, held-out evaluation and profiling."""
+
+    out: str = "outputs/r1_zero"
+    steps: int = 100
+    """GRPO steps in total (each: one rollout batch, then epochs_per_batch x mini_batches optimizer steps);
+    a resumed run counts from its checkpoint."""
+    eval_every: int = 0
+    """Held-out pass@1 every k steps (0: before and after only)."""
+    eval_samples: int = 1
+    """Completions per held-out question for pass@1."""
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_size: int | None = None
+    """Held-out questions used (None: all)."""
     profile_steps: str | None = None
     """A:B: capture steps A..B (inclusive, numbered as in metrics.jsonl): the CUDA profiler API starts before step A
     and stops after step B, for `nsys profile --capture-range=cudaProfilerApi` (docs/profiling.md)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from r1_engine.engine.config import ModelConfig, OptimConfig, fail_first, optim_checks
+from r1_engine.engine.config import ModelConfig, OptimConfig, RunConfig, fail_first, optim_checks
 
 
 @dataclass
@@ -28,7 +28,11 @@ class SFTDataConfig:
 
 
 @dataclass
-class SFTTrainConfig:
+class SFTTrainConfig(RunConfig):
+    """SFT's run section: the shared one (RunConfig) and its epochs and batches."""
+
+    out: str = "outputs/sft"
+    save_every: int = 200
     epochs: int = 2
     """Passes over the examples (each in a fresh order drawn from (seed, epoch))."""
     batch_size: int = 32
@@ -39,20 +43,6 @@ class SFTTrainConfig:
     """Gradient-accumulation micro-batches per optimizer step."""
     fused_lm_head: bool = True
     """Run the lm_head matmul fused with the loss (chunked over tokens): the logits never exist in training."""
-    seed: int = 1234
-    out: str = "outputs/sft"
-    """Run directory: checkpoints/, metrics.jsonl, tensorboard/, curves.png, hf/."""
-    save_every: int = 200
-    """Checkpoint every k steps (0: only at the end), so an interrupted stage resumes near where it stopped."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept in out/checkpoints (the older ones beyond the newest k are deleted)."""
-    resume: bool = True
-    """Continue from the latest checkpoint in `out` when there is one (with --train.no-resume an `out` that
-    holds a checkpoint is an error: nothing is overwritten)."""
-    export_hf: bool = True
-    """Write an HF checkpoint (safetensors + config + tokenizer) to out/hf at the end."""
-    progress: bool = True
-    """Show a progress bar."""
 
 
 @dataclass
