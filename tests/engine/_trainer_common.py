@@ -73,8 +73,8 @@ def dynamic_sampling_rank_worker(model_dir: str, out: str):
                    1: [uniform * 2, informative * 2, uniform * 2]}[rank])
     real = t.rollout_sampler.scorer.score
 
-    def score(kinds, prompts, completions, refs):
-        return dataclasses.replace(real(kinds, prompts, completions, refs), total=next(script))
+    def score(kinds, prompts, completions, refs, **kwargs):
+        return dataclasses.replace(real(kinds, prompts, completions, refs, **kwargs), total=next(script))
 
     t.rollout_sampler.scorer.score = score
     try:

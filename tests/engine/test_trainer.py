@@ -35,8 +35,8 @@ def test_one_update_moves_the_surrogate_the_right_way(trainer):
     script = [1.0, 0.0, 0.0, 0.0] + [0.5] * 4 + [2.0, 1.0, 0.0, -1.0] + [0.0, 0.0, 1.0, 1.0]
     real, scored = trainer.rollout_sampler.scorer.score, []
 
-    def score(kinds, prompts, completions, refs):
-        scored.append(real(kinds, prompts, completions, refs))
+    def score(kinds, prompts, completions, refs, **kwargs):
+        scored.append(real(kinds, prompts, completions, refs, **kwargs))
         return dataclasses.replace(scored[-1], total=list(script))
 
     trainer.rollout_sampler.scorer.score = score
@@ -199,8 +199,8 @@ def _scripted_rewards(t, script):
 
     real, rounds, seen = t.rollout_sampler.scorer.score, iter(script), []
 
-    def score(kinds, prompts, completions, refs):
-        out = real(kinds, prompts, completions, refs)
+    def score(kinds, prompts, completions, refs, **kwargs):
+        out = real(kinds, prompts, completions, refs, **kwargs)
         totals = [float(x) for group in next(rounds) for x in group]
         assert len(totals) == len(completions)
         return dataclasses.replace(out, total=totals)
