@@ -30,3 +30,19 @@ def test_a_named_model_gets_real_run_defaults():
     assert cfg.cold_start.data.max_tokens == 16384 and cfg.cold_start.train.save_every == 200
     assert cfg.rejection.max_new_tokens == 8192 and cfg.eval.max_new_tokens == 8192
     assert cfg.reasoning_rl.reward.weights["language"] == 1.0
+
+
+def test_r1_zero_reads_the_data_keys_it_shows(tmp_path):
+    """--data.prompt-key / --data.answer-key reach the loader: a file with other field names loads (it would fail
+    on a missing 'prompt' field otherwise); zero steps, so nothing is trained."""
+    import json
+
+    from r1_engine.recipes.r1_zero import main
+
+    base = CONFIGS.parents[0] / "tiny" / "base"
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a}+{a}", "solution": str(2 * a)}) + "\n" for a in range(10, 20)))
+    before, after = main(["--model", str(base), "--data", str(data), "--data.prompt-key", "problem",
+                          "--data.answer-key", "solution", "--out", str(tmp_path / "run"), "--train.steps", "0",
+                          "--train.no-export-hf", "--rollout.max-new-tokens", "40", "--reward.num-workers", "0"])
+    assert before == {} and after == {}
