@@ -70,17 +70,25 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataFiles:
+    """The data section every trainer shares: the file, the field holding the question, the prompt template."""
+
     path: str | None = None
-    """Prompts (.jsonl or .parquet) with a prompt and a reference answer per row."""
-    eval_path: str | None = None
-    """Held-out prompts (same format) for pass@1 before, during (train.eval_every) and after training."""
+    """The training file (.jsonl or .parquet)."""
     prompt_key: str = "prompt"
     """Field of each row holding the question."""
+    template: str = "r1-zero"
+    """r1-zero | chat | none | a custom string with {prompt} (engine.data.apply_template)."""
+
+
+@dataclass
+class DataConfig(DataFiles):
+    """GRPO's data section: the shared one (DataFiles), the reference answers, held-out prompts and a length cap."""
+
+    eval_path: str | None = None
+    """Held-out prompts (same format) for pass@1 before, during (train.eval_every) and after training."""
     answer_key: str = "answer"
     """Field of each row holding the reference answer."""
-    template: str = "r1-zero"
-    """r1-zero | chat | none | a custom string with {prompt}."""
     max_prompt_tokens: int = 512
     """Longer prompts are skipped (counted and warned about), never truncated."""
 

@@ -8,20 +8,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from r1_engine.engine.config import ModelConfig, OptimConfig, RunConfig, fail_first, optim_checks
+from r1_engine.engine.config import DataFiles, ModelConfig, OptimConfig, RunConfig, fail_first, optim_checks
 
 
 @dataclass
-class SFTDataConfig:
-    path: str | None = None
-    """Examples (.jsonl), one object a line with a prompt and a completion."""
-    prompt_key: str = "prompt"
-    """Field of each row holding the question (templated like the RL prompts)."""
+class SFTDataConfig(DataFiles):
+    """SFT's data section: the shared one (DataFiles), the completion field and a length cap."""
+
     completion_key: str = "completion"
     """Field of each row holding the text the model learns to write after the templated prompt (the eos token is
     appended: the model also learns to stop)."""
-    template: str = "r1-zero"
-    """r1-zero | chat | none | a custom string with {prompt} (engine.data.apply_template)."""
     max_tokens: int = 16384
     """Longer examples (templated prompt + completion + eos) are skipped, counted and reported, never truncated
     (16,384: a long chain of thought and its prompt)."""
