@@ -90,9 +90,13 @@ class ModelEvaluator:
         """Every dataset of reasoning (or code) prompts on one checkpoint, the (question, sample) pairs spread over
         `dp_size` ranks (group: their data-parallel group; every rank calls this together): {name: {"summary": every
         number of engine.eval.summarize, "questions": per-question records}} on rank 0, None on the others."""
-        s, model_dir = self.settings, Path(model_dir)
         tokenizer = load_tokenizer(model_dir)
-        engine = self._engine(model_dir, tokenizer, device or self.device)
+        engine = self._engine(Path(model_dir), tokenizer, device or self.device)
+        return self._score_datasets(engine, tokenizer, datasets, dp_rank, dp_size, group)
+
+    def _score_datasets(self, engine, tokenizer, datasets: Mapping[str, Sequence[PromptExample]], dp_rank: int = 0,
+                        dp_size: int = 1, group=None) -> dict[str, dict] | None:
+        s = self.settings
         report = {}
         # the sampler every evaluation uses: a reasoning row by its answer, a code row by the sandboxed judge
         with build_sampler(engine, self.reward, [e for rows in datasets.values() for e in rows],
@@ -112,16 +116,16 @@ class ModelEvaluator:
         R1 and distillation recipes' per-stage evaluation; one process)."""
         s = self.settings
         report: dict = {"summary": {}, "questions": [], "general": []}
+        tokenizer = load_tokenizer(model_dir)
+        engine = self._engine(Path(model_dir), tokenizer, self.device)  # one model load for both kinds of prompts
         if reasoning:
-            result = self.evaluate_datasets(model_dir, {"reasoning": reasoning})["reasoning"]
+            result = self._score_datasets(engine, tokenizer, {"reasoning": reasoning})["reasoning"]
             summary = result["summary"]
             keep = [k for k in summary if k.startswith(("pass@", "cons@", "se/"))]
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
             report["summary"].update({k: summary[k] for k in keep if k in summary})
             report["questions"] = result["questions"]
         if general:
-            tokenizer = load_tokenizer(model_dir)
-            engine = self._engine(Path(model_dir), tokenizer, self.device)
             items = PromptDataset(list(general), tokenizer, s.template).items
             rollout = engine.generate([it.prompt_ids for it in items], s.samples, self._params())
             prompts = [it.example.prompt for it in items for _ in range(s.samples)]

@@ -78,6 +78,15 @@ def on_main(ps: Any, fn: Callable[[], Any]) -> Any:
     return result
 
 
+def wait_all() -> None:
+    """Every rank here before any goes on; one rank may have worked alone, so the wait has no 30-minute collective
+    timeout (parallel.state.wait_group). Nothing to wait for in a one-process job."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from r1_engine.parallel.state import wait_group
+
+        dist.barrier(group=wait_group())
+
+
 class TrainingRun:
     label = "train"  # the progress bar's name
     curves: dict = {}  # the metrics drawn into curves.png (MetricsLogger.plot_logged)

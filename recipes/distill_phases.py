@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from r1_engine.engine.data import load_prompts
+from r1_engine.engine.run import on_main, wait_all
 from r1_engine.recipes.distill_config import PHASES
 
 
@@ -61,19 +62,6 @@ class Distillation:
     def _multi(self) -> bool:
         return dist.is_initialized() and dist.get_world_size() > 1
 
-    def _barrier(self) -> None:
-        """Every rank here; a rank may have worked alone, so no 30-minute collective timeout (wait_group)."""
-        if self._multi():
-            from r1_engine.parallel.state import wait_group
-
-            dist.barrier(group=wait_group())
-
-    def _on_main(self, fn):
-        """fn() on rank 0 while the others wait; its result, or its error, reaches every rank (engine.run.on_main)."""
-        from r1_engine.engine.run import on_main
-
-        return on_main(self.ps, fn)
-
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         for phase in self.phases():
@@ -92,7 +80,7 @@ class Distillation:
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             path = self.out / f"{name}_eval.json"
             if not path.is_file():
-                self._on_main(lambda path=path, name=name, model=model: _write_json(
+                on_main(self.ps, lambda path=path, name=name, model=model: _write_json(
                     path, {"name": name, "model": str(model), "summary": self.evaluate(model)}))
 
     # ------------------------------------------------------------------------------------------ shared pieces
@@ -123,7 +111,7 @@ class Distillation:
                                                           "summary": summary, "cost": cost})
             print(f"{phase}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()) + "   cost: "
                   + ", ".join(f"{k} {v}" for k, v in cost.items()), flush=True)
-        self._on_main(write)
+        on_main(self.ps, write)
 
     # ------------------------------------------------------------------------------------------ offline
     def offline(self) -> tuple[Path, dict]:
@@ -131,9 +119,9 @@ class Distillation:
 
         rows, cost_file = self.out / "offline" / "rejection.jsonl", self.out / "offline" / "sampling.json"
         if not (rows.is_file() and cost_file.is_file()):
-            self._on_main(lambda: self.rejection_sample(rows, cost_file))
+            on_main(self.ps, lambda: self.rejection_sample(rows, cost_file))
         else:
-            self._barrier()
+            wait_all()
         started, cpu = time.perf_counter(), time.process_time()
         examples = load_sft_examples(rows)
         config = self._placed(self.cfg.sft, self.out / "offline", self.student)

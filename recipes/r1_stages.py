@@ -24,6 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from r1_engine.engine.data import load_prompts
+from r1_engine.engine.run import on_main, wait_all
 
 
 def _write_json(path: Path, obj) -> None:
@@ -52,13 +53,6 @@ class Pipeline:
                              f"{stage} first (--from-stage {stage}), or put an HF checkpoint there")
         return hf
 
-    def _barrier(self) -> None:
-        """Every rank here; a rank may have worked alone, so no 30-minute collective timeout (wait_group)."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            from r1_engine.parallel.state import wait_group
-
-            dist.barrier(group=wait_group())
-
     def _solo_backend(self, backend: str) -> str:
         """The rollout backend for work rank 0 does alone (evaluation, rejection sampling): vLLM inside a multi-rank
         torch.distributed job is collective (engine.rollout.colocate), so there the HF engine does it."""
@@ -70,12 +64,6 @@ class Pipeline:
             return "hf"
         return backend
 
-    def _on_main(self, fn):
-        """fn() on rank 0 while the others wait; its result, or its error, reaches every rank (engine.run.on_main)."""
-        from r1_engine.engine.run import on_main
-
-        return on_main(self.ps, fn)
-
     def run(self) -> None:
         from r1_engine.recipes.r1_config import STAGES
 
@@ -86,7 +74,7 @@ class Pipeline:
         if self.data.general is not None or self.data.eval_general is not None:
             self.reward_models()  # first: every evaluation (the base model's too) scores the general prompts with it
         if not (self.out / "base_eval.json").is_file():
-            self._on_main(lambda: _write_json(self.out / "base_eval.json",
+            on_main(self.ps, lambda: _write_json(self.out / "base_eval.json",
                                               {"name": "base", "summary": self.evaluate(self.base)["summary"]}))
         for n in range(self.cfg.from_stage, self.cfg.until_stage + 1):
             if self.done(n):
@@ -108,9 +96,9 @@ class Pipeline:
 
         hf = self.dir(0) / "hf"
         if not (hf / "config.json").is_file():
-            self._on_main(lambda: add_readable_tokens(self.base, hf))
+            on_main(self.ps, lambda: add_readable_tokens(self.base, hf))
         else:
-            self._barrier()
+            wait_all()
         return hf
 
     def reasoning_prompts(self, path: str | None = None):
@@ -176,7 +164,7 @@ class Pipeline:
                 print(f"reward model {rm_dir}: held-out pair accuracy {metrics.get('eval/accuracy_before', math.nan):.3f}"
                       f" -> {metrics.get('eval/accuracy', math.nan):.3f}", flush=True)
             self.base_with_tokens()
-            self._on_main(train)
+            on_main(self.ps, train)
         self._rm_dirs = {"helpfulness": str(rm_dir)}
         return self._rm_dirs
 
@@ -230,7 +218,7 @@ class Pipeline:
             _write_json(self.dir(stage) / "stage.json", record)
             print(f"stage {stage} ({STAGES[stage]}): " + ", ".join(f"{k} {v:.3f}" for k, v in report["summary"].items()),
                   flush=True)
-        self._on_main(write)
+        on_main(self.ps, write)
 
     # ------------------------------------------------------------------------------------------ the stages
     def stage_1(self) -> None:
@@ -249,7 +237,7 @@ class Pipeline:
             if self.ps.is_main:
                 extra.append({"name": "2: reasoning RL, no language reward", "model": str(hf_ablation),
                               "summary": self.evaluate(hf_ablation)["summary"]})
-            self._barrier()
+            wait_all()
         self.finish(2, hf, extra)
 
     def stage_3(self) -> None:
@@ -258,7 +246,7 @@ class Pipeline:
         rows = self.dir(3) / "rejection.jsonl"
         if not rows.is_file():
             self.dir(3).mkdir(parents=True, exist_ok=True)
-            self._on_main(lambda: self.rejection_sample(self.model_of(2), rows))
+            on_main(self.ps, lambda: self.rejection_sample(self.model_of(2), rows))
         # the rejection-sampled rows are the recipe's own (prompt / completion), the general ones the user's
         examples = load_sft_examples(rows) + self.sft_examples(self.data.general_sft, self.cfg.sft)
         self.finish(3, self.sft(3, self.cfg.sft, self.base_with_tokens(), examples))
