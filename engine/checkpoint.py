@@ -105,8 +105,10 @@ def step_dir(out: str | Path, step: int) -> Path:
 
 
 def save_checkpoint(out: str | Path, step: int, *, model: torch.nn.Module, optimizer: Any,
-                    trainer_state: dict[str, Any], keep: int | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final directory. keep: checkpoints kept (None: all)."""
+                    trainer_state: dict[str, Any], keep: int | None = None, rank_state: Any = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. keep: checkpoints kept (None: all).
+    rank_state: this rank's own trainer data (tensors and plain data), in its rank file; load_checkpoint returns
+    it as the trainer state's "rank_state"."""
     final = step_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
     rank = _rank()
@@ -114,7 +116,10 @@ def save_checkpoint(out: str | Path, step: int, *, model: torch.nn.Module, optim
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    _save_synced({**training_state(model, optimizer), "rng": _rng_state()}, tmp / f"rank{rank:05d}.pt")
+    blob = {**training_state(model, optimizer), "rng": _rng_state()}
+    if rank_state is not None:
+        blob["rank_state"] = rank_state
+    _save_synced(blob, tmp / f"rank{rank:05d}.pt")
     for sharded in save_sharded_optimizer_state(optimizer, tmp):  # written by DP rank 0 of each slice and part
         _fsync(sharded)
     if rank == 0:
@@ -171,7 +176,8 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
-    """Restore this rank's model, optimizer and RNG states; returns the trainer state."""
+    """Restore this rank's model, optimizer and RNG states; returns the trainer state (with this rank's own
+    "rank_state" where one was saved)."""
     path = Path(path)
     rank_file = path / f"rank{_rank():05d}.pt"
     if not rank_file.is_file():
@@ -189,4 +195,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer: Any)
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     load_training_state(model, optimizer, blob, path)
     _set_rng_state(blob["rng"])
-    return json.loads((path / "trainer.json").read_text())
+    state = json.loads((path / "trainer.json").read_text())
+    if "rank_state" in blob:
+        state["rank_state"] = blob["rank_state"]
+    return state

@@ -100,6 +100,10 @@ class TrainingRun:
     def trainer_state(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def rank_state(self) -> Any:
+        """This rank's own data for its checkpoint file (None: nothing; the GRPO trainer's rollouts generated ahead)."""
+        return None
+
     def before_step(self) -> None:
         """Called before each step (the GRPO trainer starts its profiler range)."""
 
@@ -164,7 +168,8 @@ class TrainingRun:
     def save(self) -> Path:
         """Checkpoint the model, optimizer, RNG and trainer_state() (collective)."""
         path = save_checkpoint(self.out, self.step, model=self.policy, optimizer=self.optimizer,
-                               trainer_state=self.trainer_state(), keep=self.cfg.train.keep_checkpoints)
+                               trainer_state=self.trainer_state(), keep=self.cfg.train.keep_checkpoints,
+                               rank_state=self.rank_state())
         self._saved_at = self.step
         return path
 

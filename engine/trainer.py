@@ -39,12 +39,14 @@ from r1_engine.engine.data import (
 )
 from r1_engine.engine.eval import gather_results, sample_questions, summarize
 from r1_engine.engine.metrics import MetricsLogger, PhaseTimer
+from r1_engine.engine.offpolicy import RolloutsAhead
 from r1_engine.engine.objectives import policy_objective
 from r1_engine.engine.preflight import check_layout, check_lengths, check_teacher
 from r1_engine.engine.profiling import StepProfiler
 from r1_engine.engine.rollout import build_rollout_engine, rollout_model_dir
 from r1_engine.engine.run import TrainingRun, learning_rate
 from r1_engine.engine.rollout.base import RolloutBatch, SamplingParams
+from r1_engine.engine.rollout.worker import RolloutWorker, WorkerSpec
 from r1_engine.engine.sampling import RolloutSampler, build_scorer, plan_scoring
 from r1_engine.engine.step_metrics import CollectedStep, step_metrics
 from r1_engine.kernels.loss_family import distillation_advantages
@@ -118,6 +120,12 @@ class GRPOTrainer(TrainingRun):
         loss = cfg.loss.resolved()
         if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
             loss = dataclasses.replace(loss, max_len=cfg.rollout.max_new_tokens)
+        ahead = cfg.algo.max_staleness
+        if ahead and torch.cuda.is_available():
+            raise ValueError(f"--algo.max-staleness={ahead}: off-policy rollouts on GPUs (rollouts on their own "
+                             f"devices, weights over NCCL) are not built yet; use 0 on CUDA")
+        if ahead and loss.tis_cap is None and loss.token_mask_range is None and loss.seq_mask_range is None:
+            loss = dataclasses.replace(loss, tis_cap=2.0)  # the behaviour policy is older: GRPO_SPEC's TIS, C = 2
         self.cfg = cfg = dataclasses.replace(cfg, loss=loss)
 
         policy = models.build_gpt_model(self.model_dir / "config.json", dtype=dtype, fp8=cfg.model.fp8,
@@ -141,14 +149,23 @@ class GRPOTrainer(TrainingRun):
 
         self.rollout_engine = None
         r = cfg.rollout
-        if self.is_leader or r.backend == "vllm":  # vLLM: a colocated part on every rank (engine.rollout.colocate)
+        self.ahead = None  # max_staleness > 0: the rollouts of the next steps, from a worker process
+        if ahead:
+            worker = None
+            if self.is_leader:
+                worker = RolloutWorker(WorkerSpec(str(self.model_dir), cfg.reward, scoring, cfg.model.dtype,
+                                                  r.num_threads, self.replay_routing))
+            self.ahead = RolloutsAhead(ahead, worker, self._mp_broadcast)
+        elif self.is_leader or r.backend == "vllm":  # vLLM: a colocated part on every rank (engine.rollout.colocate)
             self.rollout_engine = build_rollout_engine(
                 r.backend, rollout_model_dir(r.backend, self.model_dir, info.hf_config, self.policy, self.out),
                 self.tokenizer, device=self.device, dtype=cfg.model.dtype,
                 seed=cfg.train.seed, gpu_memory_utilization=r.gpu_memory_utilization, num_threads=r.num_threads,
                 record_routing=self.replay_routing, max_model_len=cfg.data.max_prompt_tokens + r.max_new_tokens)
         self.rollout_sampler = None  # generates and scores on the model-parallel group's first rank
-        if self.is_leader:
+        if self.ahead is not None:
+            self.rollout_sampler = self.ahead.worker  # evaluations: a request to the worker, waited for
+        elif self.is_leader:
             self.rollout_sampler = RolloutSampler(self.rollout_engine,
                                                   build_scorer(cfg.reward, scoring, device=self.device, dtype=dtype))
         # every rank draws the same global batch; DP replicas take interleaved shares of it
@@ -209,20 +226,30 @@ class GRPOTrainer(TrainingRun):
         t0 = time.perf_counter()
         step = self.collect()
         updates, lr = self.update(step.minis)
+        self.step += 1
         with self.timer("weight_sync"):
             self.sync_weights()
-        self.step += 1
         return step_metrics(step, updates, lr, time.perf_counter() - t0, timings=self.timer.metrics(prefix="time/"),
                             generated_tokens=self._generated_tokens, ps=self.ps)
 
-    def _draw(self):
-        """One sampling round: this rank's share of the next prompt batch, G completions each, rewards."""
+    def _next_draw(self):
+        """This rank's share of the next prompt batch, with its sampling settings: (prompts, G, params)."""
         cfg, ps, G = self.cfg, self.ps, self.cfg.rollout.group_size
         prompts = self.sampler.next_batch()[ps.dp_rank::ps.dp_size]
         # exact on resume; strided so vLLM's per-sample seeds (seed + i*n + j) never overlap across draws/ranks
         seed = cfg.train.seed * 1_000_003 + (self.draws * ps.dp_size + ps.dp_rank) * len(prompts) * G
         self.draws += 1
-        rollout, scores = self.generate_and_score(prompts, G, self.sampling_params(seed=seed))
+        return prompts, G, self.sampling_params(seed=seed)
+
+    def _draw(self):
+        """One sampling round: this rank's share of the next prompt batch, G completions each, rewards. Off-policy
+        (max_staleness K): the batch drawn and generated K steps ahead, and the next draws submitted."""
+        cfg = self.cfg
+        if self.ahead is not None:
+            rollout, scores, staleness = self.ahead.take(self.step, self.draws, self._next_draw)
+            self._staleness = staleness
+        else:
+            rollout, scores = self.generate_and_score(*self._next_draw())
         self._generated_tokens += int(rollout.lengths.sum())
         rewards = torch.tensor(scores.total, dtype=torch.float64)
         if cfg.reward.overlong_buffer:  # DAPO's soft overlong punishment, added to the rule rewards
@@ -308,6 +335,8 @@ class GRPOTrainer(TrainingRun):
                 minis.append(self._with_logprobs(batch))
             if offload:
                 models.offload_to_cpu(self.reference)
+        if self.ahead is not None:
+            extra["async/staleness"] = float(self._staleness)
         return CollectedStep(*first, minis, extra)
 
     def _with_distillation(self, batch: PackedRows) -> PackedRows:
@@ -358,7 +387,9 @@ class GRPOTrainer(TrainingRun):
     def sync_weights(self) -> None:
         """Stream the policy into the rollout engine (every model-parallel rank iterates: it is collective)."""
         stream = convert.export_hf_state(self.policy)
-        if self.rollout_engine is not None:  # the leader, or every rank of a colocated vLLM
+        if self.ahead is not None:  # to the rollout worker, for the draws submitted from now on
+            self.ahead.publish(((name, t.detach()) for name, t in stream), version=self.step)
+        elif self.rollout_engine is not None:  # the leader, or every rank of a colocated vLLM
             self.rollout_engine.update_weights((name, t.detach()) for name, t in stream)
             self.rollout_engine.wake()  # weights are in; the KV cache comes back for the next rollout
         else:
@@ -408,8 +439,15 @@ class GRPOTrainer(TrainingRun):
                 "kl": f"{metrics.get('train/kl', 0.0):.1e}"}
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
-                "config": to_dict(self.cfg)}
+        state = {"step": self.step, "draws": self.draws, "sampler": self.sampler.state_dict(),
+                 "config": to_dict(self.cfg)}
+        if self.ahead is not None:
+            state["pending"] = self.ahead.state()
+        return state
+
+    def rank_state(self):
+        """Off-policy: the generated batches not yet trained on (this rank's share), waited for."""
+        return self.ahead.rank_state() if self.ahead is not None else None
 
     def save(self) -> Path:
         with nvtx_range("checkpoint"):
@@ -418,7 +456,8 @@ class GRPOTrainer(TrainingRun):
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer)
         saved = state.get("config", {})
-        for section, key in (("rollout", "prompts_per_step"), ("rollout", "group_size"), ("train", "seed")):
+        for section, key in (("rollout", "prompts_per_step"), ("rollout", "group_size"), ("train", "seed"),
+                             ("algo", "max_staleness")):
             then, now = saved.get(section, {}).get(key), getattr(getattr(self.cfg, section), key)
             if then is not None and then != now:
                 raise ValueError(f"{path}: checkpoint was written with {section}.{key}={then}, this run has {now}; "
@@ -426,9 +465,11 @@ class GRPOTrainer(TrainingRun):
         self.step = self._saved_at = int(state["step"])
         self.draws = int(state.get("draws", self.step))
         self.sampler.load_state_dict(state["sampler"])
+        if self.ahead is not None:
+            self.ahead.load(state.get("pending", []), state.get("rank_state"), str(path))
         self.sync_weights()
 
     def close(self) -> None:
         if self.rollout_sampler is not None:
-            self.rollout_sampler.close()
+            self.rollout_sampler.close()  # off-policy: the worker process (and its reward pool)
         super().close()
