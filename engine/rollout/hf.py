@@ -5,7 +5,7 @@ untruncated log-prob of every sampled token and exact control of stopping:
 
 1. prefill each distinct prompt once (left-padded, attention mask, position ids counted from the
    first real token, so padding does not change a row's numbers), then repeat its cache n times;
-2. per step: logp = log_softmax(logits / T) for rollout_logp, sample from logits / T after top-k and
+2. per step: the sampled token's logp = z_t / T - logsumexp(z / T) for rollout_logp, sample from logits / T after top-k and
    top-p, stop a row at an EOS token or when its text contains a stop string;
 3. rows that finished are dropped from the batch (and the cache) so long tails do not pay for short
    completions.
@@ -339,30 +339,30 @@ class HFRolloutEngine(RolloutEngine):
 
         tokens = torch.zeros((batch, max_new), dtype=torch.long)
         token_logp = torch.zeros((batch, max_new), dtype=torch.float32)
-        lengths = [0] * batch
-        finish_reason = ["length"] * batch
+        lengths_t = torch.zeros(batch, dtype=torch.long)
+        stopped = torch.zeros(batch, dtype=torch.bool)  # finish reason "stop" (else "length")
         rows = torch.arange(batch)  # completion index of each row of the running batch
         alive = torch.ones(batch, dtype=torch.bool)  # rows still generating (finished rows ride along until compaction)
 
         for step in range(max_new):
-            logp = torch.log_softmax(logits / temperature, dim=-1)
+            scaled = logits / temperature
             next_token = sample_next_token(logits, params, generator)
-            chosen_logp = logp.gather(-1, next_token[:, None]).squeeze(-1)
+            # the sampled token's log-prob only: no [rows, V] log-softmax written out
+            chosen_logp = scaled.gather(-1, next_token[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)
             next_cpu = next_token.cpu()
-            tokens[rows[alive], step] = next_cpu[alive]
-            token_logp[rows[alive], step] = chosen_logp.cpu()[alive]
+            live_rows = rows[alive]
+            tokens[live_rows, step] = next_cpu[alive]
+            token_logp[live_rows, step] = chosen_logp.cpu()[alive]
+            lengths_t[live_rows] = step + 1
 
             done = torch.isin(next_cpu, eos_ids) & alive if eos_ids.numel() else torch.zeros_like(alive)
-            for live in alive.nonzero().flatten().tolist():
-                completion = int(rows[live])
-                lengths[completion] = step + 1
-                if done[live]:
-                    finish_reason[completion] = "stop"
-                elif stop_strings:
+            if stop_strings:
+                for live in (alive & ~done).nonzero().flatten().tolist():
+                    completion = int(rows[live])
                     tail = self._decode(tokens[completion, max(0, step + 1 - stop_window):step + 1].tolist())
                     if any(s in tail for s in stop_strings):
                         done[live] = True
-                        finish_reason[completion] = "stop"
+            stopped[rows[done]] = True
             alive &= ~done
             if step == max_new - 1 or not bool(alive.any()):
                 break
@@ -382,6 +382,8 @@ class HFRolloutEngine(RolloutEngine):
                 step_completions.append(rows[alive])
                 step_routes.append(routing.take(len(rows), 1)[:, 0][alive])
 
+        lengths = lengths_t.tolist()
+        finish_reason = ["stop" if s else "length" for s in stopped.tolist()]
         completion_ids = [tokens[i, :lengths[i]].tolist() for i in range(batch)]
         rollout_logp = [token_logp[i, :lengths[i]].clone() for i in range(batch)]
         completion_text = []
