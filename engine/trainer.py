@@ -325,9 +325,6 @@ class GRPOTrainer(RolloutDraws, TrainingRun):
         if self.eval_set is None:
             return {}
         items = [self.eval_set[i] for i in range(len(self.eval_set))][: limit or self.cfg.train.eval_size]
-        if len(items) < self.ps.dp_size:
-            raise ValueError(f"held-out set has {len(items)} questions, fewer than the {self.ps.dp_size} "
-                             f"data-parallel ranks")
         params = self.sampling_params(seed=self.cfg.train.seed + 7, eval_mode=True)
         local = sample_questions(self.generate_and_score, items, self.cfg.train.eval_samples, params,
                                  dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size)  # same samples for any DP

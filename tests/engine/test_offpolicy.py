@@ -135,13 +135,14 @@ def test_kill_9_and_resume_logs_the_uninterrupted_rows(model_dir, uninterrupted,
             assert math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-7), (point, a["step"], k, a[k], b[k])
 
 
-def _torchrun(out: Path, nproc: int, *flags: str) -> list[dict]:
+def _torchrun(out: Path, nproc: int, *flags: str, eval_size: int = 4) -> list[dict]:
     env = _env()
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     done = subprocess.run([*launcher, str(ROOT / "recipes" / "r1_zero.py"), "--out", str(out), "--train.steps", "3",
-                           "--train.eval-every", "0", "--train.eval-size", "4", "--rollout.prompts-per-step", "4",
-                           "--rollout.max-new-tokens", "24", "--train.no-progress", *flags],
+                           "--train.eval-every", "0", "--train.eval-size", str(eval_size),
+                           "--rollout.prompts-per-step", "4", "--rollout.max-new-tokens", "24", "--train.no-progress",
+                           *flags],
                           capture_output=True, text=True, cwd=out.parent, env=env, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return [r for r in _rows(out / "metrics.jsonl") if "reward/mean" in r]
@@ -160,7 +161,7 @@ def test_tensor_parallel_2_under_torchrun_matches_one_process(tmp_path):
 @pytest.mark.multiproc
 def test_data_parallel_2_under_torchrun(tmp_path):
     layout = ("--model.tensor-parallel", "1")  # two replicas, each with its worker and half of the prompts
-    sync = _torchrun(tmp_path / "sync", 2, *layout)
+    sync = _torchrun(tmp_path / "sync", 2, *layout, eval_size=1)  # one held-out question for two replicas
     ahead = _torchrun(tmp_path / "async", 2, *layout, "--algo.max-staleness", "1")
     assert [r["async/staleness"] for r in ahead] == [0.0, 1.0, 1.0]
     for k in ("reward/mean", "response_length/mean", "train/loss", "train/grad_norm"):  # draw 0 on both: equal
