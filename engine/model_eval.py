@@ -6,8 +6,9 @@
 
 Reasoning prompts: k samples a question through engine.eval (pass@1 over the k, cons@k by answer equivalence), the
 rule rewards' format and language-consistency rates and the response length. General prompts: k samples a prompt,
-each reward model's mean score (helpfulness reads the summary only, harmlessness the whole response). One process
-(the caller's rank 0): the stages' checkpoints are exported HF directories, sampled by the rollout engine.
+each reward model's mean score (helpfulness reads the summary only, harmlessness the whole response). The stages'
+checkpoints are exported HF directories, sampled by the rollout engine; every rank of a job takes its share of the
+reasoning samples (dp_rank / dp_size), rank 0 the general prompts.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Literal, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from r1_engine.engine.data import PromptDataset, PromptExample, load_tokenizer
 from r1_engine.engine.eval import (
@@ -105,26 +107,34 @@ class ModelEvaluator:
                 items = PromptDataset(list(rows), tokenizer, s.template, s.max_prompt_tokens).items[:s.size]
                 local = sample_questions(sampler, items, s.samples, self._params(), dp_rank=dp_rank, dp_size=dp_size,
                                          samples_per_call=s.samples_per_call)
-                results = gather_results(local, group)
+                results = gather_results(local, group if group is not None or dp_size == 1 else dist.group.WORLD)
                 if dp_rank == 0:
                     report[name] = {"summary": summarize(results, self.judge), "questions": results_to_json(results)}
         return report if dp_rank == 0 else None
 
     def evaluate(self, model_dir: str | Path, reasoning: Sequence[PromptExample],
-                 general: Sequence[PromptExample] = ()) -> dict:
+                 general: Sequence[PromptExample] = (), *, dp_rank: int = 0, dp_size: int = 1,
+                 group=None) -> dict | None:
         """{"summary": flat numbers, "questions": per-question records, "general": samples} for one checkpoint (the
-        R1 and distillation recipes' per-stage evaluation; one process)."""
+        R1 and distillation recipes' per-stage evaluation). The reasoning prompts' (question, sample) pairs are
+        spread over `dp_size` ranks (every rank calls this together; group: theirs), with the same numbers for any
+        dp_size; the general prompts are sampled and scored on rank 0. The report on rank 0, None on the others."""
         s = self.settings
         report: dict = {"summary": {}, "questions": [], "general": []}
         tokenizer = load_tokenizer(model_dir)
         engine = self._engine(Path(model_dir), tokenizer, self.device)  # one model load for both kinds of prompts
         if reasoning:
-            result = self._score_datasets(engine, tokenizer, {"reasoning": reasoning})["reasoning"]
+            scored = self._score_datasets(engine, tokenizer, {"reasoning": reasoning}, dp_rank, dp_size, group)
+            if dp_rank != 0:
+                return None
+            result = scored["reasoning"]
             summary = result["summary"]
             keep = [k for k in summary if k.startswith(("pass@", "cons@", "se/"))]
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
             report["summary"].update({k: summary[k] for k in keep if k in summary})
             report["questions"] = result["questions"]
+        elif dp_rank != 0:
+            return None
         if general:
             items = PromptDataset(list(general), tokenizer, s.template).items
             rollout = engine.generate([it.prompt_ids for it in items], s.samples, self._params())

@@ -35,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from r1_engine.engine.rewards.format import format_reward
 from r1_engine.engine.rewards.language import (
     SUPPORTED_LANGUAGES,
@@ -184,7 +186,8 @@ def summary_path(out_path: str | Path) -> Path:
 
 
 def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: RejectionConfig, *, checkpoint: str,
-                     out_path: str | Path, prompts_per_call: int = 32) -> RejectionSummary:
+                     out_path: str | Path, prompts_per_call: int = 32, dp_rank: int = 0, dp_size: int = 1,
+                     group=None) -> RejectionSummary:
     """Sample cfg.samples_per_prompt completions for each of `items` (engine.data.TokenizedPrompt, with reference
     answers), filter them (filter_samples) and write the kept ones to the jsonl `out_path`, one row each:
     {"prompt", "completion", "answer", "prompt_id" (the example's "file:row"), "checkpoint", "reward" (the total
@@ -192,8 +195,10 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
     written whole or not at all (temporary file, then rename).
 
     generate_and_score(chunk, k, SamplingParams) -> (RolloutBatch, RewardOutput) is an
-    engine.sampling.RolloutSampler (a row is correct by its accuracy reward, or by its code reward on a code row). ValueError, and nothing written, when nothing is kept: the
-    message names the checkpoint and the drop reasons."""
+    engine.sampling.RolloutSampler (a row is correct by its accuracy reward, or by its code reward on a code row).
+    ValueError, and nothing written, when nothing is kept: the message names the checkpoint and the drop reasons.
+    dp_size > 1: every rank calls this together (group: theirs); call c of `prompts_per_call` prompts runs on rank
+    c % dp_size with the seed it has in one process, so the rows are the same for any dp_size; rank 0 writes them."""
     if prompts_per_call < 1:
         raise ValueError(f"rejection sampling: prompts_per_call must be >= 1, got {prompts_per_call}")
     if not items:
@@ -206,10 +211,13 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
     if out_path.is_dir():
         raise ValueError(f"rejection sampling: output {out_path} is a directory; a .jsonl file path is needed")
     k = cfg.samples_per_prompt
-    rows: list[dict] = []
-    reasons: Counter = Counter()
-    prompts_with_kept = 0
-    for start in range(0, len(items), prompts_per_call):
+    local = []  # (call, kept rows, drop reasons, prompts with a kept sample) of this rank's calls
+    for call, start in enumerate(range(0, len(items), prompts_per_call)):
+        if call % dp_size != dp_rank:
+            continue
+        rows: list[dict] = []
+        reasons: Counter = Counter()
+        prompts_with_kept = 0
         chunk = items[start:start + prompts_per_call]
         rollout, scores = generate_and_score(chunk, k, cfg.sampling_params(cfg.seed + start * k))
         if rollout.num_completions != len(chunk) * k:
@@ -230,6 +238,14 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
                              "answer": item.example.answer, "prompt_id": item.example.source,
                              "checkpoint": checkpoint, "reward": float(scores.total[i]),
                              "length": len(rollout.completion_ids[i])})
+        local.append((call, rows, reasons, prompts_with_kept))
+    if dp_size > 1:
+        parts: list = [None] * dp_size
+        dist.all_gather_object(parts, local, group=group)
+        local = sorted((c for part in parts for c in part), key=lambda c: c[0])
+    rows = [row for _, part_rows, _, _ in local for row in part_rows]
+    reasons = sum((part[2] for part in local), Counter())
+    prompts_with_kept = sum(part[3] for part in local)
     summary = RejectionSummary(prompts=len(items), samples=len(items) * k, kept=len(rows),
                                prompts_with_kept=prompts_with_kept,
                                drop_reasons={reason: reasons[reason] for reason in DROP_REASONS})
@@ -237,6 +253,8 @@ def rejection_sample(generate_and_score: Callable, items: Sequence, cfg: Rejecti
         dropped = ", ".join(f"{reason} {count}" for reason, count in summary.drop_reasons.items() if count)
         raise ValueError(f"rejection sampling from {checkpoint}: no sample kept of {summary.samples} "
                          f"({summary.prompts} prompts x {k}); dropped: {dropped}")
+    if dp_rank != 0:
+        return summary
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(out_path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     record = dataclasses.asdict(summary) | {"checkpoint": checkpoint, "out": str(out_path),

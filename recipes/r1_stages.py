@@ -54,12 +54,13 @@ class Pipeline:
         return hf
 
     def _solo_backend(self, backend: str) -> str:
-        """The rollout backend for work rank 0 does alone (evaluation, rejection sampling): vLLM inside a multi-rank
-        torch.distributed job is collective (engine.rollout.colocate), so there the HF engine does it."""
+        """The rollout backend of the work each rank does on its own share (evaluation, rejection sampling): vLLM
+        inside a multi-rank torch.distributed job is collective (engine.rollout.colocate), so there the HF engine
+        does it, one whole model a rank."""
         if backend == "vllm" and dist.is_initialized() and dist.get_world_size() > 1:
             if self.ps.is_main and not getattr(self, "_warned_solo", False):
-                print("note: evaluation and rejection sampling run on rank 0 alone, with the hf rollout backend "
-                      "(vllm is collective across the job's ranks)", flush=True)
+                print("note: evaluation and rejection sampling run with the hf rollout backend on every rank, each "
+                      "on its share (vllm is collective across the job's ranks)", flush=True)
                 self._warned_solo = True
             return "hf"
         return backend
@@ -74,8 +75,9 @@ class Pipeline:
         if self.data.general is not None or self.data.eval_general is not None:
             self.reward_models()  # first: every evaluation (the base model's too) scores the general prompts with it
         if not (self.out / "base_eval.json").is_file():
+            base = self.evaluate(self.base)  # every rank samples its share; rank 0 has the report
             on_main(self.ps, lambda: _write_json(self.out / "base_eval.json",
-                                              {"name": "base", "summary": self.evaluate(self.base)["summary"]}))
+                                              {"name": "base", "summary": base["summary"]}))
         for n in range(self.cfg.from_stage, self.cfg.until_stage + 1):
             if self.done(n):
                 if self.ps.is_main:
@@ -180,11 +182,13 @@ class Pipeline:
     def base_with_tokens_path(self) -> Path:
         return self.dir(0) / "hf"
 
-    def evaluate(self, model_dir: Path) -> dict:
-        """Rank 0 only: the held-out numbers of one checkpoint (engine.model_eval)."""
+    def evaluate(self, model_dir: Path) -> dict | None:
+        """The held-out numbers of one checkpoint (engine.model_eval), on rank 0 (None on the others): every rank
+        calls it and samples its share of the reasoning questions; rank 0 also the general prompts."""
         from r1_engine.engine.model_eval import ModelEvaluator
         from r1_engine.engine.reward_model import RewardModelSet, RewardModelSpec
 
+        wait_all()  # the checkpoint is complete on disk (rank 0 writes its tokenizer files) before any rank reads it
         settings = dataclasses.replace(self.cfg.eval, template=self.data.template,
                                        backend=self._solo_backend(self.cfg.eval.backend))
         dirs = self._rm_dirs or {}
@@ -196,20 +200,28 @@ class Pipeline:
 
             def metric(prompts, responses):
                 return {"helpful_rate": helpful_rate(prompts, responses)}
-        reward_models = RewardModelSet(rms) if rms else None
+        reward_models = RewardModelSet(rms) if rms and self.ps.is_main else None  # general prompts: rank 0
         reasoning = self.reasoning_prompts(self.data.eval_reasoning) if self.data.eval_reasoning else []
         general = self.general_prompts(self.data.eval_general) if self.data.eval_general else []
         try:
             with ModelEvaluator(settings, reward_models, metric) as evaluator:
-                return evaluator.evaluate(model_dir, reasoning, general)
+                return evaluator.evaluate(model_dir, reasoning, general, **self._dp())
         finally:
             if reward_models is not None:
                 reward_models.close()
 
+    def _dp(self) -> dict:
+        """Work every rank shares (evaluation, rejection sampling): each rank is a replica of its own, with the
+        whole model (the HF engine), over the wait group (no 30-minute collective timeout)."""
+        from r1_engine.parallel.state import wait_group
+
+        return {"dp_rank": self.ps.rank, "dp_size": self.ps.world_size, "group": wait_group()}
+
     def finish(self, stage: int, hf: Path, extra: list[dict] = ()) -> None:
         """Evaluate the stage's model and mark the stage done (stage.json, written last)."""
+        report = self.evaluate(hf)
+
         def write():
-            report = self.evaluate(hf)
             _write_json(self.dir(stage) / "eval.json", report)
             from r1_engine.recipes.r1_config import STAGES
 
@@ -234,10 +246,10 @@ class Pipeline:
             weights = {**rl.reward.weights, "language": 0.0}
             ablation = dataclasses.replace(rl, reward=dataclasses.replace(rl.reward, weights=weights))
             hf_ablation = self.rl(self.dir("2_no_language"), ablation, start, prompts)
+            report = self.evaluate(hf_ablation)
             if self.ps.is_main:
                 extra.append({"name": "2: reasoning RL, no language reward", "model": str(hf_ablation),
-                              "summary": self.evaluate(hf_ablation)["summary"]})
-            wait_all()
+                              "summary": report["summary"]})
         self.finish(2, hf, extra)
 
     def stage_3(self) -> None:
@@ -246,7 +258,8 @@ class Pipeline:
         rows = self.dir(3) / "rejection.jsonl"
         if not rows.is_file():
             self.dir(3).mkdir(parents=True, exist_ok=True)
-            on_main(self.ps, lambda: self.rejection_sample(self.model_of(2), rows))
+            self.rejection_sample(self.model_of(2), rows)  # every rank its share of the prompts; rank 0 writes
+            wait_all()
         # the rejection-sampled rows are the recipe's own (prompt / completion), the general ones the user's
         examples = load_sft_examples(rows) + self.sft_examples(self.data.general_sft, self.cfg.sft)
         self.finish(3, self.sft(3, self.cfg.sft, self.base_with_tokens(), examples))
@@ -270,8 +283,10 @@ class Pipeline:
         # stage 2's rule rewards (the format and language components feed the filter), scored as everywhere else
         reward = dataclasses.replace(cfg.reasoning_rl.reward, language=cfg.rejection.language, models={})
         with build_sampler(engine, reward, prompts, weights={**EVAL_WEIGHTS, **reward.weights}) as sampler:
-            summary = rejection_sample(sampler, items, cfg.rejection, checkpoint=str(model_dir), out_path=rows)
-        print(summary.table(), flush=True)
+            summary = rejection_sample(sampler, items, cfg.rejection, checkpoint=str(model_dir), out_path=rows,
+                                       **self._dp())
+        if self.ps.is_main:
+            print(summary.table(), flush=True)
 
     def stage_4(self) -> None:
         rms = self.reward_models()

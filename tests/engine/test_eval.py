@@ -316,3 +316,32 @@ def test_trainer_evaluate_runs_this_code(model_dir, tmp_path):
     assert got["eval/pass@4"] == pytest.approx(2 / 3)
     assert got["eval/format_rate"] == pytest.approx(sum(fmt) / len(fmt))
     assert got["eval/length/mean"] == pytest.approx(seen[0][0].lengths.double().mean().item())
+
+
+def _model_eval_rank(model_dir: str):
+    import torch.distributed as dist
+
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.model_eval import EvalSettings, ModelEvaluator
+
+    dist.init_process_group("gloo")
+    settings = EvalSettings(samples=3, max_new_tokens=12, size=5, template="r1-zero", num_workers=0,
+                            dtype="float32", samples_per_call=4)
+    with ModelEvaluator(settings) as evaluator:
+        return evaluator.evaluate(model_dir, load_prompts(DATA / "eval.jsonl")[:5], dp_rank=dist.get_rank(),
+                                  dp_size=2)
+
+
+@pytest.mark.multiproc
+def test_model_evaluator_over_two_ranks_reports_the_single_process_numbers(model_dir):
+    """The R1 recipe's per-stage evaluation on every rank: rank 0 gets the report one process would write."""
+    from r1_engine.engine.data import load_prompts
+    from r1_engine.engine.model_eval import EvalSettings, ModelEvaluator
+
+    settings = EvalSettings(samples=3, max_new_tokens=12, size=5, template="r1-zero", num_workers=0,
+                            dtype="float32", samples_per_call=4)
+    with ModelEvaluator(settings) as evaluator:
+        single = evaluator.evaluate(str(model_dir), load_prompts(DATA / "eval.jsonl")[:5])
+    rank0, rank1 = run_distributed(_model_eval_rank, 2, str(model_dir))
+    assert rank1 is None and rank0["summary"] == single["summary"] and rank0["questions"] == single["questions"]
+    assert len(single["questions"]) == 5

@@ -189,3 +189,28 @@ def test_language_share_threshold_keeps_a_chain_with_a_few_variables():
     assert kept == []
     with pytest.raises(ValueError, match="min_language_share must be in"):
         RejectionConfig(min_language_share=1.5)
+
+
+def _rejection_rank(out_dir: str):
+    """One of two gloo ranks: rejection sampling of 5 prompts, 2 a call (calls 0 and 2 here on rank 0, 1 on rank 1)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    cfg = RejectionConfig(samples_per_prompt=4, max_per_prompt=2, seed=5, max_new_tokens=64)
+    generate = ScriptedGenerator(offsets=[0, 1, 0, 0])
+    summary = rejection_sample(generate, items(["8", "9", "10", "11", "12"]), cfg, checkpoint="ckpt",
+                               out_path=f"{out_dir}/rs.jsonl", prompts_per_call=2, dp_rank=dist.get_rank(), dp_size=2)
+    return summary, [(size, params.seed) for size, _, params in generate.calls]
+
+
+@pytest.mark.multiproc
+def test_rejection_sample_over_two_ranks_writes_what_one_process_writes(tmp_path):
+    from tests.parallel.dist_utils import run_distributed
+
+    cfg = RejectionConfig(samples_per_prompt=4, max_per_prompt=2, seed=5, max_new_tokens=64)
+    one = rejection_sample(ScriptedGenerator(offsets=[0, 1, 0, 0]), items(["8", "9", "10", "11", "12"]), cfg,
+                           checkpoint="ckpt", out_path=tmp_path / "one" / "rs.jsonl", prompts_per_call=2)
+    (s0, calls0), (s1, calls1) = run_distributed(_rejection_rank, 2, str(tmp_path / "two"))
+    assert s0 == s1 == one and one.kept == 10
+    assert calls0 == [(2, 5), (1, 5 + 4 * 4)] and calls1 == [(2, 5 + 2 * 4)]  # the seeds one process uses
+    assert (tmp_path / "two" / "rs.jsonl").read_text() == (tmp_path / "one" / "rs.jsonl").read_text()
