@@ -52,6 +52,10 @@ def test_worker_generates_with_the_version_each_request_names(model_dir):
     base.update_weights(moved.items())
     expected1 = base.generate([it.prompt_ids for it in items], 2, params)
     assert expected0.completion_ids != expected1.completion_ids  # the two versions sample differently
+    moved_again = {name: p + 0.5 * torch.randn_like(p) for name, p in moved.items()}
+    base.update_weights(moved_again.items())
+    expected2 = base.generate([it.prompt_ids for it in items], 2, params)
+    assert expected2.completion_ids not in (expected0.completion_ids, expected1.completion_ids)
 
     with RolloutWorker(WorkerSpec(str(model_dir), reward, plan_scoring(reward, []), num_threads=1)) as worker:
         first = worker.submit(items, 2, params, version=0)  # queued before the new weights are published
@@ -64,6 +68,9 @@ def test_worker_generates_with_the_version_each_request_names(model_dir):
         for a, b in zip(got1.rollout_logp, expected1.rollout_logp):
             torch.testing.assert_close(a, b)
         assert len(rewards0.total) == 6 and set(rewards0.components) >= {"accuracy", "format"}
+        worker.publish(moved_again.items(), version=2)  # in place, into the buffers the worker already holds
+        got2, _ = worker.result(worker.submit(items, 2, params, version=2))
+        assert got2.completion_ids == expected2.completion_ids
         bad = worker.submit(items, 2, SamplingParams(max_new_tokens=500, seed=1), version=1)  # past the positions
         with pytest.raises(RuntimeError, match=f"rollout request {bad} failed.*max_position_embeddings"):
             worker.result(bad)
