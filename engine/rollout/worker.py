@@ -27,6 +27,7 @@ import queue
 import sys
 import time
 import traceback
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -106,6 +107,19 @@ def _serve(spec: WorkerSpec, requests, results, started, parent: int) -> None:
         sampler.close()
 
 
+def _stop(process, requests, grace_s: float) -> None:
+    """Ask the worker to exit (it does after the request it is on), wait up to grace_s, then kill it."""
+    if process.is_alive():
+        try:
+            requests.put(None)
+        except (OSError, ValueError):  # the queue is closed already
+            pass
+        process.join(timeout=grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
 @contextlib.contextmanager
 def _main_module_hidden():
     """Start a spawned child without re-running the parent's __main__: the worker needs nothing from it, and a
@@ -136,6 +150,9 @@ class RolloutWorker:
                                                          os.getpid()), name="rollout-worker", daemon=False)
         with _main_module_hidden():
             self._process.start()
+        # a trainer that dies of an exception never calls close(), and at exit multiprocessing joins its non-daemon
+        # children: without this the process would wait for the worker forever
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._requests, 0.0)
         self._buffers: dict[str, torch.Tensor] | None = None
         self._next_ticket = 1
         self._submitted = 0  # the last ticket submitted
@@ -218,12 +235,9 @@ class RolloutWorker:
 
     # ------------------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        if self._process.is_alive():
-            self._requests.put(None)  # after any queued request: a worker with work left is stopped instead
-            self._process.join(timeout=30 if self._received >= self._submitted else 0)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
+        self._finalizer.detach()
+        # after any queued request: a worker with work left is stopped instead
+        _stop(self._process, self._requests, 30.0 if self._received >= self._submitted else 0.0)
         for q in (self._requests, self._results):
             q.close()
             q.cancel_join_thread()

@@ -5,8 +5,9 @@
 POINT names a method of engine.offpolicy.RolloutsAhead (submit: a draw is queued while the one before may still be
 generating; take: a batch is handed to the step; publish: new weights go to the worker; rank_state: a checkpoint
 waits for the batches in flight), or `none`. The process kills itself on the COUNT-th call: before it, or after it
-returns with POINT suffixed by `+` (e.g. `take+`). Checkpoints every 2 steps; the run resumes from `OUT` when there
-is a checkpoint there.
+returns with POINT suffixed by `+` (e.g. `take+`); suffixed by `!` it raises RuntimeError there instead (a crash:
+the process must still exit, not wait for its rollout worker). Checkpoints every 2 steps; the run resumes from `OUT`
+when there is a checkpoint there.
 """
 import dataclasses
 import os
@@ -23,13 +24,15 @@ METHODS = {"submit": "_submit", "take": "take", "publish": "publish", "rank_stat
 
 
 def arm(point: str, count: int) -> None:
-    after = point.endswith("+")
-    name = METHODS[point.rstrip("+")]
+    after, crash = point.endswith("+"), point.endswith("!")
+    name = METHODS[point.rstrip("+!")]
     original = getattr(RolloutsAhead, name)
     calls = [0]
 
     def killed(self, *args, **kwargs):
         calls[0] += 1
+        if calls[0] == count and crash:
+            raise RuntimeError(f"injected crash in {name}")
         if calls[0] == count and not after:
             os.kill(os.getpid(), signal.SIGKILL)
         result = original(self, *args, **kwargs)

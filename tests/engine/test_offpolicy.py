@@ -109,7 +109,7 @@ def _env() -> dict:
 def _driver(model_dir, out, point="none", count=0):
     env = _env()
     return subprocess.run([sys.executable, "-m", "tests.engine._kill_driver", str(model_dir), str(out), "6", point,
-                           str(count)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+                           str(count)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +127,15 @@ def uninterrupted(model_dir, tmp_path_factory):
     ("rank_state", 2),  # the checkpoint of step 4 waits for draw 4: killed mid-checkpoint, resumed from step 2
     pytest.param("take+", 3, marks=pytest.mark.slow),  # right after step 3 took its batch (draw 3 done)
     pytest.param("publish", 4, marks=pytest.mark.slow),  # after step 4's update, before its weights reach the worker
+    ("take!", 4),  # an exception in step 4: the process exits (its worker stopped at exit), the rerun resumes
 ])
 def test_kill_9_and_resume_logs_the_uninterrupted_rows(model_dir, uninterrupted, tmp_path, point, count):
     out = tmp_path / "run"
-    killed = _driver(model_dir, out, point, count)
-    assert killed.returncode == -9, killed.stderr[-3000:]
+    killed = _driver(model_dir, out, point, count)  # (one left waiting for its worker: the timeout)
+    if point.endswith("!"):
+        assert killed.returncode == 1 and "injected crash in take" in killed.stderr, killed.stderr[-3000:]
+    else:
+        assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = _driver(model_dir, out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(out / "metrics.jsonl")
