@@ -80,8 +80,9 @@ class Distillation:
         for name, model in (("student", self.student), ("teacher", self.teacher)):
             path = self.out / f"{name}_eval.json"
             if not path.is_file():
-                on_main(self.ps, lambda path=path, name=name, model=model: _write_json(
-                    path, {"name": name, "model": str(model), "summary": self.evaluate(model)}))
+                summary = self.evaluate(model)  # every rank its share; the summary on rank 0
+                on_main(self.ps, lambda path=path, name=name, model=model, summary=summary: _write_json(
+                    path, {"name": name, "model": str(model), "summary": summary}))
 
     # ------------------------------------------------------------------------------------------ shared pieces
     def prompts(self, path: str | None = None):
@@ -95,18 +96,24 @@ class Distillation:
         return dataclasses.replace(config, model=dataclasses.replace(self.cfg.model, path=str(start)), data=data,
                                    train=dataclasses.replace(config.train, out=str(out)))
 
-    def evaluate(self, model_dir: Path) -> dict:
-        """Rank 0 only: the held-out numbers of one checkpoint (engine.model_eval: pass@1 over k, cons@k)."""
+    def evaluate(self, model_dir: Path) -> dict | None:
+        """The held-out numbers of one checkpoint (engine.model_eval: pass@1 over k, cons@k) on rank 0, None on the
+        others: every rank calls it and samples its share of the (question, sample) pairs, with the whole model."""
         from r1_engine.engine.model_eval import ModelEvaluator
+        from r1_engine.parallel.state import wait_group
 
+        wait_all()  # the checkpoint is complete on disk before any rank reads it
         settings = dataclasses.replace(self.cfg.eval, template=self.cfg.template)
         with ModelEvaluator(settings) as evaluator:
-            return evaluator.evaluate(model_dir, self.prompts(self.cfg.eval_data))["summary"]
+            report = evaluator.evaluate(model_dir, self.prompts(self.cfg.eval_data), dp_rank=self.ps.rank,
+                                        dp_size=self.ps.world_size, group=wait_group())
+        return report["summary"] if report is not None else None
 
     def finish(self, phase: str, hf: Path, cost: dict) -> None:
         """Evaluate the phase's model and mark the phase done (phase.json, written last)."""
+        summary = self.evaluate(hf)
+
         def write():
-            summary = self.evaluate(hf)
             _write_json(self.out / phase / "phase.json", {"phase": phase, "name": PHASES[phase], "model": str(hf),
                                                           "summary": summary, "cost": cost})
             print(f"{phase}: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()) + "   cost: "
