@@ -119,6 +119,8 @@ class ModelEvaluator:
         R1 and distillation recipes' per-stage evaluation). The reasoning prompts' (question, sample) pairs are
         spread over `dp_size` ranks (every rank calls this together; group: theirs), with the same numbers for any
         dp_size; the general prompts are sampled and scored on rank 0. The report on rank 0, None on the others."""
+        if dp_rank != 0 and not reasoning:
+            return None  # the general prompts are rank 0's: nothing to load here
         s = self.settings
         report: dict = {"summary": {}, "questions": [], "general": []}
         tokenizer = load_tokenizer(model_dir)
@@ -133,8 +135,6 @@ class ModelEvaluator:
             keep += ["format_rate", "language_rate", "answer_rate", "length/mean", "truncated_frac"]
             report["summary"].update({k: summary[k] for k in keep if k in summary})
             report["questions"] = result["questions"]
-        elif dp_rank != 0:
-            return None
         if general:
             items = PromptDataset(list(general), tokenizer, s.template).items
             rollout = engine.generate([it.prompt_ids for it in items], s.samples, self._params())

@@ -87,6 +87,15 @@ def wait_all() -> None:
         dist.barrier(group=wait_group())
 
 
+def rank_shares(ps: Any) -> dict[str, Any]:
+    """dp_rank / dp_size / group for work every rank of a job shares, each rank a replica of its own with the whole
+    model (the recipes' evaluations and rejection sampling): its share by global rank, gathered over the wait group
+    (parallel.state.wait_group: no 30-minute collective timeout; None in a one-process job)."""
+    from r1_engine.parallel.state import wait_group
+
+    return {"dp_rank": ps.rank, "dp_size": ps.world_size, "group": wait_group()}
+
+
 class TrainingRun:
     label = "train"  # the progress bar's name
     curves: dict = {}  # the metrics drawn into curves.png (MetricsLogger.plot_logged)

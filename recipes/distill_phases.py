@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from r1_engine.engine.data import load_prompts
-from r1_engine.engine.run import on_main, wait_all
+from r1_engine.engine.run import on_main, rank_shares, wait_all
 from r1_engine.recipes.distill_config import PHASES
 
 
@@ -100,13 +100,11 @@ class Distillation:
         """The held-out numbers of one checkpoint (engine.model_eval: pass@1 over k, cons@k) on rank 0, None on the
         others: every rank calls it and samples its share of the (question, sample) pairs, with the whole model."""
         from r1_engine.engine.model_eval import ModelEvaluator
-        from r1_engine.parallel.state import wait_group
 
         wait_all()  # the checkpoint is complete on disk before any rank reads it
         settings = dataclasses.replace(self.cfg.eval, template=self.cfg.template)
         with ModelEvaluator(settings) as evaluator:
-            report = evaluator.evaluate(model_dir, self.prompts(self.cfg.eval_data), dp_rank=self.ps.rank,
-                                        dp_size=self.ps.world_size, group=wait_group())
+            report = evaluator.evaluate(model_dir, self.prompts(self.cfg.eval_data), **rank_shares(self.ps))
         return report["summary"] if report is not None else None
 
     def finish(self, phase: str, hf: Path, cost: dict) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from r1_engine.engine.data import load_prompts
-from r1_engine.engine.run import on_main, wait_all
+from r1_engine.engine.run import on_main, rank_shares, wait_all
 
 
 def _write_json(path: Path, obj) -> None:
@@ -205,17 +205,10 @@ class Pipeline:
         general = self.general_prompts(self.data.eval_general) if self.data.eval_general else []
         try:
             with ModelEvaluator(settings, reward_models, metric) as evaluator:
-                return evaluator.evaluate(model_dir, reasoning, general, **self._dp())
+                return evaluator.evaluate(model_dir, reasoning, general, **rank_shares(self.ps))
         finally:
             if reward_models is not None:
                 reward_models.close()
-
-    def _dp(self) -> dict:
-        """Work every rank shares (evaluation, rejection sampling): each rank is a replica of its own, with the
-        whole model (the HF engine), over the wait group (no 30-minute collective timeout)."""
-        from r1_engine.parallel.state import wait_group
-
-        return {"dp_rank": self.ps.rank, "dp_size": self.ps.world_size, "group": wait_group()}
 
     def finish(self, stage: int, hf: Path, extra: list[dict] = ()) -> None:
         """Evaluate the stage's model and mark the stage done (stage.json, written last)."""
@@ -284,7 +277,7 @@ class Pipeline:
         reward = dataclasses.replace(cfg.reasoning_rl.reward, language=cfg.rejection.language, models={})
         with build_sampler(engine, reward, prompts, weights={**EVAL_WEIGHTS, **reward.weights}) as sampler:
             summary = rejection_sample(sampler, items, cfg.rejection, checkpoint=str(model_dir), out_path=rows,
-                                       **self._dp())
+                                       **rank_shares(self.ps))
         if self.ps.is_main:
             print(summary.table(), flush=True)
 

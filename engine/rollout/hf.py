@@ -5,8 +5,8 @@ untruncated log-prob of every sampled token and exact control of stopping:
 
 1. prefill each distinct prompt once (left-padded, attention mask, position ids counted from the
    first real token, so padding does not change a row's numbers), then repeat its cache n times;
-2. per step: the sampled token's logp = z_t / T - logsumexp(z / T) for rollout_logp, sample from logits / T after top-k and
-   top-p, stop a row at an EOS token or when its text contains a stop string;
+2. per step: the sampled token's logp = z_t / T - logsumexp(z / T) for rollout_logp, sample from logits / T
+   after top-k and top-p, stop a row at an EOS token or when its text contains a stop string;
 3. rows that finished are dropped from the batch (and the cache) so long tails do not pay for short
    completions.
 

@@ -154,6 +154,7 @@ class RolloutWorker:
         # children: without this the process would wait for the worker forever
         self._finalizer = weakref.finalize(self, _stop, self._process, self._requests, 0.0)
         self._buffers: dict[str, torch.Tensor] | None = None
+        self.version = 0  # the weights published last (0: model_dir's, which the worker starts from)
         self._next_ticket = 1
         self._submitted = 0  # the last ticket submitted
         self._done: dict[int, Any] = {}
@@ -207,7 +208,7 @@ class RolloutWorker:
         """Submit with the published version and wait: the synchronous call evaluations use."""
         from r1_engine.engine.sampling import ScoredRollout
 
-        return ScoredRollout(*self.result(self.submit(items, n, params, getattr(self, "version", 0))))
+        return ScoredRollout(*self.result(self.submit(items, n, params, self.version)))
 
     __call__ = generate_and_score
 
